@@ -1,0 +1,67 @@
+"""mocohub: MoCo (Momentum Contrast) backbones, pre-training, embedding and export.
+
+Importing ``mocohub`` is cheap: PyTorch is imported only when a name that
+needs it is first used, so ``mocohub --help`` answers at once.
+
+Example:
+    >>> import mocohub
+    >>> net = mocohub.resnet18(num_classes=128, small_stem=True, in_channels=1, width=32)
+    >>> net.fc.out_features
+    128
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from mocohub.errors import ConfigError, DistributedError, InputError, MocohubError
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; resolved on first access (PEP 562).
+_LAZY = {
+    "ARCHITECTURES": "mocohub.backbones",
+    "ResNet": "mocohub.backbones",
+    "build_backbone": "mocohub.backbones",
+    "resnet18": "mocohub.backbones",
+    "resnet34": "mocohub.backbones",
+    "resnet50": "mocohub.backbones",
+}
+
+__all__ = [
+    "ARCHITECTURES",
+    "ConfigError",
+    "DistributedError",
+    "InputError",
+    "MocohubError",
+    "ResNet",
+    "__version__",
+    "build_backbone",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+]
+
+if TYPE_CHECKING:
+    from mocohub.backbones import (
+        ARCHITECTURES,
+        ResNet,
+        build_backbone,
+        resnet18,
+        resnet34,
+        resnet50,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mocohub' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

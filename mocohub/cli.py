@@ -1,0 +1,70 @@
+"""The ``mocohub`` command line.
+
+Each command's code is imported only when that command runs, so ``mocohub
+--help`` and ``mocohub --version`` answer without importing PyTorch. A
+:class:`~mocohub.errors.MocohubError` becomes one line on stderr and a non-zero
+exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from mocohub import __version__
+from mocohub.errors import MocohubError
+
+# name -> (module:attribute of the click command, one-line help for --help).
+# The help is repeated here so that listing commands imports nothing.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "env": ("mocohub.sysinfo:command", "Show versions, devices and onnxruntime builds."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a command's module only to run it."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in COMMANDS:
+            module_name, attribute = COMMANDS[cmd_name][0].split(":")
+            command = getattr(importlib.import_module(module_name), attribute)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{module_name}:{attribute} is not a click command")
+            return command
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in sorted(COMMANDS)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="mocohub")
+def cli() -> None:
+    """mocohub: MoCo (Momentum Contrast) backbones, training, embeddings and export.
+
+    Run `mocohub COMMAND --help` for a command's options.
+    """
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point of the ``mocohub`` script and ``python -m mocohub``."""
+    try:
+        return cli.main(args=argv, prog_name="mocohub", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except MocohubError as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(error.exit_code)

@@ -1,0 +1,115 @@
+"""What this machine offers mocohub: versions, devices, CPU matrix units, onnxruntime.
+
+``mocohub env`` prints it; paste its output into bug reports.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import platform
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["collect", "command", "cpu_flags", "onnxruntime_distributions"]
+
+# Wheels that all install the same `onnxruntime` module; two at once break it.
+ONNXRUNTIME_DISTRIBUTIONS = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-directml",
+    "onnxruntime-openvino",
+    "onnxruntime-qnn",
+)
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the kernel reports (empty where it reports none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def onnxruntime_distributions() -> dict[str, str]:
+    """Installed onnxruntime builds, name -> version (more than one is a conflict)."""
+    found = {name: _version(name) for name in ONNXRUNTIME_DISTRIBUTIONS}
+    return {name: version for name, version in found.items() if version}
+
+
+def collect() -> dict[str, Any]:
+    """A dictionary describing the software and hardware mocohub will use."""
+    import torch
+
+    from mocohub import __version__
+
+    flags = cpu_flags()
+    info: dict[str, Any] = {
+        "mocohub": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "cpu": {
+            "threads": torch.get_num_threads(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "bf16_matrix_units": sorted(flags & {"amx_bf16", "avx512_bf16"}),
+            "int8_matrix_units": sorted(flags & {"amx_int8", "avx512_vnni", "avx_vnni"}),
+        },
+        "cuda": {
+            "available": torch.cuda.is_available(),
+            "version": torch.version.cuda,
+            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        },
+        "onnx": _version("onnx"),
+        "onnxruntime": onnxruntime_distributions(),
+        "huggingface_hub": _version("huggingface-hub"),
+        "safetensors": _version("safetensors"),
+        "faiss": _version("faiss-cpu") or _version("faiss-gpu"),
+    }
+    try:
+        import onnxruntime
+
+        info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    except ImportError as error:
+        info["onnxruntime_providers"] = f"cannot import onnxruntime: {error}"
+    return info
+
+
+@click.command("env")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def command(as_json: bool) -> None:
+    """Show versions, devices and onnxruntime builds (for bug reports)."""
+    import json
+
+    info = collect()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
+            click.echo(f"{key:>{width}}: {value}")
+    if len(info["onnxruntime"]) > 1:
+        click.echo(
+            "warning: several onnxruntime builds are installed "
+            f"({', '.join(info['onnxruntime'])}); they overwrite each other's files. "
+            "Uninstall all of them, then install exactly one.",
+            err=True,
+        )

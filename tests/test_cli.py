@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import click
+import pytest
+
+import mocohub
+from mocohub import cli
+from mocohub.errors import ConfigError
+
+NO_TORCH = (
+    "import sys, runpy; sys.argv = ['mocohub', {arg!r}];"
+    "from mocohub.cli import main\n"
+    "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+    "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    "assert 'mocohub.training' not in sys.modules\n"
+    "print('NO_TORCH_OK')"
+)
+
+
+@pytest.mark.parametrize("arg", ["--help", "--version"])
+def test_help_and_version_do_not_import_torch(arg: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", NO_TORCH.format(arg=arg)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert "NO_TORCH_OK" in run.stdout
+    if arg == "--version":
+        assert f"mocohub, version {mocohub.__version__}" in run.stdout
+    else:
+        assert "Commands:" in run.stdout and "env" in run.stdout
+
+
+def test_python_dash_m_and_console_script_agree() -> None:
+    module = subprocess.run(
+        [sys.executable, "-m", "mocohub", "--version"], capture_output=True, text=True
+    )
+    assert module.returncode == 0, module.stderr
+    assert module.stdout.strip() == f"mocohub, version {mocohub.__version__}"
+
+
+def test_import_mocohub_is_light() -> None:
+    code = "import sys, mocohub; assert 'torch' not in sys.modules; print(mocohub.__version__)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def test_env_command_reports_json(capsys: pytest.CaptureFixture[str]) -> None:
+    cli.main(["env", "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["mocohub"] == mocohub.__version__
+    assert info["torch"].split("+")[0].count(".") == 2
+    assert isinstance(info["cuda"]["available"], bool)
+    assert len(info["onnxruntime"]) == 1, "exactly one onnxruntime build must be installed"
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["no-such-command"])
+    assert exit_info.value.code == 2
+    assert "No such command" in capsys.readouterr().err
+
+
+def test_mocohub_errors_become_one_line_and_an_exit_code(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    @click.command("fail")
+    def fail() -> None:
+        raise ConfigError("K=10 is not a multiple of 4; choose another K.")
+
+    monkeypatch.setitem(cli.COMMANDS, "fail", ("test_cli:fail", "Fails."))
+    monkeypatch.setitem(sys.modules, "test_cli", sys.modules[__name__])
+    monkeypatch.setattr(sys.modules[__name__], "fail", fail, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fail"])
+    assert exit_info.value.code == ConfigError.exit_code != 0
+    err = capsys.readouterr().err
+    assert err == "Error: K=10 is not a multiple of 4; choose another K.\n"

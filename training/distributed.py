@@ -1,0 +1,163 @@
+"""Distributed plumbing for MoCo: rank/world info, gathers and the batch shuffle.
+
+Everything here works with or without a process group: with none (or a world
+of one) the functions are the identity, so the single-process path needs no
+``torch.distributed`` set-up at all.
+
+Shuffle BN: a rank's key batch is a random subset of the *global* batch, so
+that BatchNorm statistics in the key encoder do not leak which samples share a
+rank with the query. All ranks hold the same permutation of the global batch
+(their generators are seeded from one seed broadcast by rank 0), and every
+rank sends each of its samples straight to the rank that will encode it with
+one ``all_to_all`` (the reference gathers the whole global batch on every rank
+and keeps a slice, moving world-size times more data). The keys travel back
+the same way, so each sample gets its own key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mocohub.errors import InputError
+
+__all__ = [
+    "BatchShuffle",
+    "all_gather_no_grad",
+    "check_same_batch_size",
+    "get_rank",
+    "get_world_size",
+    "is_distributed",
+    "shared_generator",
+    "shuffle_batch",
+]
+
+
+# torch 2.14 renamed all_gather_into_tensor to all_gather_single.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def is_distributed() -> bool:
+    """True when a process group is initialised and has more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    """This process's rank, 0 without a process group."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """The number of processes, 1 without a process group."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from all ranks along dim 0 (rank order), no gradient.
+
+    Every rank must pass a tensor of the same shape.
+    """
+    if not is_distributed():
+        return tensor
+    tensor = tensor.contiguous()
+    out = tensor.new_empty((get_world_size() * tensor.shape[0], *tensor.shape[1:]))
+    _all_gather_single(out, tensor)
+    return out
+
+
+def check_same_batch_size(batch_size: int, device: torch.device) -> None:
+    """Raise :class:`InputError` on every rank unless all ranks hold ``batch_size``."""
+    if not is_distributed():
+        return
+    sizes = all_gather_no_grad(torch.tensor([batch_size], device=device)).tolist()
+    if len(set(sizes)) > 1:
+        raise InputError(
+            f"The ranks got different batch sizes {sizes}; MoCo needs the same batch on "
+            "every rank: give each rank the same per-rank batch size and drop the last "
+            "incomplete batch (DataLoader(drop_last=True))."
+        )
+
+
+def shared_generator(device: torch.device) -> torch.Generator:
+    """A CPU generator seeded identically on every rank.
+
+    Rank 0 draws the seed from its default generator (so ``torch.manual_seed``
+    makes runs repeatable) and broadcasts it. As long as every rank draws from
+    the returned generator in the same order, all ranks see the same numbers
+    without any further communication.
+    """
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    if is_distributed():
+        seed = seed.to(device)
+        dist.broadcast(seed, src=0)
+    return torch.Generator().manual_seed(int(seed.item()))
+
+
+@dataclass
+class BatchShuffle:
+    """How a batch was shuffled, so that results computed on it can be put back.
+
+    ``send_order`` lists this rank's local sample indices in the order they
+    were sent; ``send_counts[r]``/``recv_counts[r]`` are the numbers of samples
+    sent to/received from rank ``r`` (one process: a single local permutation).
+    """
+
+    send_order: torch.Tensor
+    send_counts: list[int]
+    recv_counts: list[int]
+
+    @torch.no_grad()
+    def unshuffle(self, shuffled: torch.Tensor) -> torch.Tensor:
+        """Return results for this rank's own samples, in their original order."""
+        if is_distributed():
+            back = shuffled.new_empty((sum(self.send_counts), *shuffled.shape[1:]))
+            dist.all_to_all_single(
+                back,
+                shuffled.contiguous(),
+                output_split_sizes=self.send_counts,
+                input_split_sizes=self.recv_counts,
+            )
+        else:
+            back = shuffled
+        out = torch.empty_like(back)
+        out[self.send_order] = back
+        return out
+
+
+@torch.no_grad()
+def shuffle_batch(
+    batch: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, BatchShuffle]:
+    """Shuffle ``batch`` across all ranks (or within it, in one process).
+
+    Returns this rank's share of the shuffled global batch and the
+    :class:`BatchShuffle` that undoes it. ``generator`` must produce the same
+    numbers on every rank (see :func:`shared_generator`); the permutation is
+    drawn on the CPU, so no device synchronisation is needed.
+    """
+    n = batch.shape[0]
+    world, rank = get_world_size(), get_rank()
+    permutation = torch.randperm(world * n, generator=generator)
+    if world == 1:
+        order = permutation.to(batch.device, non_blocking=True)
+        return batch[order], BatchShuffle(order, [n], [n])
+    # Global sample permutation[j] goes to rank j // n.
+    destination = torch.empty_like(permutation)
+    destination[permutation] = torch.arange(world * n) // n
+    destination = destination.view(world, n)
+    counts = torch.zeros(world, world, dtype=torch.int64)  # counts[src, dst]
+    counts.scatter_add_(1, destination, torch.ones_like(destination))
+    send_order = torch.argsort(destination[rank], stable=True)
+    send_counts, recv_counts = counts[rank].tolist(), counts[:, rank].tolist()
+    send_order = send_order.to(batch.device, non_blocking=True)
+    received = batch.new_empty((sum(recv_counts), *batch.shape[1:]))
+    dist.all_to_all_single(
+        received,
+        batch[send_order].contiguous(),
+        output_split_sizes=recv_counts,
+        input_split_sizes=send_counts,
+    )
+    return received, BatchShuffle(send_order, send_counts, recv_counts)
