@@ -62,14 +62,23 @@ WEIGHT_DECAY = 5e-4
 # to w), the normalisation and the dot products (bmm vs. whatever `MoCo` uses,
 # a norm-divide vs. F.normalize), summed over C = 16 terms. One float32 rounding
 # is ~6e-8 relative; after a few SGD steps through a ResNet-18 such differences
-# can grow (observed: <= 3e-6 for any quantity with the settings below, i.e.
-# <= 0.2 of the tolerances; inputs that are two "views" of the same images
-# keep the tiny BatchNorm network well conditioned, pure-noise pairs did not).
+# can grow (observed: at most 0.2x the tolerances below, for every quantity and
+# step; inputs that are two "views" of the same images keep the tiny BatchNorm
+# network well conditioned, whereas pure-noise pairs amplified rounding ~1000x).
 # Unit-scale quantities (normalised keys in the queue, weights of O(1), the loss)
 # get atol 1e-5; logits are scaled by 1/T (up to 14.3 for T = 0.07), so their
 # tolerance is 1e-5 / T. The negative controls below must miss by >= 100x these.
 ATOL_UNIT = 1e-5
-RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: the same reduction order in every run, and fast on
+    small shared CPUs (two threads made this file ~10x slower there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _encoder(num_classes: int) -> nn.Module:

@@ -7,7 +7,9 @@ the same state-dict keys (``encoder_q.*``, ``encoder_k.*``, ``queue``,
 stripped) loads as it is. Read ``forward`` next to the paper's Algorithm 1.
 
 What differs from the reference, none of it changing the maths:
-- the key encoder's momentum update is one fused ``lerp`` over all parameters;
+- the key encoder's momentum update is one ``torch._foreach_lerp_`` call over
+  all parameters (a fused multi-tensor kernel on CUDA, one in-place pass with
+  no temporaries on the CPU), not a Python loop of per-tensor arithmetic;
 - shuffle BN sends each sample straight to the rank that encodes it
   (``all_to_all``) instead of gathering the global batch everywhere;
 - the queue pointer never leaves the device (no host sync per step);
