@@ -21,7 +21,15 @@ from mocohub.errors import MocohubError
 # The help is repeated here so that listing commands imports nothing.
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("mocohub.sysinfo:command", "Show versions, devices and onnxruntime builds."),
+    "train": ("mocohub.training.cli:train_command", "Pre-train MoCo (one CPU to many GPU nodes)."),
 }
+
+_invocation: list[str] = []
+
+
+def invocation_args() -> list[str]:
+    """The arguments this ``mocohub`` invocation was started with (for relaunching)."""
+    return list(_invocation)
 
 
 class LazyGroup(click.Group):
@@ -57,6 +65,7 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> Any:
     """Entry point of the ``mocohub`` script and ``python -m mocohub``."""
+    _invocation[:] = sys.argv[1:] if argv is None else argv
     try:
         return cli.main(args=argv, prog_name="mocohub", standalone_mode=False)
     except click.exceptions.Abort:

@@ -16,19 +16,23 @@ the same way, so each sample gets its own key.
 
 from __future__ import annotations
 
+import datetime
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from mocohub.errors import InputError
+from mocohub.errors import DistributedError, InputError
 
 __all__ = [
     "BatchShuffle",
+    "DistributedEnv",
     "all_gather_no_grad",
     "check_same_batch_size",
     "get_rank",
     "get_world_size",
+    "init_from_env",
     "is_distributed",
     "shared_generator",
     "shuffle_batch",
@@ -161,3 +165,62 @@ def shuffle_batch(
         input_split_sizes=send_counts,
     )
     return received, BatchShuffle(send_order, send_counts, recv_counts)
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    """Where this process stands in a run: rank, world size, local rank, device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes checkpoints and logs."""
+        return self.rank == 0
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return None
+
+
+def init_from_env(timeout_s: float = 1800.0) -> DistributedEnv:
+    """Join the process group described by the environment, if there is one.
+
+    Reads torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``, ``MASTER_PORT``) or, under ``srun``, SLURM's
+    (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; ``MASTER_ADDR`` and
+    ``MASTER_PORT`` must then be exported by the job script). Uses NCCL with
+    one GPU per process when CUDA is available, gloo on the CPU. With no such
+    variables (or a world of one) nothing is initialised.
+    """
+    rank = _env_int("RANK", "SLURM_PROCID") or 0
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if missing:
+            raise DistributedError(
+                f"A distributed run of {world} processes needs {' and '.join(missing)} in "
+                "the environment; launch with `mocohub train --nodes ... --nproc-per-node "
+                "...` or torchrun, or export them in the SLURM job script."
+            )
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistributedEnv(rank, world, local_rank, device)

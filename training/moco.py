@@ -121,6 +121,14 @@ class MoCo(nn.Module):
         self._shuffle_generator: torch.Generator | None = None
         self._checked_batch_size: int | None = None
 
+    def set_shuffle_seed(self, seed: int) -> None:
+        """Seed the key-batch shuffle; every rank must pass the same seed.
+
+        By default the first shuffle seeds it from rank 0's default generator.
+        A training loop that must resume identically seeds it at each step.
+        """
+        self._shuffle_generator = torch.Generator().manual_seed(seed)
+
     @torch.no_grad()
     def _momentum_update_key_encoder(self) -> None:
         """key <- m * key + (1 - m) * query, for all parameters in one fused pass."""

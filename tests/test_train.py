@@ -1,0 +1,188 @@
+"""`mocohub train`: resume equivalence, SIGTERM, NaN, multi-node launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mocohub.errors import InputError
+from mocohub.training import checkpoint as ckpt
+from mocohub.training import train as train_module
+from mocohub.training.config import preset
+from mocohub.training.train import TrainingDivergedError, TrainingInterrupted, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples" / "fashion-mnist"
+TINY = {
+    "width": 8,
+    "dim": 16,
+    "K": 64,
+    "batch_size": 32,
+    "workers": 0,
+    "precision": "fp32",
+    "bn_splits": 4,
+}
+
+
+def tiny_config(**overrides: object):
+    return preset("fashion_mnist", **{**TINY, **overrides})
+
+
+def final_state(run_dir: Path) -> dict:
+    latest = ckpt.find_latest_checkpoint(run_dir)
+    assert latest is not None
+    return ckpt.load_checkpoint(latest)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    optimizer_a, optimizer_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert optimizer_a.keys() == optimizer_b.keys()
+    for key in optimizer_a:
+        assert torch.equal(optimizer_a[key]["momentum_buffer"], optimizer_b[key]["momentum_buffer"])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_stopping_and_resuming_gives_the_same_run(tmp_path: Path) -> None:
+    config = tiny_config(epochs=2)  # 300 images / 32 = 9 steps per epoch
+    straight = train(config, SAMPLES, tmp_path / "straight", progress=False)
+
+    resumed = tmp_path / "resumed"
+    # Stop mid-epoch (the first agreement point after 5 steps is epoch 1's end,
+    # at step 9), then continue with resume="auto".
+    with pytest.raises(TrainingInterrupted):
+        train(config, SAMPLES, resumed, progress=False, stop_after_steps=5)
+    first = final_state(resumed)
+    assert (first["epoch"], first["step"]) == (1, 0)
+    metrics = train(config, SAMPLES, resumed, resume="auto", progress=False)
+
+    assert_same_state(final_state(tmp_path / "straight"), final_state(resumed))
+    assert metrics["loss"] == pytest.approx(straight["loss"], rel=1e-6)
+    assert json.loads((resumed / "config.json").read_text())["epochs"] == 2
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r.get("event") == "epoch"] == [1, 2]
+
+
+def test_resume_mid_epoch_matches(tmp_path: Path) -> None:
+    # 600 images (the samples twice) / 32 = 18 steps: a stop at step 10 is mid-epoch.
+    from mocohub.training.data import resolve_dataset
+
+    dataset, _ = resolve_dataset(SAMPLES)
+    images = torch.cat([dataset.images, dataset.images.flip(-1)])
+    config = tiny_config(epochs=1)
+    train(config, images, tmp_path / "a", progress=False)
+    with pytest.raises(TrainingInterrupted, match="at step 10"):
+        train(config, images, tmp_path / "b", progress=False, stop_after_steps=10)
+    assert final_state(tmp_path / "b")["step"] == 10
+    train(config, images, tmp_path / "b", resume="auto", progress=False)
+    assert_same_state(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    cross_entropy = train_module.F.cross_entropy
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        loss = cross_entropy(logits, labels)
+        return loss * float("nan") if calls["n"] == 12 else loss  # in epoch 2
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", poisoned)
+    with pytest.raises(TrainingDivergedError, match="NaN or infinite in epoch 2"):
+        train(tiny_config(epochs=3), SAMPLES, tmp_path, progress=False)
+    state = final_state(tmp_path)
+    assert (state["epoch"], state["step"]) == (1, 0)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_bad_data_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError):
+        train(tiny_config(epochs=1), tmp_path / "missing", tmp_path / "run", progress=False)
+
+
+def _mocohub(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "mocohub", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,
+    )
+
+
+TINY_FLAGS = [
+    "--preset", "fashion_mnist", "--width", "8", "--dim", "16", "--queue-size", "64",
+    "--batch-size", "32", "--workers", "0", "--precision", "fp32", "--quiet",
+]  # fmt: skip
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    process = _mocohub("train", str(SAMPLES), "--out", str(run), "--epochs", "50", *TINY_FLAGS)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no progress within 2 minutes"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "Stopped by SIGTERM" in err and "--resume auto" in err
+    assert "Traceback" not in err
+    state = final_state(run)
+    assert state["epoch"] * 9 + state["step"] >= 1
+    resumed = _mocohub(
+        "train",
+        str(SAMPLES),
+        "--out",
+        str(run),
+        "--epochs",
+        str(state["epoch"] + 1),
+        "--resume",
+        "auto",
+        *TINY_FLAGS,
+    )
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert final_state(run)["epoch"] == state["epoch"] + 1
+
+
+def test_two_nodes_on_one_machine(tmp_path: Path, free_port: int) -> None:
+    run = tmp_path / "run"
+    nodes = [
+        _mocohub("train", str(SAMPLES), "--out", str(run), "--epochs", "1", *TINY_FLAGS,
+                 "--nodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+                 "--master-addr", "127.0.0.1", "--master-port", str(free_port))
+        for rank in (0, 1)
+    ]  # fmt: skip
+    results = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, results, strict=True):
+        assert node.returncode == 0, err
+    # One set of checkpoints (rank 0's): epoch 1 and the "last" link to it.
+    checkpoints = sorted(p.name for p in run.glob("checkpoint_*.pt"))
+    assert checkpoints == ["checkpoint_0001_00000000.pt", "checkpoint_last.pt"]
+    state = final_state(run)
+    assert state["epoch"] == 1 and state["config"]["batch_size"] == 32
+    assert "done: loss" in results[0][0]

@@ -1,0 +1,192 @@
+"""``mocohub train``: MoCo pre-training from the command line.
+
+One process: ``mocohub train DATA --out RUN``. Several GPUs or machines:
+``--nproc-per-node M`` (and ``--nodes N --node-rank R --master-addr HOST``
+on each machine) starts the workers through torch.distributed.run (torchrun,
+elastic, ``--max-restarts``). The same command also runs as a worker started
+by torchrun or srun directly: it reads their environment and launches nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mocohub.errors import ConfigError
+
+__all__ = ["train_command"]
+
+_LAUNCH_FLAGS = {
+    "--nodes",
+    "--nproc-per-node",
+    "--node-rank",
+    "--master-addr",
+    "--master-port",
+    "--max-restarts",
+}
+
+
+def _inside_launcher() -> bool:
+    """True in a worker started by torchrun or srun (never launch again there)."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def _launch(
+    args: list[str], nodes: int, nproc: int, node_rank: int, addr: str, port: int, max_restarts: int
+) -> None:
+    from torch.distributed.run import main as torchrun
+
+    worker_args = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _LAUNCH_FLAGS:
+            skip = "=" not in arg
+            continue
+        worker_args.append(arg)
+    torchrun(
+        [
+            f"--nnodes={nodes}",
+            f"--nproc-per-node={nproc}",
+            f"--node-rank={node_rank}",
+            f"--master-addr={addr}",
+            f"--master-port={port}",
+            f"--max-restarts={max_restarts}",
+            "-m",
+            "mocohub",
+            *worker_args,
+        ]
+    )
+
+
+@click.command("train")
+@click.argument("data")
+@click.option(
+    "--out",
+    "run_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder: config.json, metrics.jsonl, checkpoints.",
+)
+@click.option(
+    "--preset",
+    default="moco_v2",
+    show_default=True,
+    type=click.Choice(["moco_v1", "moco_v2", "cifar", "fashion_mnist"]),
+    help="Reference recipe; every value below overrides it.",
+)
+@click.option("--arch", type=click.Choice(["resnet18", "resnet34", "resnet50"]))
+@click.option("--width", type=int, help="Channels of the first ResNet stage (64 standard).")
+@click.option("--small-stem/--no-small-stem", default=None, help="3x3 stem, no max-pool.")
+@click.option("--dim", type=int, help="Feature dimension of keys and queries.")
+@click.option("--queue-size", "K", type=int, help="K: negatives in the queue.")
+@click.option("--moco-m", "m", type=float, help="Momentum of the key encoder.")
+@click.option("--temperature", "T", type=float, help="Softmax temperature.")
+@click.option("--mlp/--no-mlp", default=None, help="MoCo v2 projection head.")
+@click.option("--symmetric/--no-symmetric", default=None, help="Both views as queries.")
+@click.option("--bn-splits", type=int, help="Split BN sub-batches (one process only).")
+@click.option("--image-size", type=int, help="Crop size of the augmented views.")
+@click.option(
+    "--augment-on",
+    type=click.Choice(["auto", "device", "workers"]),
+    help="Augment batches on the device, or per image in workers.",
+)
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int, help="Global batch size, over all processes.")
+@click.option(
+    "--lr",
+    type=float,
+    help="Learning rate for the preset's reference batch size (scaled linearly to --batch-size).",
+)
+@click.option("--weight-decay", type=float)
+@click.option("--schedule", type=click.Choice(["cosine", "steps"]))
+@click.option("--workers", type=int, help="DataLoader worker processes per GPU/process.")
+@click.option("--seed", type=int)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    help="auto: bf16 on GPUs and on CPUs with bf16 matrix units, else fp32.",
+)
+@click.option(
+    "--compile/--no-compile", "compile_", default=None, help="torch.compile the encoders."
+)
+@click.option("--channels-last", type=click.Choice(["auto", "on", "off"]))
+@click.option("--knn-every", type=int, help="Epochs between k-NN checks (0: at the end only).")
+@click.option("--knn-train", help="Labelled data for the k-NN memory bank (default: DATA).")
+@click.option("--knn-val", help="Labelled data to classify with k-NN (enables the monitor).")
+@click.option(
+    "--resume",
+    help="'auto' (newest checkpoint in --out) or a checkpoint path, "
+    "also a reference MoCo .pth.tar.",
+)
+@click.option("--nodes", type=int, default=1, show_default=True)
+@click.option("--nproc-per-node", type=int, default=1, show_default=True)
+@click.option("--node-rank", type=int, default=0, show_default=True)
+@click.option("--master-addr", default="127.0.0.1", show_default=True)
+@click.option("--master-port", type=int, default=29500, show_default=True)
+@click.option(
+    "--max-restarts",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Elastic restarts of failed workers.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_command(
+    data: str,
+    run_dir: Path,
+    preset: str,
+    knn_train: str | None,
+    knn_val: str | None,
+    resume: str | None,
+    nodes: int,
+    nproc_per_node: int,
+    node_rank: int,
+    master_addr: str,
+    master_port: int,
+    max_restarts: int,
+    quiet: bool,
+    compile_: bool | None,
+    **overrides: Any,
+) -> None:
+    """Pre-train MoCo on DATA: an image folder (DATA or DATA/train), a folder of
+    IDX files, a folder with labels.csv, or 'fashion-mnist'."""
+    if nodes < 1 or nproc_per_node < 1:
+        raise ConfigError("--nodes and --nproc-per-node must be at least 1.")
+    if nodes * nproc_per_node > 1 and not _inside_launcher():
+        from mocohub.cli import invocation_args
+
+        _launch(
+            invocation_args(),
+            nodes,
+            nproc_per_node,
+            node_rank,
+            master_addr,
+            master_port,
+            max_restarts,
+        )
+        return
+
+    from .config import preset as make_config
+    from .train import train
+
+    config = make_config(preset, compile=compile_, **overrides)
+    knn_data = (knn_train or data, knn_val) if knn_val else None
+    metrics = train(
+        config,
+        data,
+        run_dir,
+        resume=resume,
+        knn_data=knn_data,
+        progress=not quiet and sys.stderr.isatty(),
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        click.echo(f"done: {summary}; run folder {run_dir}")

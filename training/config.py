@@ -1,0 +1,171 @@
+"""Training configuration: the reference recipes as presets, every value overridable.
+
+A run's configuration is a :class:`TrainConfig`, plain values only, saved as
+``config.json`` in the run folder. Presets reproduce the reference recipes:
+
+- ``moco_v1``: ResNet-50, SGD lr 0.03 for batch 256, momentum 0.9, wd 1e-4,
+  200 epochs, lr x0.1 at epochs 120 and 160, K=65536, m=0.999, T=0.07, dim 128,
+  v1 augmentation (He et al. 2020; facebookresearch/moco ``main_moco.py``).
+- ``moco_v2`` (default): v1 plus the MLP head, T=0.2, a cosine schedule and the
+  v2 ("aug+") augmentation (Chen et al. 2020).
+- ``cifar`` / ``fashion_mnist``: the reference single-GPU CIFAR-10 demo's
+  recipe: ResNet-18 with the small stem, K=4096, m=0.99, T=0.1, lr 0.06 for
+  batch 512, wd 5e-4, cosine, 200 epochs, split BN (8 splits) in one process.
+
+The learning rate follows the linear scaling rule: ``lr`` is for a global batch
+of ``lr_batch``, and the optimiser uses ``lr * batch_size / lr_batch``.
+
+Example:
+    >>> config = preset("moco_v2", batch_size=512)
+    >>> config.T, config.mlp, config.scaled_lr()
+    (0.2, True, 0.06)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mocohub.errors import ConfigError
+
+__all__ = ["PRESETS", "TrainConfig", "preset"]
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a MoCo pre-training run (see the module docstring)."""
+
+    preset: str = "moco_v2"
+    # model
+    arch: str = "resnet50"
+    small_stem: bool = False
+    width: int = 64
+    dim: int = 128
+    K: int = 65536
+    m: float = 0.999
+    T: float = 0.2
+    mlp: bool = True
+    symmetric: bool = False
+    bn_splits: int = 1  # > 1: split BN, used only when running in one process
+    # data and augmentation
+    augmentation: Literal["v1", "v2", "small"] = "v2"
+    image_size: int = 224
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    augment_on: Literal["auto", "workers", "device"] = "auto"
+    # optimisation
+    epochs: int = 200
+    batch_size: int = 256  # global, over all processes
+    lr: float = 0.03
+    lr_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: Literal["cosine", "steps"] = "cosine"
+    lr_steps: tuple[int, ...] = (120, 160)
+    # run
+    workers: int = 4
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    knn_every: int = 0  # epochs between k-NN checks (0: only at the end)
+    knn_k: int = 200
+    knn_t: float = 0.1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def scaled_lr(self) -> float:
+        """The optimiser's learning rate for this batch size (linear scaling)."""
+        return self.lr * self.batch_size / self.lr_batch
+
+    def validate(self) -> TrainConfig:
+        """Raise :class:`ConfigError` for settings that cannot work together."""
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ConfigError("--batch-size and --epochs must be positive.")
+        if self.K % self.batch_size:
+            raise ConfigError(
+                f"The queue size K={self.K} must be a multiple of the global batch size "
+                f"{self.batch_size}; change --batch-size or --queue-size."
+            )
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("--lr must be positive and --weight-decay not negative.")
+        if len(self.mean) != len(self.std):
+            raise ConfigError("mean and std must have one value per image channel.")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"Unknown configuration keys: {', '.join(sorted(unknown))}.")
+        values = dict(values)
+        for name in ("mean", "std", "lr_steps"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+_V1: dict[str, Any] = {
+    "arch": "resnet50",
+    "dim": 128,
+    "K": 65536,
+    "m": 0.999,
+    "T": 0.07,
+    "mlp": False,
+    "augmentation": "v1",
+    "image_size": 224,
+    "epochs": 200,
+    "batch_size": 256,
+    "lr": 0.03,
+    "lr_batch": 256,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "schedule": "steps",
+    "lr_steps": (120, 160),
+}
+_SMALL: dict[str, Any] = {
+    "arch": "resnet18",
+    "small_stem": True,
+    "dim": 128,
+    "K": 4096,
+    "m": 0.99,
+    "T": 0.1,
+    "mlp": False,
+    "bn_splits": 8,
+    "augmentation": "small",
+    "epochs": 200,
+    "batch_size": 512,
+    "lr": 0.06,
+    "lr_batch": 512,
+    "weight_decay": 5e-4,
+    "schedule": "cosine",
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "moco_v1": _V1,
+    "moco_v2": {**_V1, "mlp": True, "T": 0.2, "augmentation": "v2", "schedule": "cosine"},
+    "cifar": {
+        **_SMALL,
+        "image_size": 32,
+        "mean": (0.4914, 0.4822, 0.4465),
+        "std": (0.2470, 0.2435, 0.2616),
+    },
+    "fashion_mnist": {**_SMALL, "image_size": 28, "mean": (0.2860,), "std": (0.3530,)},
+}
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """The configuration of preset ``name`` with ``overrides`` applied, validated."""
+    if name not in PRESETS:
+        raise ConfigError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")
+    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return TrainConfig.from_dict({**values, "preset": name}).validate()

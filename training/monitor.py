@@ -1,0 +1,139 @@
+"""Watching a run: the metrics log (JSONL, TensorBoard, a PNG of the curves)
+and the k-NN monitor.
+
+Only rank 0 writes; the k-NN monitor runs on every rank (each embeds a share
+of the data) and its result is the same everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mocohub.knn import knn_accuracy
+
+from .config import TrainConfig
+from .distributed import DistributedEnv, all_gather_no_grad
+
+__all__ = ["KnnMonitor", "MetricsLog", "plot_curves", "pooled_features"]
+
+
+class MetricsLog:
+    """Appends records to ``metrics.jsonl`` (and TensorBoard, when installed)."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._file = self.path.open("a") if enabled else None
+        self._tensorboard: Any = None
+        if enabled:
+            with contextlib.suppress(ImportError):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tensorboard is not None:
+            prefix = "epoch" if record.get("event") == "epoch" else "train"
+            position = record["epoch"] if prefix == "epoch" else record.get("global_step", 0)
+            for key, value in record.items():
+                if isinstance(value, int | float) and key not in ("epoch", "step", "global_step"):
+                    self._tensorboard.add_scalar(f"{prefix}/{key}", value, position)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            plot_curves(self.path, self.path.with_name("curves.png"))
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def plot_curves(metrics: Path, out: Path) -> Path | None:
+    """Draw the loss and k-NN accuracy per epoch from ``metrics.jsonl`` as a PNG.
+
+    Uses matplotlib when it is installed; without it, nothing is drawn (the
+    JSONL file holds the same numbers).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    epochs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    epochs = [r for r in epochs if r.get("event") == "epoch"]
+    if not epochs:
+        return None
+    figure, loss_axis = plt.subplots(figsize=(6, 3.5), dpi=120)
+    loss_axis.plot([r["epoch"] for r in epochs], [r.get("loss", math.nan) for r in epochs], "C0")
+    loss_axis.set(xlabel="epoch", ylabel="InfoNCE loss")
+    knn = [r for r in epochs if "knn_top1" in r]
+    if knn:
+        accuracy_axis = loss_axis.twinx()
+        accuracy_axis.plot([r["epoch"] for r in knn], [r["knn_top1"] for r in knn], "C1o-")
+        accuracy_axis.set_ylabel("k-NN top-1", color="C1")
+    figure.tight_layout()
+    figure.savefig(out)
+    plt.close(figure)
+    return out
+
+
+@contextlib.contextmanager
+def pooled_features(encoder: nn.Module) -> Iterator[nn.Module]:
+    """The encoder with its projection (``fc``) set aside, in eval mode."""
+    head, was_training = encoder.fc, encoder.training
+    encoder.fc = nn.Identity()
+    encoder.eval()
+    try:
+        yield encoder
+    finally:
+        encoder.fc = head
+        encoder.train(was_training)
+
+
+class KnnMonitor:
+    """Weighted k-NN top-1/top-5 of the query encoder's features on labelled data."""
+
+    def __init__(
+        self, data: tuple[Any, Any], config: TrainConfig, info: Any, env: DistributedEnv
+    ) -> None:
+        from .views import eval_batches
+
+        self.config, self.env = config, env
+        self.train_batches, self.train_size = eval_batches(data[0], config, env)
+        self.val_batches, self.val_size = eval_batches(data[1], config, env)
+
+    def __call__(self, encoder: nn.Module) -> dict[str, float]:
+        device = self.env.device
+        train_x, train_y = self._embed(encoder, self.train_batches, device, self.train_size)
+        val_x, val_y = self._embed(encoder, self.val_batches, device, self.val_size)
+        result = knn_accuracy(
+            train_x, train_y, val_x, val_y, k=self.config.knn_k, t=self.config.knn_t
+        )
+        return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
+
+    def _embed(
+        self, encoder: nn.Module, batches: Any, device: torch.device, size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        features, labels = [], []
+        with pooled_features(encoder) as backbone, torch.no_grad():
+            for images, targets in batches():
+                features.append(F.normalize(backbone(images.to(device)).float(), dim=1))
+                labels.append(targets.to(device))
+        # Each rank embedded an equal share (the last padded): gather, then unpad.
+        features_all = all_gather_no_grad(torch.cat(features))[:size]
+        return features_all, all_gather_no_grad(torch.cat(labels))[:size]

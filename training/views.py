@@ -1,0 +1,247 @@
+"""Two augmented views of every image, step by step, on the training device.
+
+Two paths, chosen by where the images are:
+
+- **device** (images in memory: IDX files, a ``labels.csv`` folder, tensors):
+  each step takes a batch of uint8 images, moves it to the device and augments
+  the whole batch there with per-sample random parameters. A GPU is never
+  waiting on a 2-core CPU, and small images need no worker processes at all.
+- **workers** (ImageFolder trees of JPEG/PNG files): DataLoader worker
+  processes decode each image and apply the reference's per-sample
+  torchvision transforms, twice.
+
+Either way the randomness derives from (seed, epoch, step or sample), never
+from a generator's history: the batch order is one permutation per epoch, and
+each step's (or sample's) augmentation has its own seed. A run resumed at any
+step therefore sees exactly the batches and views it would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mocohub.errors import ConfigError
+
+from .config import TrainConfig
+from .distributed import DistributedEnv
+
+__all__ = [
+    "ViewPipeline",
+    "batch_augment",
+    "epoch_batches",
+    "eval_batches",
+    "per_sample_transform",
+    "step_seed",
+]
+
+Views = tuple[torch.Tensor, torch.Tensor]
+
+
+def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    """A seed for one (epoch, step, rank), or (epoch, sample) with ``step=index``."""
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + step) * 1009 + rank & (2**63 - 1)
+
+
+def epoch_batches(
+    num_samples: int, epoch: int, seed: int, global_batch: int, env: DistributedEnv
+) -> torch.Tensor:
+    """This rank's sample indices for every step of ``epoch``: steps x local batch.
+
+    One permutation per epoch, the same on every rank; step ``s`` takes the
+    global batch ``perm[s*B:(s+1)*B]`` and rank ``r`` its ``r``-th slice. The
+    last incomplete global batch is dropped (every rank needs the same size).
+    """
+    generator = torch.Generator().manual_seed(step_seed(seed, epoch, 0, -1))
+    permutation = torch.randperm(num_samples, generator=generator)
+    steps = num_samples // global_batch
+    local = global_batch // env.world_size
+    return permutation[: steps * global_batch].view(steps, env.world_size, local)[:, env.rank]
+
+
+def _stats(config: TrainConfig, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The config's mean/std, for ``channels`` channels (a 1-channel set of stats
+    is repeated for colour images; colour stats are averaged for grayscale)."""
+    mean, std = config.mean, config.std
+    if len(mean) == channels:
+        return mean, std
+    if len(mean) == 1:
+        return mean * channels, std * channels
+    return (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
+
+
+def batch_augment(config: TrainConfig, channels: int, generator: torch.Generator) -> Any:
+    """The batched (on-device) augmentation of ``config.augmentation``."""
+    from .augment import batch_moco_v1, batch_moco_v2, batch_small
+
+    builder = {"v1": batch_moco_v1, "v2": batch_moco_v2, "small": batch_small}
+    mean, std = _stats(config, channels)
+    return builder[config.augmentation](config.image_size, mean, std, generator=generator)
+
+
+def per_sample_transform(config: TrainConfig, channels: int) -> Any:
+    """The per-image (worker process) augmentation of ``config.augmentation``."""
+    from .augment import moco_v1_transform, moco_v2_transform, small_transform
+
+    builder = {"v1": moco_v1_transform, "v2": moco_v2_transform, "small": small_transform}
+    mean, std = _stats(config, channels)
+    return builder[config.augmentation](config.image_size, mean, std)
+
+
+def eval_batches(
+    data: Any, config: TrainConfig, env: DistributedEnv, batch_size: int = 256
+) -> tuple[Any, int]:
+    """Labelled, normalised, un-augmented batches of this rank's share of ``data``.
+
+    Returns a function that yields ``(images, labels)`` batches, and the total
+    number of samples over all ranks. Shares are equal (the last sample is
+    repeated to pad), so that results gather with one ``all_gather``.
+    """
+    from torchvision.transforms import v2
+
+    from .data import resolve_dataset
+
+    dataset, info = resolve_dataset(data, "val")
+    total = len(dataset)
+    share = -(-total // env.world_size)
+    indices = torch.arange(env.rank * share, (env.rank + 1) * share).clamp(max=total - 1)
+    mean, std = _stats(config, info.channels)
+    size = config.image_size
+    if info.in_memory:
+        normalise = v2.Compose(
+            [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+            if info.image_size != (size, size)
+            else []
+        )
+        images_all, labels_all = dataset.batch(indices)
+        mean_t = torch.tensor(mean).view(1, -1, 1, 1)
+        std_t = torch.tensor(std).view(1, -1, 1, 1)
+
+        def in_memory() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for start in range(0, len(indices), batch_size):
+                images = images_all[start : start + batch_size].float().div(255)
+                yield (normalise(images) - mean_t) / std_t, labels_all[start : start + batch_size]
+
+        return in_memory, total
+    dataset.transform = v2.Compose(
+        [
+            v2.Resize(round(size * 256 / 224), antialias=True),
+            v2.CenterCrop(size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+            v2.ToPureTensor(),
+        ]
+    )
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, indices.tolist()),
+        batch_size=batch_size,
+        num_workers=config.workers,
+        pin_memory=env.device.type == "cuda",
+    )
+
+    def from_files() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield from loader
+
+    return from_files, total
+
+
+class _SeededTwoViews(Dataset[Views]):
+    """Two per-sample views, with the RNG seeded from (seed, epoch, index).
+
+    Items are addressed by ``(epoch, index)`` so that worker processes, which
+    keep their own RNG, still draw exactly what a resumed run would.
+    """
+
+    def __init__(self, dataset: Any, transform: Any, seed: int) -> None:
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Views:
+        epoch, index = key
+        image, _ = self.dataset[index]
+        seed = step_seed(self.seed, epoch, index, -2)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        return self.transform(image), self.transform(image)
+
+
+class _Plan:
+    """A batch sampler whose batches are replaced before each epoch (so the
+    DataLoader can keep its workers between epochs)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class ViewPipeline:
+    """Yields ``(step, (view_q, view_k))`` for each step of an epoch, on ``env.device``."""
+
+    def __init__(self, dataset: Any, info: Any, config: TrainConfig, env: DistributedEnv) -> None:
+        self.config, self.env = config, env
+        self.num_samples = len(dataset)
+        self.steps_per_epoch = self.num_samples // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"The data set has {self.num_samples} images, fewer than one global batch "
+                f"of {config.batch_size}; lower --batch-size."
+            )
+        self.on_device = config.augment_on == "device" or (
+            config.augment_on == "auto" and info.in_memory
+        )
+        if self.on_device and not info.in_memory:
+            raise ConfigError(
+                "--augment-on device needs images in memory (IDX files, a labels.csv "
+                "folder or tensors); use --augment-on workers for image folders."
+            )
+        if self.on_device:
+            self.images = dataset.images.to(env.device)
+            self.generator = torch.Generator()  # CPU: no device sync per call
+            self.augment = batch_augment(config, info.channels, self.generator).to(env.device)
+        else:
+            self.plan = _Plan()
+            cuda = env.device.type == "cuda"
+            self.loader = DataLoader(
+                _SeededTwoViews(dataset, per_sample_transform(config, info.channels), config.seed),
+                batch_sampler=self.plan,
+                num_workers=config.workers,
+                pin_memory=cuda,
+                persistent_workers=config.workers > 0,
+                prefetch_factor=4 if config.workers > 0 else None,
+            )
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, Views]]:
+        """The views of each step of ``epoch``, from ``start_step`` on."""
+        seed, env = self.config.seed, self.env
+        plan = epoch_batches(self.num_samples, epoch, seed, self.config.batch_size, env)
+        if self.on_device:
+            for step in range(start_step, len(plan)):
+                images = self.images[plan[step].to(self.images.device)]
+                self.generator.manual_seed(step_seed(seed, epoch, step, env.rank))
+                yield step, (self.augment(images), self.augment(images))
+            return
+        self.plan.batches = _keys(epoch, plan[start_step:].tolist())
+        for offset, (view_q, view_k) in enumerate(self.loader):
+            yield (
+                start_step + offset,
+                (
+                    view_q.to(env.device, non_blocking=True),
+                    view_k.to(env.device, non_blocking=True),
+                ),
+            )
+
+
+def _keys(epoch: int, rows: Sequence[Sequence[int]]) -> list[list[tuple[int, int]]]:
+    return [[(epoch, index) for index in row] for row in rows]
