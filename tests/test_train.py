@@ -186,3 +186,27 @@ def test_two_nodes_on_one_machine(tmp_path: Path, free_port: int) -> None:
     state = final_state(run)
     assert state["epoch"] == 1 and state["config"]["batch_size"] == 32
     assert "done: loss" in results[0][0]
+
+
+def test_a_short_run_learns_features_that_beat_initialisation(tmp_path: Path) -> None:
+    """k-NN (k=20) on 100 held-out sample images, features from 200 others."""
+    from mocohub.training.data import resolve_dataset
+    from mocohub.training.distributed import init_from_env
+    from mocohub.training.monitor import KnnMonitor
+    from mocohub.training.train import build_moco
+
+    dataset, info = resolve_dataset(SAMPLES)
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(0))
+    bank = (dataset.images[order[:200]], dataset.labels[order[:200]])
+    held_out = (dataset.images[order[200:]], dataset.labels[order[200:]])
+    config = tiny_config(epochs=30, dim=32, T=0.2, lr_batch=32, knn_k=20)
+    monitor = KnnMonitor((bank, held_out), config, info, init_from_env())
+    torch.manual_seed(config.seed)  # the initial weights train() starts from
+    before = monitor(build_moco(config, in_channels=1).encoder_q)["knn_top1"]
+
+    metrics = train(config, bank[0], tmp_path, knn_data=(bank, held_out), progress=False)
+    # Measured on this recipe: 0.43 -> 0.55 and 0.39 -> 0.56 (seeds 0 and 1).
+    assert metrics["knn_top1"] >= before + 0.05, (before, metrics["knn_top1"])
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["event"] == "epoch" and "knn_top1" in records[-1]

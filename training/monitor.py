@@ -106,7 +106,12 @@ def pooled_features(encoder: nn.Module) -> Iterator[nn.Module]:
 
 
 class KnnMonitor:
-    """Weighted k-NN top-1/top-5 of the query encoder's features on labelled data."""
+    """Weighted k-NN top-1/top-5 of the query encoder's features on labelled data.
+
+    ``data`` is ``(bank, queries)``: the bank's train split is the memory bank,
+    and the queries' val split is classified (for a folder with train/ and
+    val/, or IDX files, pass the same source twice).
+    """
 
     def __init__(
         self, data: tuple[Any, Any], config: TrainConfig, info: Any, env: DistributedEnv
@@ -114,8 +119,8 @@ class KnnMonitor:
         from .views import eval_batches
 
         self.config, self.env = config, env
-        self.train_batches, self.train_size = eval_batches(data[0], config, env)
-        self.val_batches, self.val_size = eval_batches(data[1], config, env)
+        self.train_batches, self.train_size = eval_batches(data[0], "train", config, env)
+        self.val_batches, self.val_size = eval_batches(data[1], "val", config, env)
 
     def __call__(self, encoder: nn.Module) -> dict[str, float]:
         device = self.env.device

@@ -44,7 +44,14 @@ from .views import ViewPipeline, step_seed
 # Steps between the ranks' agreement on stop signals and NaN losses (and logs).
 SYNC_EVERY = 10
 
-__all__ = ["TrainingDivergedError", "TrainingInterrupted", "build_moco", "lr_at", "train"]
+__all__ = [
+    "TrainingDivergedError",
+    "TrainingInterrupted",
+    "build_moco",
+    "load_encoders",
+    "lr_at",
+    "train",
+]
 
 
 class TrainingDivergedError(MocohubError):
@@ -79,6 +86,31 @@ def build_moco(config: TrainConfig, in_channels: int, world_size: int = 1) -> Mo
         # Split BN imitates several GPUs; with several processes, shuffle BN does it.
         bn_splits=config.bn_splits if world_size == 1 else 1,
     )
+
+
+def load_encoders(model: MoCo, checkpoint: dict[str, Any]) -> None:
+    """Copy both encoders' weights from a checkpoint (mocohub's or the reference's)."""
+    from .checkpoint import is_reference_checkpoint, moco_state_from_reference
+
+    state = (
+        moco_state_from_reference(checkpoint)
+        if is_reference_checkpoint(checkpoint)
+        else checkpoint["model"]
+    )
+    encoders = {k: v for k, v in state.items() if k.startswith(("encoder_q.", "encoder_k."))}
+    try:
+        missing, unexpected = model.load_state_dict(encoders, strict=False)
+    except RuntimeError as error:
+        raise ConfigError(
+            f"The checkpoint's encoders do not fit this configuration ({str(error)[:300]}); "
+            "use the same --arch, --width, --dim and --mlp as the checkpoint."
+        ) from None
+    missing = [k for k in missing if k not in ("queue", "queue_ptr")]
+    if missing or unexpected:
+        raise ConfigError(
+            f"The checkpoint's encoders do not fit this configuration (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); use the same --arch, --dim and --mlp as it."
+        )
 
 
 def lr_at(config: TrainConfig, epoch: int) -> float:
@@ -135,6 +167,7 @@ def train(
     knn_data: tuple[Any, Any] | None = None,
     progress: bool = True,
     stop_after_steps: int | None = None,
+    weights: str | Path | None = None,
 ) -> dict[str, Any]:
     """Pre-train MoCo on ``data`` and write checkpoints and metrics to ``run_dir``.
 
@@ -147,6 +180,9 @@ def train(
             checkpoint path (mocohub's or the reference code's), or None.
         knn_data: (train, val) labelled data for the k-NN monitor.
         progress: show a progress bar (rank 0 only).
+        weights: start a new run (epoch 0, fresh optimiser and queue) from the
+            encoders of a checkpoint, mocohub's or the reference code's: fine-tuning.
+            Ignored when ``resume`` finds a checkpoint.
         stop_after_steps: stop after this many steps of this call, as if
             SIGTERM had arrived (a checkpoint, then :class:`TrainingInterrupted`),
             for time-boxed jobs. The ranks agree on stopping every 10 steps and at
@@ -194,6 +230,8 @@ def train(
         # mocohub's own checkpoints, or the reference code's (model + optimizer).
         checkpoint = ckpt.load_checkpoint(Path(source))
         start_epoch, start_step = ckpt.restore_training_state(checkpoint, model, optimizer, scaler)
+    elif weights is not None:
+        load_encoders(model, ckpt.load_checkpoint(Path(weights)))
     if env.is_main:
         config.save(run_dir / "config.json")
     if config.compile:

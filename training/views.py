@@ -93,7 +93,7 @@ def per_sample_transform(config: TrainConfig, channels: int) -> Any:
 
 
 def eval_batches(
-    data: Any, config: TrainConfig, env: DistributedEnv, batch_size: int = 256
+    data: Any, split: str, config: TrainConfig, env: DistributedEnv, batch_size: int = 256
 ) -> tuple[Any, int]:
     """Labelled, normalised, un-augmented batches of this rank's share of ``data``.
 
@@ -105,17 +105,17 @@ def eval_batches(
 
     from .data import resolve_dataset
 
-    dataset, info = resolve_dataset(data, "val")
+    dataset, info = resolve_dataset(data, split)
     total = len(dataset)
     share = -(-total // env.world_size)
     indices = torch.arange(env.rank * share, (env.rank + 1) * share).clamp(max=total - 1)
     mean, std = _stats(config, info.channels)
     size = config.image_size
     if info.in_memory:
-        normalise = v2.Compose(
-            [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+        resize = (
+            v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
             if info.image_size != (size, size)
-            else []
+            else None
         )
         images_all, labels_all = dataset.batch(indices)
         mean_t = torch.tensor(mean).view(1, -1, 1, 1)
@@ -124,7 +124,9 @@ def eval_batches(
         def in_memory() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for start in range(0, len(indices), batch_size):
                 images = images_all[start : start + batch_size].float().div(255)
-                yield (normalise(images) - mean_t) / std_t, labels_all[start : start + batch_size]
+                if resize is not None:
+                    images = resize(images)
+                yield (images - mean_t) / std_t, labels_all[start : start + batch_size]
 
         return in_memory, total
     dataset.transform = v2.Compose(
