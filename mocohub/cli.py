@@ -22,6 +22,11 @@ from mocohub.errors import MocohubError
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("mocohub.sysinfo:command", "Show versions, devices and onnxruntime builds."),
     "train": ("mocohub.training.cli:train_command", "Pre-train MoCo (one CPU to many GPU nodes)."),
+    "knn": ("mocohub.training.eval_cli:knn_command", "k-NN accuracy of a model's features."),
+    "lincls": (
+        "mocohub.training.eval_cli:lincls_command",
+        "Linear evaluation of a model (reference MoCo protocol).",
+    ),
 }
 
 _invocation: list[str] = []

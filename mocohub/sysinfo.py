@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-__all__ = ["collect", "command", "cpu_flags", "onnxruntime_distributions"]
+__all__ = ["collect", "command", "cpu_flags", "cpu_model", "onnxruntime_distributions"]
 
 # Wheels that all install the same `onnxruntime` module; two at once break it.
 ONNXRUNTIME_DISTRIBUTIONS = (
@@ -37,6 +37,18 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith(("flags", "Features")):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+@cache
+def cpu_model() -> str:
+    """The CPU's model name, e.g. "AMD EPYC 9554" (the machine type where unknown)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _version(distribution: str) -> str | None:
@@ -66,6 +78,7 @@ def collect() -> dict[str, Any]:
         "torch": torch.__version__,
         "torchvision": _version("torchvision"),
         "cpu": {
+            "model": cpu_model(),
             "threads": torch.get_num_threads(),
             "capability": torch.backends.cpu.get_cpu_capability(),
             "bf16_matrix_units": sorted(flags & {"amx_bf16", "avx512_bf16"}),

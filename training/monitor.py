@@ -14,14 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mocohub.knn import knn_accuracy
 
 from .config import TrainConfig
-from .distributed import DistributedEnv, all_gather_no_grad
+from .distributed import DistributedEnv
 
 __all__ = ["KnnMonitor", "MetricsLog", "plot_curves", "pooled_features"]
 
@@ -110,35 +108,34 @@ class KnnMonitor:
 
     ``data`` is ``(bank, queries)``: the bank's train split is the memory bank,
     and the queries' val split is classified (for a folder with train/ and
-    val/, or IDX files, pass the same source twice).
+    val/, or IDX files, pass the same source twice). Images are preprocessed
+    as for evaluation: normalised, and resized and centre-cropped only when
+    they are not already at the training crop size.
     """
 
     def __init__(
         self, data: tuple[Any, Any], config: TrainConfig, info: Any, env: DistributedEnv
     ) -> None:
-        from .views import eval_batches
+        from .data import resolve_dataset
+        from .eval_data import EvalBatches
+        from .eval_transforms import Preprocessing
+        from .views import channel_stats
 
         self.config, self.env = config, env
-        self.train_batches, self.train_size = eval_batches(data[0], "train", config, env)
-        self.val_batches, self.val_size = eval_batches(data[1], "val", config, env)
+        size = config.image_size
+        mean, std = channel_stats(config, info.channels)
+        prep = Preprocessing(size, round(size * 256 / 224), mean, std, channels=info.channels)
+        self.batches = []
+        for source, split in zip(data, ("train", "val"), strict=True):
+            dataset, data_info = resolve_dataset(source, split)
+            self.batches.append(
+                EvalBatches(dataset, data_info, prep, "auto", env, workers=config.workers)
+            )
 
     def __call__(self, encoder: nn.Module) -> dict[str, float]:
-        device = self.env.device
-        train_x, train_y = self._embed(encoder, self.train_batches, device, self.train_size)
-        val_x, val_y = self._embed(encoder, self.val_batches, device, self.val_size)
-        result = knn_accuracy(
-            train_x, train_y, val_x, val_y, k=self.config.knn_k, t=self.config.knn_t
-        )
-        return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
+        from .eval_data import extract_features
 
-    def _embed(
-        self, encoder: nn.Module, batches: Any, device: torch.device, size: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        features, labels = [], []
-        with pooled_features(encoder) as backbone, torch.no_grad():
-            for images, targets in batches():
-                features.append(F.normalize(backbone(images.to(device)).float(), dim=1))
-                labels.append(targets.to(device))
-        # Each rank embedded an equal share (the last padded): gather, then unpad.
-        features_all = all_gather_no_grad(torch.cat(features))[:size]
-        return features_all, all_gather_no_grad(torch.cat(labels))[:size]
+        with pooled_features(encoder) as backbone:
+            bank, queries = (extract_features(backbone, b, self.env) for b in self.batches)
+        result = knn_accuracy(*bank, *queries, k=self.config.knn_k, t=self.config.knn_t)
+        return {"knn_top1": result["top1"], "knn_top5": result["top5"]}

@@ -33,8 +33,8 @@ from .distributed import DistributedEnv
 __all__ = [
     "ViewPipeline",
     "batch_augment",
+    "channel_stats",
     "epoch_batches",
-    "eval_batches",
     "per_sample_transform",
     "step_seed",
 ]
@@ -63,7 +63,9 @@ def epoch_batches(
     return permutation[: steps * global_batch].view(steps, env.world_size, local)[:, env.rank]
 
 
-def _stats(config: TrainConfig, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(
+    config: TrainConfig, channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The config's mean/std, for ``channels`` channels (a 1-channel set of stats
     is repeated for colour images; colour stats are averaged for grayscale)."""
     mean, std = config.mean, config.std
@@ -79,7 +81,7 @@ def batch_augment(config: TrainConfig, channels: int, generator: torch.Generator
     from .augment import batch_moco_v1, batch_moco_v2, batch_small
 
     builder = {"v1": batch_moco_v1, "v2": batch_moco_v2, "small": batch_small}
-    mean, std = _stats(config, channels)
+    mean, std = channel_stats(config, channels)
     return builder[config.augmentation](config.image_size, mean, std, generator=generator)
 
 
@@ -88,68 +90,8 @@ def per_sample_transform(config: TrainConfig, channels: int) -> Any:
     from .augment import moco_v1_transform, moco_v2_transform, small_transform
 
     builder = {"v1": moco_v1_transform, "v2": moco_v2_transform, "small": small_transform}
-    mean, std = _stats(config, channels)
+    mean, std = channel_stats(config, channels)
     return builder[config.augmentation](config.image_size, mean, std)
-
-
-def eval_batches(
-    data: Any, split: str, config: TrainConfig, env: DistributedEnv, batch_size: int = 256
-) -> tuple[Any, int]:
-    """Labelled, normalised, un-augmented batches of this rank's share of ``data``.
-
-    Returns a function that yields ``(images, labels)`` batches, and the total
-    number of samples over all ranks. Shares are equal (the last sample is
-    repeated to pad), so that results gather with one ``all_gather``.
-    """
-    from torchvision.transforms import v2
-
-    from .data import resolve_dataset
-
-    dataset, info = resolve_dataset(data, split)
-    total = len(dataset)
-    share = -(-total // env.world_size)
-    indices = torch.arange(env.rank * share, (env.rank + 1) * share).clamp(max=total - 1)
-    mean, std = _stats(config, info.channels)
-    size = config.image_size
-    if info.in_memory:
-        resize = (
-            v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
-            if info.image_size != (size, size)
-            else None
-        )
-        images_all, labels_all = dataset.batch(indices)
-        mean_t = torch.tensor(mean).view(1, -1, 1, 1)
-        std_t = torch.tensor(std).view(1, -1, 1, 1)
-
-        def in_memory() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for start in range(0, len(indices), batch_size):
-                images = images_all[start : start + batch_size].float().div(255)
-                if resize is not None:
-                    images = resize(images)
-                yield (images - mean_t) / std_t, labels_all[start : start + batch_size]
-
-        return in_memory, total
-    dataset.transform = v2.Compose(
-        [
-            v2.Resize(round(size * 256 / 224), antialias=True),
-            v2.CenterCrop(size),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-            v2.ToPureTensor(),
-        ]
-    )
-    loader = DataLoader(
-        torch.utils.data.Subset(dataset, indices.tolist()),
-        batch_size=batch_size,
-        num_workers=config.workers,
-        pin_memory=env.device.type == "cuda",
-    )
-
-    def from_files() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        yield from loader
-
-    return from_files, total
 
 
 class _SeededTwoViews(Dataset[Views]):

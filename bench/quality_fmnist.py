@@ -1,0 +1,123 @@
+"""Fashion-MNIST quality: pre-train MoCo on the train split, then report k-NN
+(k=200, T=0.1, cosine) and linear-probe top-1 on the 10,000 test images, with
+the wall time and the machine.
+
+    python bench/quality_fmnist.py --data /usr/share/datasets/fashion-mnist \\
+        --epochs 2 --width 32 --out runs/fmnist
+
+``--data`` is a folder with the four IDX files (Debian's dataset-fashion-mnist
+installs them in /usr/share/datasets/fashion-mnist). The run folder keeps
+checkpoints, so ``--resume`` continues a longer run. Reference figures on the
+same test split: raw-pixel k-NN 0.855 (k=5, L2), random-init ResNet-18 (width
+32, small stem) about 0.72 (k=200 cosine), SVC 0.897, supervised ResNet-18 0.949.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mocohub.sysinfo import cpu_flags, cpu_model
+from mocohub.training.config import preset
+from mocohub.training.knn_eval import knn_evaluate
+from mocohub.training.lincls import LinclsConfig, linear_eval
+from mocohub.training.train import TrainingInterrupted, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="fashion-mnist", help="IDX folder or 'fashion-mnist'")
+    parser.add_argument("--out", type=Path, default=Path("runs/quality_fmnist"))
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--queue-size", type=int, default=4096)
+    parser.add_argument("--temperature", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=0.06, help="for batch 512, scaled linearly")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--stop-after-steps", type=int, default=None)
+    parser.add_argument("--linear-epochs", type=int, default=10)
+    parser.add_argument("--linear-lr", type=float, default=30.0)
+    parser.add_argument("--eval-only", action="store_true", help="evaluate --out as it is")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/quality_fmnist.json"))
+    args = parser.parse_args()
+
+    config = preset(
+        "fashion_mnist",
+        epochs=args.epochs,
+        width=args.width,
+        batch_size=args.batch_size,
+        K=args.queue_size,
+        T=args.temperature,
+        lr=args.lr,
+        precision=args.precision,
+        workers=0,
+        knn_every=1,
+    )
+    start = time.perf_counter()
+    if not args.eval_only:
+        try:
+            train(
+                config,
+                args.data,
+                args.out,
+                resume="auto" if args.resume else None,
+                knn_data=(args.data, args.data),  # bank: train split; queries: test split
+                stop_after_steps=args.stop_after_steps,
+            )
+        except TrainingInterrupted as stopped:
+            print(stopped)
+            return
+    train_seconds = time.perf_counter() - start
+    # Evaluate the newest checkpoint in the run folder, whoever wrote it.
+    start = time.perf_counter()
+    knn = knn_evaluate(args.out, args.data, k=200, t=0.1, precision="fp32")
+    knn_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    linear = linear_eval(
+        args.out,
+        args.data,
+        args.out / "lincls",
+        LinclsConfig(
+            preset="small",
+            epochs=args.linear_epochs,
+            lr=args.linear_lr,
+            lr_steps=(int(args.linear_epochs * 0.6), int(args.linear_epochs * 0.8)),
+            workers=0,
+        ),
+    )
+    linear_seconds = time.perf_counter() - start
+    log = [json.loads(line) for line in (args.out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in log if r.get("event") == "epoch"]
+    flags = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16", "avx512f", "avx2", "amx_int8"})
+    result = {
+        "config": config.to_dict(),
+        "epochs_trained": epochs[-1]["epoch"] if epochs else 0,
+        "knn_top1": knn["top1"],
+        "linear_top1": linear["top1"],
+        "knn_per_epoch": [(r["epoch"], r.get("knn_top1")) for r in epochs],
+        "seconds": {
+            "train_this_call": round(train_seconds, 1),
+            "knn": round(knn_seconds, 1),
+            "linear": round(linear_seconds, 1),
+        },
+        "machine": {
+            "cpu": cpu_model(),
+            "cpu_flags": flags,
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__,
+        },
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""`mocohub lincls` and `mocohub knn`: linear and k-NN evaluation of a frozen backbone."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mocohub import cli
+from mocohub.backbones import resnet18
+from mocohub.errors import InputError
+from mocohub.training import lincls
+from mocohub.training.checkpoint import save_checkpoint, training_state
+from mocohub.training.config import preset
+from mocohub.training.data import TensorImageDataset, load_labelled_folder
+from mocohub.training.distributed import init_from_env
+from mocohub.training.eval_transforms import (
+    BatchEvalTransform,
+    BatchPadCropFlip,
+    BatchRandomResizedCrop,
+    Preprocessing,
+)
+from mocohub.training.knn_eval import knn_evaluate
+from mocohub.training.lincls import (
+    BackboneChangedError,
+    LinclsConfig,
+    check_backbone_unchanged,
+    linear_eval,
+    lr_at,
+)
+from mocohub.training.moco import MoCo
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples" / "fashion-mnist"
+# A short run that learns with the tiny random backbone's (badly conditioned)
+# features: the reference lr of 30 is for real MoCo features.
+SHORT = {"epochs": 8, "lr": 0.5, "lr_steps": (6,), "batch_size": 64, "workers": 0}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_tiny_run(run_dir: Path) -> Path:
+    """A mocohub checkpoint of an (untrained) tiny MoCo for 28 px grayscale images."""
+    torch.manual_seed(0)
+    encoder = functools.partial(resnet18, small_stem=True, width=8, in_channels=1)
+    model = MoCo(encoder, dim=16, K=64, m=0.99, T=0.1, mlp=True)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1)
+    config = preset("fashion_mnist", width=8, dim=16, K=64, batch_size=32).to_dict()
+    state = training_state(model, optimizer, None, None, 1, 0, config)
+    return save_checkpoint(run_dir, state, epoch=1, step=0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("run")
+    save_tiny_run(folder)
+    return folder
+
+
+def test_lincls_learns_and_writes_its_results(run_dir: Path, tmp_path: Path) -> None:
+    config = LinclsConfig(preset="small", **SHORT)
+    lines: list[str] = []
+    result = linear_eval(run_dir, SAMPLES, tmp_path, config, log=lines.append)
+    assert result["top1"] > 0.2  # 10 balanced classes: chance is 0.1
+    assert result["top5"] > result["top1"]
+    assert result["protocol"] == "reference" and result["val_is_train"]
+    assert (result["num_classes"], result["val_samples"]) == (10, 300)
+    assert [r["lr"] for r in result["epochs"]] == [0.5] * 6 + [pytest.approx(0.05)] * 2
+    assert len(lines) == 8 and lines[-1].startswith("epoch 8/8")
+
+    saved = json.loads((tmp_path / "lincls.json").read_text())
+    assert saved["top1"] == result["top1"] and saved["config"]["preset"] == "small"
+    assert saved["model_info"]["arch"] == "resnet18"
+    per_epoch = [json.loads(line) for line in (tmp_path / "lincls_epochs.jsonl").open()]
+    assert per_epoch == saved["epochs"] and len(per_epoch) == 8
+    assert per_epoch[-1]["val_top1"] == result["top1"]
+    head = torch.load(tmp_path / "linear_head.pt", weights_only=True)
+    assert head["fc"]["weight"].shape == (10, 64) and head["classes"][9] == "ankle-boot"
+
+
+def test_cached_features_is_a_named_faster_mode(run_dir: Path, tmp_path: Path) -> None:
+    config = LinclsConfig(preset="small", cached_features=True, eval_every=4, **SHORT)
+    result = linear_eval(run_dir, SAMPLES, None, config)
+    assert result["protocol"] == "cached-features"
+    assert result["top1"] > 0.3
+    assert [("val_top1" in r) for r in result["epochs"]] == [False] * 3 + [True] + [False] * 3 + [
+        True
+    ]
+    assert not any(tmp_path.iterdir())  # out_dir None: nothing written
+
+
+def test_reference_schedule() -> None:
+    assert [lr_at(LinclsConfig(), e) for e in (0, 59, 60, 79, 80, 99)] == pytest.approx(
+        [30, 30, 3, 3, 0.3, 0.3]
+    )
+    cosine = LinclsConfig(schedule="cosine", epochs=10)
+    assert lr_at(cosine, 0) == 30 and lr_at(cosine, 5) == pytest.approx(15)
+
+
+def test_frozen_backbone_check(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bug that leaves the backbone in train mode: its BN statistics drift.
+    def forgets_eval_mode(backbone: torch.nn.Module) -> torch.nn.Module:
+        return backbone.requires_grad_(False).train()
+
+    monkeypatch.setattr(lincls, "freeze_backbone", forgets_eval_mode)
+    config = LinclsConfig(preset="small", **{**SHORT, "epochs": 1})
+    with pytest.raises(
+        BackboneChangedError, match=r"changed during linear evaluation \(\d+ tensors"
+    ):
+        linear_eval(run_dir, SAMPLES, None, config)
+
+    backbone = resnet18(width=8)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    check_backbone_unchanged(backbone, before)
+    with torch.no_grad():
+        backbone.layer2[0].conv1.weight[0, 0, 0, 0] += 1e-6
+    with pytest.raises(BackboneChangedError, match=r"1 tensors, e\.g\. layer2\.0\.conv1\.weight"):
+        check_backbone_unchanged(backbone, before)
+
+
+def _window(image: torch.Tensor, top: int, left: int, flip: bool) -> torch.Tensor:
+    window = image[:, top : top + 28, left : left + 28]
+    return window.flip(-1) if flip else window
+
+
+def test_batched_transforms() -> None:
+    prep = Preprocessing(28, 32, (0.5,), (0.25,), channels=1)
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    as_floats = (images.float() / 255 - 0.5) / 0.25
+    # Evaluation: nothing but normalisation at the stored size ("auto", "small").
+    for resize in ("auto", "small"):
+        torch.testing.assert_close(BatchEvalTransform(prep, resize)(images), as_floats)
+    assert BatchEvalTransform(prep, "reference")(images).shape == (6, 1, 28, 28)
+    # RGB data for a grayscale model becomes luma; gray data for an RGB model is repeated.
+    rgb = images.expand(-1, 3, -1, -1)
+    luma = BatchEvalTransform(prep, "auto")(rgb)
+    torch.testing.assert_close(luma, as_floats, atol=2e-3, rtol=0)  # weights sum to 0.9999
+    rgb_prep = Preprocessing(28, 32, (0.5,) * 3, (0.25,) * 3, channels=3)
+    assert BatchEvalTransform(rgb_prep, "auto")(images).shape == (6, 3, 28, 28)
+
+    # Small training recipe: every output is a (maybe flipped) window of the
+    # image zero-padded by 4, as torchvision's RandomCrop(28, padding=4) + flip.
+    generator = torch.Generator().manual_seed(0)
+    out = BatchPadCropFlip(prep, generator)(images) * 0.25 + 0.5
+    padded = torch.nn.functional.pad(images.float() / 255, (4, 4, 4, 4))
+    offsets = set()
+    for sample, padded_image in zip(out, padded, strict=True):
+        windows = [
+            (top, left, flip)
+            for top in range(9)
+            for left in range(9)
+            for flip in (False, True)
+            if torch.allclose(sample, _window(padded_image, top, left, flip), atol=1e-6)
+        ]
+        assert windows, "an output is not a crop of the padded image"
+        offsets.add(windows[0])
+    assert len(offsets) > 1  # random per sample
+
+    reference = BatchRandomResizedCrop(prep, generator)(images)
+    assert reference.shape == (6, 1, 28, 28) and reference.dtype == torch.float32
+
+
+def _image_folder(root: Path) -> Path:
+    """train/ and val/ ImageFolder trees of two classes of the sample images."""
+    table = [line.split(",") for line in (SAMPLES / "labels.csv").read_text().splitlines()[1:]]
+    for split, rows in (("train", slice(0, 200)), ("val", slice(200, 300))):
+        for name, label, class_name, _ in table[rows]:
+            if int(label) in (1, 8):  # trouser, bag
+                folder = root / split / class_name
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copy(SAMPLES / name, folder / name)
+    return root
+
+
+def test_image_folders_use_per_image_transforms(run_dir: Path, tmp_path: Path) -> None:
+    data = _image_folder(tmp_path / "data")
+    config = LinclsConfig(**{**SHORT, "epochs": 2, "batch_size": 16})
+    result = linear_eval(run_dir, data, tmp_path / "out", config)
+    assert result["classes"] == ["bag", "trouser"] and not result["val_is_train"]
+    assert result["train_samples"] > result["val_samples"] > 0
+    assert 0 <= result["top1"] <= result["top5"] == 1.0  # top-5 of 2 classes
+    # k-NN on the folders sees what k-NN on the same images in memory sees.
+    knn = knn_evaluate(run_dir, data, k=5, workers=0)
+    in_memory = load_labelled_folder(SAMPLES)
+    chosen = (in_memory.labels == 1) | (in_memory.labels == 8)
+    splits = [chosen & (torch.arange(300) < 200), chosen & (torch.arange(300) >= 200)]
+    train, val = (
+        TensorImageDataset(in_memory.images[s], (in_memory.labels[s] == 1).long()) for s in splits
+    )
+    assert knn["top1"] == knn_evaluate(run_dir, train, val, k=5)["top1"] > 0.5
+    assert (knn["train_samples"], knn["val_samples"]) == (
+        result["train_samples"],
+        result["val_samples"],
+    )
+
+
+def test_knn_evaluate_on_held_out_images(run_dir: Path) -> None:
+    data = load_labelled_folder(SAMPLES)
+    train = TensorImageDataset(data.images[:200], data.labels[:200])
+    val = TensorImageDataset(data.images[200:], data.labels[200:])
+    result = knn_evaluate(run_dir, train, val, k=20, t=0.1)
+    assert result["top1"] > 0.3 and not result["val_is_train"]
+    assert (result["train_samples"], result["val_samples"], result["k"]) == (200, 100, 20)
+
+
+def test_unlabelled_or_mismatched_data_is_refused(run_dir: Path) -> None:
+    data = load_labelled_folder(SAMPLES)
+    unlabelled = TensorImageDataset(data.images[:20])
+    with pytest.raises(InputError, match="has no labels"):
+        knn_evaluate(run_dir, unlabelled)
+    config = LinclsConfig(**{**SHORT, "epochs": 1})
+    with pytest.raises(InputError, match="needs labelled training images"):
+        linear_eval(run_dir, unlabelled, None, config, val=data)
+    with pytest.raises(InputError, match="validation needs labelled images"):
+        linear_eval(run_dir, data, None, config, val=unlabelled)
+    renamed = TensorImageDataset(data.images, data.labels, classes=[f"c{i}" for i in range(10)])
+    with pytest.raises(InputError, match="do not match the training classes"):
+        linear_eval(run_dir, data, None, config, val=renamed)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        cli.main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit_info:
+        code = int(exit_info.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_lincls_and_knn_commands(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["lincls", SAMPLES, "--model", run_dir, "--out", tmp_path / "lin", "--epochs", 2]
+    args += ["--lr", 0.5, "--lr-steps", "1", "--batch-size", 100, "--workers", 0]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "linear evaluation (reference protocol, 2 epochs): top-1" in out
+    assert "epoch 2/2" in err and "no separate validation split" in err
+    saved = json.loads((tmp_path / "lin" / "lincls.json").read_text())
+    assert saved["config"]["lr_steps"] == [1] and saved["epochs"][1]["lr"] == pytest.approx(0.05)
+
+    code, out, err = run_cli(
+        ["knn", "--model", run_dir, "--train", SAMPLES, "--k", 20, "--out", tmp_path / "k.json"],
+        capsys,
+    )
+    assert code == 0, err
+    assert out.startswith("k-NN (k=20, t=0.1): top-1 ")
+    assert json.loads((tmp_path / "k.json").read_text())["val_samples"] == 300
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["lincls", SAMPLES, "--model", "{tmp}/none", "--out", "{tmp}/o"], "Error: No model at"),
+        (["lincls", "{tmp}/none", "--model", "{run}", "--out", "{tmp}/o"], "does not exist"),
+        (["lincls", SAMPLES, "--model", "{run}", "--out", "{tmp}/o", "--lr", "-1"], "--lr must"),
+        (["lincls", SAMPLES, "--model", "{run}", "--out", "{tmp}/o", "--lr-steps", "x"], "x"),
+        (["lincls", SAMPLES, "--model", "{run}"], "Missing option '--out'"),
+        (["knn", "--model", "{run}", "--train", "{tmp}"], "is empty"),
+        (["knn", "--model", "{tmp}", "--train", SAMPLES], "holds no checkpoint"),
+        (["knn", "--model", "{run}", "--train", SAMPLES, "--k", "0"], "--k"),
+    ],
+)
+def test_bad_input_exits_with_one_clear_line(
+    args: list[object],
+    message: str,
+    run_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    filled = [str(a).format(tmp=tmp_path, run=run_dir) for a in args]
+    code, _, err = run_cli(filled, capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+# --- two processes -------------------------------------------------------------------------------
+
+
+DDP_RUN = {**SHORT, "epochs": 2}
+
+
+def _no_augmentation(self: BatchPadCropFlip, images: torch.Tensor) -> torch.Tensor:
+    return BatchEvalTransform(self.prep, "small")(images)
+
+
+def _ddp_worker(rank: int, port: int, run: Path, out: Path) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    # Without random augmentation, two ranks must train what one process trains.
+    BatchPadCropFlip.__call__ = _no_augmentation  # type: ignore[method-assign]
+    try:
+        result = linear_eval(run, SAMPLES, out, LinclsConfig(preset="small", **DDP_RUN))
+        (out / f"rank{rank}.json").write_text(json.dumps(result))
+        assert init_from_env().world_size == 2
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_train_what_one_trains(
+    run_dir: Path, tmp_path: Path, free_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Forked workers start at once: torch and mocohub are already imported.
+    mp.start_processes(
+        _ddp_worker, args=(free_port, run_dir, tmp_path), nprocs=2, start_method="fork"
+    )
+    monkeypatch.setattr(BatchPadCropFlip, "__call__", _no_augmentation)
+    single = linear_eval(
+        run_dir, SAMPLES, tmp_path / "one", LinclsConfig(preset="small", **DDP_RUN)
+    )
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2 and ranks[0]["val_samples"] == 300
+    for key in ("loss", "train_top1", "val_top1", "val_top5"):
+        expected = [e[key] for e in single["epochs"]]
+        for result in ranks:
+            assert [e[key] for e in result["epochs"]] == pytest.approx(expected, abs=1e-4), key
+    head = torch.load(tmp_path / "linear_head.pt", weights_only=True)["fc"]
+    head_one = torch.load(tmp_path / "one" / "linear_head.pt", weights_only=True)["fc"]
+    for key, value in head.items():
+        torch.testing.assert_close(value, head_one[key], atol=1e-5, rtol=1e-4)

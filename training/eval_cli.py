@@ -1,0 +1,208 @@
+"""``mocohub knn`` and ``mocohub lincls``: evaluate a pre-trained backbone from the command line.
+
+MODEL (``--model``) is a mocohub run folder or checkpoint, or a reference MoCo
+v1/v2 ``.pth.tar``. Both commands run in one process, or in every process of
+a ``torchrun``/``srun`` launch (only rank 0 prints and writes), e.g.
+``torchrun --nproc-per-node 8 -m mocohub lincls imagenet --model M --out DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+__all__ = ["knn_command", "lincls_command"]
+
+_MODEL_HELP = "A mocohub run folder or checkpoint, or a reference MoCo v1/v2 .pth.tar."
+_DATA_HELP = "an image folder (DATA/train and DATA/val, or one tree), a folder of IDX files, "
+_DATA_HELP += "a folder with labels.csv, or 'fashion-mnist'."
+
+
+def _is_main() -> bool:
+    from .distributed import get_rank
+
+    return get_rank() == 0
+
+
+def _echo_err(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def _same_data_note(what: str) -> str:
+    return (
+        f"note: the data has no separate validation split, so {what} is measured on the "
+        "training images; pass --val for held-out images."
+    )
+
+
+def _epochs_list(text: str) -> tuple[int, ...]:
+    """``"60,80"`` -> ``(60, 80)``."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a comma-separated list of epochs.", param_hint="'--lr-steps'"
+        ) from None
+
+
+@click.command("knn")
+@click.option("--model", required=True, help=_MODEL_HELP)
+@click.option("--train", "train_data", required=True, help="Labelled neighbours: " + _DATA_HELP)
+@click.option(
+    "--val",
+    "val_data",
+    help="Labelled queries (default: the val split of --train, e.g. DATA/val).",
+)
+@click.option("--k", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--t", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers (image folders).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Write the result as JSON: to this file if it ends in .json, else to OUT/knn.json.",
+)
+def knn_command(
+    model: str,
+    train_data: str,
+    val_data: str | None,
+    k: int,
+    t: float,
+    batch_size: int,
+    workers: int | None,
+    precision: str,
+    out: Path | None,
+) -> None:
+    """Weighted k-NN accuracy of MODEL's features: --train images vote for --val images."""
+    from .knn_eval import knn_evaluate
+
+    result = knn_evaluate(
+        model,
+        train_data,
+        val_data,
+        k=k,
+        t=t,
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision,
+    )
+    if not _is_main():
+        return
+    if result["val_is_train"]:
+        _echo_err(_same_data_note("k-NN accuracy"))
+    click.echo(
+        f"k-NN (k={k}, t={t}): top-1 {100 * result['top1']:.2f}%, "
+        f"top-5 {100 * result['top5']:.2f}% ({result['val_samples']} queries, "
+        f"{result['train_samples']} neighbours)"
+    )
+    if out is not None:
+        path = out if out.suffix == ".json" else out / "knn.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"wrote {path}")
+
+
+@click.command("lincls")
+@click.argument("data")
+@click.option("--model", required=True, help=_MODEL_HELP)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for lincls.json, lincls_epochs.jsonl and linear_head.pt.",
+)
+@click.option("--val", "val_data", help="Validate on this data's val split instead of DATA's.")
+@click.option(
+    "--preset",
+    type=click.Choice(["reference", "small"]),
+    default="reference",
+    show_default=True,
+    help="reference: RandomResizedCrop + flip, val Resize + CenterCrop. "
+    "small (28-32 px images): RandomCrop with padding 4 + flip, val unchanged.",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--lr", type=float, default=30.0, show_default=True, help="Not scaled by batch.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Global, over all processes.",
+)
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option(
+    "--schedule", type=click.Choice(["steps", "cosine"]), default="steps", show_default=True
+)
+@click.option(
+    "--lr-steps",
+    default="60,80",
+    show_default=True,
+    help="Epochs at which the lr drops x0.1 (--schedule steps).",
+)
+@click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers (image folders).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--image-size", type=click.IntRange(min=1), help="Crop size (default: the model's).")
+@click.option(
+    "--cached-features",
+    is_flag=True,
+    help="Faster, NOT the reference protocol: embed un-augmented images once, "
+    "then train the classifier on those features.",
+)
+@click.option(
+    "--eval-every",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Epochs between validations (the last epoch is always validated).",
+)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--quiet", is_flag=True, help="No per-epoch lines.")
+def lincls_command(
+    data: str,
+    model: str,
+    out: Path,
+    val_data: str | None,
+    preset: str,
+    lr_steps: str,
+    workers: int | None,
+    image_size: int | None,
+    quiet: bool,
+    **settings: object,
+) -> None:
+    """Linear evaluation of MODEL on DATA (the reference MoCo protocol): a linear
+    classifier trained on the frozen backbone's features, 100 epochs of SGD with
+    lr 30. DATA is an image folder (DATA/train and DATA/val, or one tree), a
+    folder of IDX files, a folder with labels.csv, or 'fashion-mnist'."""
+    from .eval_data import default_workers
+    from .lincls import LinclsConfig, linear_eval
+
+    config = LinclsConfig(
+        preset=preset,  # type: ignore[arg-type]
+        lr_steps=_epochs_list(lr_steps),
+        workers=default_workers() if workers is None else workers,
+        image_size=image_size,
+        **settings,  # type: ignore[arg-type]
+    )
+    result = linear_eval(
+        model,
+        data,
+        out,
+        config,
+        val=val_data,
+        log=None if quiet else _echo_err,
+        progress=not quiet and sys.stderr.isatty(),
+    )
+    if not _is_main():
+        return
+    if result["val_is_train"]:
+        _echo_err(_same_data_note("the accuracy"))
+    click.echo(
+        f"linear evaluation ({result['protocol']} protocol, {config.epochs} epochs): "
+        f"top-1 {100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}% "
+        f"({result['val_samples']} images); wrote {out / 'lincls.json'}"
+    )

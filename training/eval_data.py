@@ -1,0 +1,374 @@
+"""Feeding a frozen backbone for evaluation: batches of a data set, and their features.
+
+Shared by ``mocohub knn`` and ``mocohub lincls``. The batches apply a
+backbone's preprocessing (:mod:`~mocohub.training.eval_transforms`) to any
+data set :func:`~mocohub.training.data.resolve_dataset` accepts, on two paths:
+
+- **in memory** (IDX files, a ``labels.csv`` folder, tensors): whole uint8
+  batches are moved to the device and transformed there, in a few batched ops;
+- **image folders**: torchvision transforms per image, in DataLoader workers.
+
+Under DDP each rank takes its share: training batches as
+``DistributedSampler`` deals them (shuffled per epoch), evaluation batches as
+equal contiguous blocks (the last sample repeated to pad), so that
+:func:`extract_features` gathers them back in order.
+
+A linear classifier trains on a :data:`FeatureSource`: :class:`AugmentedFeatures`
+(the reference protocol: augmented images through the backbone every epoch)
+or :class:`CachedFeatures` (un-augmented features extracted once).
+
+Example:
+    >>> backbone, info = load_backbone("runs/fmnist")
+    >>> dataset, data_info = resolve_dataset("samples/fashion-mnist", "val")
+    >>> env = init_from_env()
+    >>> batches = EvalBatches(dataset, data_info, Preprocessing.from_model_info(info), "auto", env)
+    >>> features, labels = extract_features(freeze_backbone(backbone), batches, env)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from mocohub.convert import backbone_from_checkpoint
+from mocohub.errors import ConfigError, InputError
+
+from .data import DatasetInfo, TensorImageDataset
+from .distributed import DistributedEnv, all_gather_no_grad
+from .eval_transforms import (
+    BatchEvalTransform,
+    EvalResize,
+    Preprocessing,
+    Recipe,
+    batch_train_transform,
+    per_image_transform,
+)
+
+__all__ = [
+    "AugmentedFeatures",
+    "CachedFeatures",
+    "EvalBatches",
+    "FeatureSource",
+    "ModelSource",
+    "TrainBatches",
+    "autocast_dtype",
+    "backbone_features",
+    "default_workers",
+    "describe_model",
+    "extract_features",
+    "freeze_backbone",
+    "load_backbone",
+    "place_backbone",
+    "same_images",
+]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+ModelSource = str | os.PathLike[str] | tuple[nn.Module, Mapping[str, Any]]
+
+
+def default_workers() -> int:
+    """DataLoader workers per process when none are asked for: up to 8, one per core."""
+    return min(8, os.cpu_count() or 1)
+
+
+def load_backbone(model: ModelSource) -> tuple[nn.Module, dict[str, Any]]:
+    """A backbone and its info: from a checkpoint path, or an already built ``(backbone, info)``.
+
+    Example:
+        >>> backbone, info = load_backbone("runs/fmnist")
+    """
+    if isinstance(model, tuple):
+        backbone, info = model
+        return backbone, dict(info)
+    return backbone_from_checkpoint(model)
+
+
+def describe_model(model: ModelSource, info: Mapping[str, Any]) -> str:
+    """The checkpoint a backbone came from, for reports ("in-memory backbone" if none)."""
+    if isinstance(model, tuple):
+        return str(info.get("checkpoint") or "in-memory backbone")
+    return str(model)
+
+
+def freeze_backbone(backbone: nn.Module) -> nn.Module:
+    """Freeze ``backbone`` for evaluation: no gradients, eval mode (BN uses its running stats).
+
+    Example:
+        >>> freeze_backbone(backbone).training
+        False
+    """
+    backbone.requires_grad_(False)
+    return backbone.eval()
+
+
+def place_backbone(backbone: nn.Module, device: torch.device) -> nn.Module:
+    """``backbone`` on ``device``, in channels_last memory format on GPUs (faster convolutions)."""
+    backbone = backbone.to(device)
+    if device.type == "cuda":
+        backbone = backbone.to(memory_format=torch.channels_last)
+    return backbone
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype for ``--precision`` (None: float32)."""
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"Unknown precision {precision!r}; use fp32 or bf16.")
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def same_images(train: Any, train_info: DatasetInfo, val: Any, val_info: DatasetInfo) -> bool:
+    """True when the train and val splits resolved to the same images (no val split exists)."""
+    if train_info.kind == "image-folder":
+        return bool(getattr(train, "root", None) == getattr(val, "root", 1))
+    if train_info.kind in ("labels-csv", "tensor"):
+        return train_info.source == val_info.source and train_info.kind == val_info.kind
+    return False
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
+def _loader(dataset: Any, env: DistributedEnv, batch_size: int, workers: int, **kw: Any) -> Any:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=env.device.type == "cuda",
+        persistent_workers=workers > 0,
+        **kw,
+    )
+
+
+class TrainBatches:
+    """Shuffled, augmented ``(images, labels)`` batches of this rank's share, per epoch.
+
+    Samples are dealt as ``DistributedSampler(shuffle=True, seed=seed)`` deals
+    them (the last batch may be smaller; no sample is dropped). ``batch_size``
+    is global: each rank takes ``batch_size // world_size``.
+
+    Example:
+        >>> batches = TrainBatches(dataset, info, prep, "reference", env, batch_size=256)
+        >>> for images, labels in batches.epoch(0): ...
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        info: DatasetInfo,
+        prep: Preprocessing,
+        recipe: Recipe,
+        env: DistributedEnv,
+        *,
+        batch_size: int = 256,
+        workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if batch_size < 1 or batch_size % env.world_size:
+            raise ConfigError(
+                f"The batch size {batch_size} must be positive and divide evenly over "
+                f"{env.world_size} processes; change --batch-size."
+            )
+        self.env, self.seed, self.local_batch = env, seed, batch_size // env.world_size
+        # Only the length of what it samples matters to the sampler: it deals indices.
+        indices = cast(Any, range(len(dataset)))
+        self.sampler: DistributedSampler[int] = DistributedSampler(
+            indices, env.world_size, env.rank, shuffle=True, seed=seed
+        )
+        self.images: torch.Tensor | None = None
+        if isinstance(dataset, TensorImageDataset):
+            if dataset.labels is None:
+                raise InputError("Linear evaluation needs labelled images; pass labels.")
+            self.images = dataset.images.to(env.device)
+            self.labels = dataset.labels.to(env.device)
+            self.generator = torch.Generator(env.device)
+            self.augment = batch_train_transform(prep, recipe, self.generator)
+        else:
+            dataset.transform = per_image_transform(prep, recipe, "reference")
+            self.loader = _loader(dataset, env, self.local_batch, workers, sampler=self.sampler)
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.local_batch)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """This rank's batches of ``epoch``, on the device."""
+        self.sampler.set_epoch(epoch)
+        device = self.env.device
+        if self.images is None:
+            for images, labels in self.loader:
+                yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            return
+        order = torch.tensor(list(self.sampler), device=device)
+        # Each (seed, epoch, rank) has its own augmentation stream.
+        self.generator.manual_seed((self.seed * 1_000_003 + epoch) * 1009 + self.env.rank)
+        for start in range(0, len(order), self.local_batch):
+            index = order[start : start + self.local_batch]
+            yield self.augment(self.images[index]), self.labels[index]
+
+
+class EvalBatches:
+    """Preprocessed ``(images, labels)`` batches of this rank's share of a data set, in order.
+
+    Every rank gets ``ceil(N / world_size)`` samples (contiguous; the last
+    sample repeats to pad), so ``all_gather`` then ``[:num_samples]`` gives
+    every sample once, in data-set order (:func:`extract_features` does that).
+
+    Example:
+        >>> batches = EvalBatches(dataset, info, prep, "auto", env, batch_size=512)
+        >>> images, labels = next(iter(batches))
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        info: DatasetInfo,
+        prep: Preprocessing,
+        resize: EvalResize,
+        env: DistributedEnv,
+        *,
+        batch_size: int = 256,
+        workers: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"The batch size must be positive, got {batch_size}.")
+        self.env, self.batch_size = env, batch_size
+        self.num_samples = len(dataset)
+        share = -(-self.num_samples // env.world_size)
+        indices = torch.arange(env.rank * share, (env.rank + 1) * share)
+        indices = indices.clamp(max=self.num_samples - 1)
+        self.images: torch.Tensor | None = None
+        if isinstance(dataset, TensorImageDataset):
+            self.images, self.labels = dataset.batch(indices)
+            self.transform = BatchEvalTransform(prep, resize)
+        else:
+            dataset.transform = per_image_transform(prep, None, resize)
+            self.loader = _loader(Subset(dataset, indices.tolist()), env, batch_size, workers)
+
+    def __iter__(self) -> Iterator[Batch]:
+        device = self.env.device
+        if self.images is None:
+            for images, labels in self.loader:
+                yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            return
+        for start in range(0, len(self.images), self.batch_size):
+            images = self.images[start : start + self.batch_size].to(device, non_blocking=True)
+            yield self.transform(images), self.labels[start : start + self.batch_size].to(device)
+
+
+def backbone_features(
+    backbone: nn.Module, images: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Pooled float32 features of a frozen backbone (no gradient; autocast when ``dtype``)."""
+    if images.device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with (
+        torch.no_grad(),
+        torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None),
+    ):
+        return backbone(images).float()
+
+
+def extract_features(
+    backbone: nn.Module,
+    batches: EvalBatches,
+    env: DistributedEnv,
+    *,
+    dtype: torch.dtype | None = None,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (L2-normalised unless ``normalize=False``) and labels of every sample.
+
+    Each rank embeds its share; the result, gathered from all ranks, is the
+    same on every rank and in data-set order.
+
+    Example:
+        >>> features, labels = extract_features(backbone, batches, env)
+        >>> features.shape  # N x feature_dim
+    """
+    features, labels = [], []
+    for images, targets in batches:
+        batch_features = backbone_features(backbone, images, dtype)
+        features.append(F.normalize(batch_features, dim=1) if normalize else batch_features)
+        labels.append(targets)
+    gathered = all_gather_no_grad(torch.cat(features))[: batches.num_samples]
+    return gathered, all_gather_no_grad(torch.cat(labels))[: batches.num_samples]
+
+
+class AugmentedFeatures:
+    """Features for training a classifier the reference way: each epoch's augmented
+    images through the frozen backbone (``sharded``: batches are this rank's share).
+
+    Example:
+        >>> features = AugmentedFeatures(backbone, train_batches, val_batches, None)
+        >>> for batch, labels in features.train(epoch=0): ...
+    """
+
+    sharded = True
+
+    def __init__(
+        self, backbone: nn.Module, train: TrainBatches, val: EvalBatches, dtype: torch.dtype | None
+    ) -> None:
+        self.backbone, self.dtype = backbone, dtype
+        self.train_batches, self.val_batches, self.val_size = train, val, val.num_samples
+
+    def __len__(self) -> int:
+        return len(self.train_batches)
+
+    def train(self, epoch: int) -> Iterator[Batch]:
+        for images, labels in self.train_batches.epoch(epoch):
+            yield backbone_features(self.backbone, images, self.dtype), labels
+
+    def val(self) -> Iterator[Batch]:
+        for images, labels in self.val_batches:
+            yield backbone_features(self.backbone, images, self.dtype), labels
+
+
+class CachedFeatures:
+    """Features of un-augmented images, extracted once (faster; not the reference protocol).
+
+    Every rank holds all of them (not ``sharded``), shuffled anew each epoch.
+
+    Example:
+        >>> features = CachedFeatures(backbone, train_plain, val_batches, env, 256, 0, None)
+    """
+
+    sharded = False
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        train: EvalBatches,
+        val: EvalBatches,
+        env: DistributedEnv,
+        batch_size: int,
+        seed: int,
+        dtype: torch.dtype | None,
+    ) -> None:
+        self.train_x, self.train_y = extract_features(
+            backbone, train, env, dtype=dtype, normalize=False
+        )
+        self.val_x, self.val_y = extract_features(backbone, val, env, dtype=dtype, normalize=False)
+        self.batch_size, self.seed, self.val_size = batch_size, seed, len(self.val_y)
+
+    def __len__(self) -> int:
+        return -(-len(self.train_y) // self.batch_size)
+
+    def train(self, epoch: int) -> Iterator[Batch]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train_y), generator=generator).to(self.train_y.device)
+        for start in range(0, len(order), self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.train_x[index], self.train_y[index]
+
+    def val(self) -> Iterator[Batch]:
+        for start in range(0, self.val_size, self.batch_size):
+            end = start + self.batch_size
+            yield self.val_x[start:end], self.val_y[start:end]
+
+
+FeatureSource = AugmentedFeatures | CachedFeatures

@@ -1,0 +1,256 @@
+"""Preprocessing and augmentation for evaluating a frozen backbone (k-NN, linear).
+
+A backbone's :class:`Preprocessing` (crop size, evaluation resize, mean/std,
+channels) comes from its checkpoint (:func:`mocohub.convert.backbone_from_checkpoint`).
+Each recipe exists twice, with the same meaning: batched, for uint8 images
+already in memory (on the training device, a few batched ops per batch), and
+per image, for image folders decoded in DataLoader workers.
+
+With ``size`` the backbone's ``image_size`` (or an override):
+
+============  ==================================  ===========================================
+recipe        training (linear classifier)        evaluation
+============  ==================================  ===========================================
+reference     RandomResizedCrop(size) + flip      Resize(size * 256 / 224) + CenterCrop(size)
+small         RandomCrop(size, padding 4) + flip  CenterCrop(size): none at the stored size
+auto          (evaluation only)                   none for size x size images, else reference
+============  ==================================  ===========================================
+
+Images are converted to the backbone's channels (gray repeated to RGB, RGB to
+luma with torchvision's weights) and normalised with its mean/std.
+
+Example:
+    >>> prep = Preprocessing(28, 32, (0.286,), (0.353,), channels=1)
+    >>> BatchEvalTransform(prep, "auto")(torch.zeros(4, 1, 28, 28, dtype=torch.uint8)).shape
+    torch.Size([4, 1, 28, 28])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from mocohub.errors import ConfigError, InputError
+
+__all__ = [
+    "BatchEvalTransform",
+    "BatchPadCropFlip",
+    "BatchRandomResizedCrop",
+    "EvalResize",
+    "Preprocessing",
+    "Recipe",
+    "batch_train_transform",
+    "per_image_transform",
+]
+
+Recipe = Literal["reference", "small"]
+EvalResize = Literal["reference", "small", "auto"]
+
+_LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+_CROP_PADDING = 4  # the small recipe's RandomCrop padding (CIFAR convention)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How to feed a backbone: crop size, evaluation resize, mean/std, channels.
+
+    Example:
+        >>> prep = Preprocessing.from_model_info(info)  # info from backbone_from_checkpoint
+        >>> prep.image_size, prep.resize_size
+        (224, 256)
+    """
+
+    image_size: int
+    resize_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int
+
+    @classmethod
+    def from_model_info(
+        cls, info: Mapping[str, Any], image_size: int | None = None
+    ) -> Preprocessing:
+        """The preprocessing in a checkpoint's info dict; ``image_size`` overrides its crop."""
+        size = int(image_size or info["image_size"])
+        if size < 1:
+            raise ConfigError(f"The image size must be positive, got {size}.")
+        resize = int(info["resize_size"]) if image_size is None else round(size * 256 / 224)
+        return cls(
+            size, resize, tuple(info["mean"]), tuple(info["std"]), channels=int(info["channels"])
+        )
+
+
+# --- batched (in-memory) transforms --------------------------------------------------------------
+
+
+def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Float images with ``channels`` channels: gray repeated to RGB, RGB to luma."""
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] == 1:
+        return x.expand(-1, channels, -1, -1)
+    if x.shape[1] == 3 and channels == 1:
+        r, g, b = x.unbind(1)
+        return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+    raise InputError(
+        f"The images have {x.shape[1]} channels but the backbone takes {channels}; "
+        "use gray or RGB images."
+    )
+
+
+class _Normalise:
+    def __init__(self, prep: Preprocessing) -> None:
+        self.mean = torch.tensor(prep.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(prep.std).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+class BatchEvalTransform:
+    """Evaluation preprocessing of a uint8 batch (``resize`` as in the module's table)."""
+
+    def __init__(self, prep: Preprocessing, resize: EvalResize) -> None:
+        self.prep, self.resize, self.normalise = prep, resize, _Normalise(prep)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.prep.image_size
+        x = _match_channels(images.float().div(255), self.prep.channels)
+        stored = tuple(x.shape[-2:]) == (size, size)
+        if self.resize == "reference" or (self.resize == "auto" and not stored):
+            x = TF.resize(x, [self.prep.resize_size], antialias=True)
+            x = TF.center_crop(x, [size])
+        elif not stored:  # small: crop (or zero-pad) to the size, never resize
+            x = TF.center_crop(x, [size])
+        return self.normalise(x)
+
+
+class BatchRandomResizedCrop:
+    """The reference training transform, batched: RandomResizedCrop(size) + flip."""
+
+    def __init__(self, prep: Preprocessing, generator: torch.Generator) -> None:
+        from .augment import BatchAugment
+
+        self.prep = prep
+        # torchvision's RandomResizedCrop defaults: scale (0.08, 1), ratio (3/4, 4/3).
+        self.augment = BatchAugment(
+            prep.image_size,
+            scale=(0.08, 1.0),
+            flip_p=0.5,
+            mean=prep.mean,
+            std=prep.std,
+            generator=generator,
+        )
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = _match_channels(images.float().div(255), self.prep.channels)
+        return self.augment(x)
+
+
+class BatchPadCropFlip:
+    """The small training transform, batched: RandomCrop(size, padding=4) + flip."""
+
+    def __init__(self, prep: Preprocessing, generator: torch.Generator) -> None:
+        self.prep, self.generator, self.normalise = prep, generator, _Normalise(prep)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        size, pad = self.prep.image_size, _CROP_PADDING
+        x = _match_channels(images.float().div(255), self.prep.channels)
+        n, _, height, width = x.shape
+        # Zero (black) padding before normalisation, as torchvision's RandomCrop;
+        # images smaller than the crop are padded up to it (pad_if_needed).
+        extra_h, extra_w = max(0, size - height - 2 * pad), max(0, size - width - 2 * pad)
+        x = F.pad(
+            x,
+            (
+                pad + extra_w // 2,
+                pad + extra_w - extra_w // 2,
+                pad + extra_h // 2,
+                pad + extra_h - extra_h // 2,
+            ),
+        )
+        height, width = x.shape[-2:]
+        device = self.generator.device
+        top = torch.randint(0, height - size + 1, (n,), generator=self.generator, device=device)
+        left = torch.randint(0, width - size + 1, (n,), generator=self.generator, device=device)
+        flip = torch.rand(n, generator=self.generator, device=device) < 0.5
+        offsets = torch.arange(size, device=device)
+        rows = (top[:, None] + offsets).to(x.device)
+        cols = (left[:, None] + offsets).to(x.device)
+        flip = flip.to(x.device)
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+        batch = torch.arange(n, device=x.device)[:, None, None]
+        x = x[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        return self.normalise(x)
+
+
+# --- per-image transforms (image folders, in workers) --------------------------------------------
+
+
+class _ResizeUnlessSize:
+    """Resize + CenterCrop, skipped for images already ``size`` x ``size`` (recipe ``auto``)."""
+
+    def __init__(self, prep: Preprocessing) -> None:
+        self.size = prep.image_size
+        self.resize = v2.Compose([v2.Resize(prep.resize_size), v2.CenterCrop(prep.image_size)])
+
+    def __call__(self, image: Image.Image) -> Any:
+        return image if image.size == (self.size, self.size) else self.resize(image)
+
+
+def _to_model_tensor(prep: Preprocessing) -> list[Any]:
+    gray = [v2.Grayscale(1)] if prep.channels == 1 else []
+    return [
+        v2.ToImage(),
+        *gray,
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(prep.mean, prep.std),
+        v2.ToPureTensor(),
+    ]
+
+
+def batch_train_transform(
+    prep: Preprocessing, recipe: Recipe, generator: torch.Generator
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The batched training transform of ``recipe``, drawing from ``generator`` (on the device).
+
+    Example:
+        >>> augment = batch_train_transform(prep, "small", torch.Generator().manual_seed(0))
+        >>> augment(torch.zeros(4, 1, 28, 28, dtype=torch.uint8)).shape
+        torch.Size([4, 1, 28, 28])
+    """
+    if recipe == "reference":
+        return BatchRandomResizedCrop(prep, generator)
+    return BatchPadCropFlip(prep, generator)
+
+
+def per_image_transform(prep: Preprocessing, recipe: Recipe | None, resize: EvalResize) -> Any:
+    """The per-image transform (PIL in, tensor out): training with ``recipe``, else evaluation.
+
+    Example:
+        >>> per_image_transform(prep, None, "reference")(Image.new("RGB", (40, 30))).shape
+        torch.Size([1, 28, 28])
+    """
+    size = prep.image_size
+    first: list[Any]
+    if recipe == "reference":
+        first = [v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()]
+    elif recipe == "small":
+        first = [
+            v2.RandomCrop(size, padding=_CROP_PADDING, pad_if_needed=True),
+            v2.RandomHorizontalFlip(),
+        ]
+    elif resize == "reference":
+        first = [v2.Resize(prep.resize_size), v2.CenterCrop(size)]
+    elif resize == "small":
+        first = [v2.CenterCrop(size)]
+    else:
+        first = [_ResizeUnlessSize(prep)]
+    return v2.Compose([*first, *_to_model_tensor(prep)])
