@@ -1,14 +1,24 @@
 """mocohub.training: make a MoCo backbone.
 
 Example:
-    >>> from mocohub.training import MoCo
     >>> import torchvision
+    >>> from mocohub.training import MoCo, preset
+    >>> from mocohub.training.train import train
     >>> model = MoCo(torchvision.models.resnet50, dim=128, K=65536, m=0.999, T=0.2, mlp=True)
+    >>> train(preset("fashion_mnist", epochs=1), "samples/fashion-mnist", "runs/demo")
 """
 
 from __future__ import annotations
 
+from .config import PRESETS, TrainConfig, preset
 from .moco import MoCo
 from .split_batchnorm import SplitBatchNorm, convert_split_batchnorm
 
-__all__ = ["MoCo", "SplitBatchNorm", "convert_split_batchnorm"]
+__all__ = [
+    "PRESETS",
+    "MoCo",
+    "SplitBatchNorm",
+    "TrainConfig",
+    "convert_split_batchnorm",
+    "preset",
+]
