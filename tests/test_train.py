@@ -115,8 +115,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
 
 
 def test_bad_data_is_one_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="does not exist"):
         train(tiny_config(epochs=1), tmp_path / "missing", tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
 
 
 def _mocohub(*args: str, **kwargs) -> subprocess.Popen:

@@ -202,11 +202,10 @@ def train(
             f"The global batch size {config.batch_size} must divide evenly over {world} "
             "processes; change --batch-size."
         )
+    dataset, info = resolve_dataset(data, "train")  # bad data fails before anything is written
     run_dir = Path(run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-
-    dataset, info = resolve_dataset(data, "train")
     torch.manual_seed(config.seed)  # identical initial weights and queue on every rank
     model = build_moco(config, info.channels, world).to(env.device)
     dtype = choose_precision(config, env.device)
