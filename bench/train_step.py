@@ -92,11 +92,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torchvision
+from reference_moco import ReferenceMoCo  # bench/reference_moco.py
 from torch import nn
 
 import mocohub
 from mocohub.backbones import build_backbone
-from mocohub.sysinfo import cpu_flags
+from mocohub.sysinfo import cpu_flags, cpu_model, package_version
 from mocohub.training.config import TrainConfig, preset
 from mocohub.training.train import build_moco, choose_precision, lr_at
 from mocohub.training.views import step_seed
@@ -124,79 +125,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 Step = Callable[[int], torch.Tensor]
-
-
-# --------------------------------------------------------------------------
-# (a) The reference (facebookresearch/moco moco/builder.py), one process:
-# `.cuda()` dropped, no DDP, hence no batch shuffle and no all_gather.
-# --------------------------------------------------------------------------
-
-
-class ReferenceMoCo(nn.Module):
-    """The reference ``MoCo`` as written, for one process."""
-
-    def __init__(
-        self,
-        base_encoder: Callable[..., nn.Module],
-        dim: int = 128,
-        K: int = 65536,
-        m: float = 0.999,
-        T: float = 0.07,
-        mlp: bool = False,
-    ) -> None:
-        super().__init__()
-        self.K = K
-        self.m = m
-        self.T = T
-        self.encoder_q = base_encoder(num_classes=dim)
-        self.encoder_k = base_encoder(num_classes=dim)
-        if mlp:  # hack: brute-force replacement
-            dim_mlp = self.encoder_q.fc.weight.shape[1]
-            self.encoder_q.fc = nn.Sequential(
-                nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_q.fc
-            )
-            self.encoder_k.fc = nn.Sequential(
-                nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_k.fc
-            )
-        for param_q, param_k in zip(
-            self.encoder_q.parameters(), self.encoder_k.parameters(), strict=True
-        ):
-            param_k.data.copy_(param_q.data)  # initialize
-            param_k.requires_grad = False  # not update by gradient
-        self.register_buffer("queue", torch.randn(dim, K))
-        self.queue = nn.functional.normalize(self.queue, dim=0)
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-
-    @torch.no_grad()
-    def _momentum_update_key_encoder(self) -> None:
-        for param_q, param_k in zip(
-            self.encoder_q.parameters(), self.encoder_k.parameters(), strict=True
-        ):
-            param_k.data = param_k.data * self.m + param_q.data * (1.0 - self.m)
-
-    @torch.no_grad()
-    def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
-        batch_size = keys.shape[0]  # concat_all_gather is the identity in one process
-        ptr = int(self.queue_ptr)
-        assert self.K % batch_size == 0  # for simplicity
-        self.queue[:, ptr : ptr + batch_size] = keys.T
-        ptr = (ptr + batch_size) % self.K  # move pointer
-        self.queue_ptr[0] = ptr
-
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.encoder_q(im_q)  # queries: NxC
-        q = nn.functional.normalize(q, dim=1)
-        with torch.no_grad():  # no gradient to keys
-            self._momentum_update_key_encoder()  # update the key encoder
-            k = self.encoder_k(im_k)  # keys: NxC
-            k = nn.functional.normalize(k, dim=1)
-        l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)
-        l_neg = torch.einsum("nc,ck->nk", [q, self.queue.clone().detach()])
-        logits = torch.cat([l_pos, l_neg], dim=1)
-        logits /= self.T
-        labels = torch.zeros(logits.shape[0], dtype=torch.long)
-        self._dequeue_and_enqueue(k)
-        return logits, labels
 
 
 # --------------------------------------------------------------------------
@@ -436,25 +364,6 @@ def encoder_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
 # --------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def version_of(distribution: str) -> str | None:
-    import importlib.metadata as metadata
-
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def machine_info(threads: int) -> dict[str, Any]:
     flags = cpu_flags()
     try:
@@ -473,7 +382,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "threads": threads,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "lightly": version_of("lightly"),
+        "lightly": package_version("lightly"),
         "mocohub": mocohub.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),

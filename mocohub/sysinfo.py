@@ -14,7 +14,14 @@ from typing import Any
 
 import click
 
-__all__ = ["collect", "command", "cpu_flags", "cpu_model", "onnxruntime_distributions"]
+__all__ = [
+    "collect",
+    "command",
+    "cpu_flags",
+    "cpu_model",
+    "onnxruntime_distributions",
+    "package_version",
+]
 
 # Wheels that all install the same `onnxruntime` module; two at once break it.
 ONNXRUNTIME_DISTRIBUTIONS = (
@@ -51,7 +58,8 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(distribution: str) -> str | None:
+def package_version(distribution: str) -> str | None:
+    """The installed version of a distribution, None when it is not installed."""
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
@@ -60,7 +68,7 @@ def _version(distribution: str) -> str | None:
 
 def onnxruntime_distributions() -> dict[str, str]:
     """Installed onnxruntime builds, name -> version (more than one is a conflict)."""
-    found = {name: _version(name) for name in ONNXRUNTIME_DISTRIBUTIONS}
+    found = {name: package_version(name) for name in ONNXRUNTIME_DISTRIBUTIONS}
     return {name: version for name, version in found.items() if version}
 
 
@@ -76,7 +84,7 @@ def collect() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
-        "torchvision": _version("torchvision"),
+        "torchvision": package_version("torchvision"),
         "cpu": {
             "model": cpu_model(),
             "threads": torch.get_num_threads(),
@@ -89,11 +97,11 @@ def collect() -> dict[str, Any]:
             "version": torch.version.cuda,
             "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         },
-        "onnx": _version("onnx"),
+        "onnx": package_version("onnx"),
         "onnxruntime": onnxruntime_distributions(),
-        "huggingface_hub": _version("huggingface-hub"),
-        "safetensors": _version("safetensors"),
-        "faiss": _version("faiss-cpu") or _version("faiss-gpu"),
+        "huggingface_hub": package_version("huggingface-hub"),
+        "safetensors": package_version("safetensors"),
+        "faiss": package_version("faiss-cpu") or package_version("faiss-gpu"),
     }
     try:
         import onnxruntime
