@@ -211,3 +211,34 @@ def test_a_short_run_learns_features_that_beat_initialisation(tmp_path: Path) ->
     assert (tmp_path / "curves.png").stat().st_size > 1000
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["event"] == "epoch" and "knn_top1" in records[-1]
+
+
+def _image_folder(root: Path, per_class: int = 8) -> Path:
+    """A small ImageFolder tree (class subfolders of PNG files) from the samples."""
+    import csv
+    import shutil
+
+    with open(SAMPLES / "labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    counts: dict[str, int] = {}
+    for row in rows:
+        if counts.get(row["class"], 0) < per_class:
+            counts[row["class"]] = counts.get(row["class"], 0) + 1
+            (root / row["class"]).mkdir(parents=True, exist_ok=True)
+            shutil.copy(SAMPLES / row["file"], root / row["class"] / row["file"])
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_folder_path_with_workers_resumes_identically(tmp_path: Path, workers: int) -> None:
+    """Per-image augmentation in DataLoader workers: decoded PNGs, two views each."""
+    folder = _image_folder(tmp_path / "images")  # 80 images, 10 classes, RGB
+    config = tiny_config(epochs=2, workers=workers, batch_size=16, K=32, image_size=24)
+    train(config, folder, tmp_path / "a", progress=False)
+    with pytest.raises(TrainingInterrupted):
+        train(config, folder, tmp_path / "b", progress=False, stop_after_steps=1)
+    assert final_state(tmp_path / "b")["epoch"] == 1
+    train(config, folder, tmp_path / "b", resume="auto", progress=False)
+    a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    assert a["model"]["encoder_q.conv1.weight"].shape[1] == 3  # decoded as RGB
+    assert_same_state(a, b)
