@@ -19,8 +19,8 @@ def test_quickstart_smoke_run(tmp_path: Path) -> None:
         [
             sys.executable,
             str(ROOT / "examples" / "quickstart.py"),
-            "--steps",
-            "4",
+            "--epochs",
+            "2",
             "--out",
             str(tmp_path),
         ],
@@ -29,11 +29,11 @@ def test_quickstart_smoke_run(tmp_path: Path) -> None:
         timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    assert "300 Fashion-MNIST sample images" in run.stdout
-    assert "step    4  loss" in run.stdout
-    assert "10-NN accuracy on the samples" in run.stdout
+    assert "300 images, 1 x 28 x 28, 10 classes" in run.stdout
+    assert "epoch   2  loss" in run.stdout
+    assert "k-NN top-1 on the 100 held-out images" in run.stdout
     weights = load_file(tmp_path / "backbone.safetensors")
-    net = resnet18(small_stem=True, in_channels=1, width=16)
+    net = resnet18(small_stem=True, in_channels=1, width=8)
     net.fc = torch.nn.Identity()
     net.load_state_dict(weights, strict=True)
-    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 128)
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 64)
