@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from mocohub.errors import ConfigError
+from mocohub.errors import ConfigError, MocohubError
 
 __all__ = ["train_command"]
 
@@ -51,19 +51,31 @@ def _launch(
             skip = "=" not in arg
             continue
         worker_args.append(arg)
-    torchrun(
-        [
-            f"--nnodes={nodes}",
-            f"--nproc-per-node={nproc}",
-            f"--node-rank={node_rank}",
-            f"--master-addr={addr}",
-            f"--master-port={port}",
-            f"--max-restarts={max_restarts}",
-            "-m",
-            "mocohub",
-            *worker_args,
-        ]
-    )
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun(
+            [
+                f"--nnodes={nodes}",
+                f"--nproc-per-node={nproc}",
+                f"--node-rank={node_rank}",
+                f"--master-addr={addr}",
+                f"--master-port={port}",
+                f"--max-restarts={max_restarts}",
+                "-m",
+                "mocohub",
+                *worker_args,
+            ]
+        )
+    except ChildFailedError as failed:
+        # Each worker has printed its own one-line error; exit as the first did.
+        rank, failure = failed.get_first_failure()
+        error = MocohubError(
+            f"Worker rank {rank} exited with code {failure.exitcode} (its message is above); "
+            "the other workers were stopped."
+        )
+        error.exit_code = failure.exitcode if failure.exitcode > 0 else 1
+        raise error from None
 
 
 @click.command("train")
