@@ -242,3 +242,21 @@ def test_image_folder_path_with_workers_resumes_identically(tmp_path: Path, work
     a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
     assert a["model"]["encoder_q.conv1.weight"].shape[1] == 3  # decoded as RGB
     assert_same_state(a, b)
+
+
+def test_launcher_passes_on_a_worker_error(tmp_path: Path, free_port: int) -> None:
+    process = _mocohub(
+        "train",
+        str(tmp_path / "missing"),
+        "--out",
+        str(tmp_path / "run"),
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port),
+        *TINY_FLAGS,
+    )
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 2, err
+    assert "does not exist" in err and "Worker rank" in err
+    assert "Traceback" not in err
