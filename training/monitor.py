@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,13 +42,19 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if self._file is None:
             return
+        record = {**record, "time": round(time.time(), 3)}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tensorboard is not None:
             prefix = "epoch" if record.get("event") == "epoch" else "train"
             position = record["epoch"] if prefix == "epoch" else record.get("global_step", 0)
             for key, value in record.items():
-                if isinstance(value, int | float) and key not in ("epoch", "step", "global_step"):
+                if isinstance(value, int | float) and key not in (
+                    "epoch",
+                    "step",
+                    "global_step",
+                    "time",
+                ):
                     self._tensorboard.add_scalar(f"{prefix}/{key}", value, position)
 
     def close(self) -> None:
