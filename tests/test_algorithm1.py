@@ -71,16 +71,6 @@ WEIGHT_DECAY = 5e-4
 ATOL_UNIT = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the same reduction order in every run, and fast on
-    small shared CPUs (two threads made this file ~10x slower there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _encoder(num_classes: int) -> nn.Module:
     return resnet18(num_classes=num_classes, small_stem=True, width=8)
 

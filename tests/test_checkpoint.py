@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +36,6 @@ from mocohub.training.checkpoint import (
 from mocohub.training.moco import MoCo
 
 BATCH, K = 4, 16
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Bit-for-bit comparisons on the CPU need a fixed number of threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_moco(seed: int, bn_splits: int = 2, dim: int = 16) -> MoCo:
@@ -228,7 +218,7 @@ def test_cuda_rng_state_round_trips() -> None:
 # --- resume -----------------------------------------------------------------
 
 
-def test_resume_continues_bit_for_bit(tmp_path: Path, one_thread: None) -> None:
+def test_resume_continues_bit_for_bit(tmp_path: Path) -> None:
     model = tiny_moco(seed=0)
     optimizer, scaler, scheduler = run_objects(model)
     random.seed(1)

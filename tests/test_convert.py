@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,6 @@ from mocohub.errors import InputError
 from mocohub.training.checkpoint import save_checkpoint, training_state
 from mocohub.training.config import preset
 from mocohub.training.moco import MoCo
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_moco(mlp: bool = True, **encoder: object) -> MoCo:

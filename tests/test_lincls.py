@@ -6,7 +6,6 @@ import functools
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,14 +42,6 @@ SAMPLES = ROOT / "samples" / "fashion-mnist"
 # A short run that learns with the tiny random backbone's (badly conditioned)
 # features: the reference lr of 30 is for real MoCo features.
 SHORT = {"epochs": 8, "lr": 0.5, "lr_steps": (6,), "batch_size": 64, "workers": 0}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def save_tiny_run(run_dir: Path) -> Path:

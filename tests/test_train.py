@@ -52,14 +52,6 @@ def assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(optimizer_a[key]["momentum_buffer"], optimizer_b[key]["momentum_buffer"])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_stopping_and_resuming_gives_the_same_run(tmp_path: Path) -> None:
     config = tiny_config(epochs=2)  # 300 images / 32 = 9 steps per epoch
     straight = train(config, SAMPLES, tmp_path / "straight", progress=False)
