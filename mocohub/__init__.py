@@ -27,6 +27,9 @@ _LAZY = {
     "resnet18": "mocohub.backbones",
     "resnet34": "mocohub.backbones",
     "resnet50": "mocohub.backbones",
+    "load": "mocohub.hub",
+    "ModelConfig": "mocohub.models",
+    "Preprocessing": "mocohub.preprocessing",
 }
 
 __all__ = [
@@ -35,9 +38,12 @@ __all__ = [
     "DistributedError",
     "InputError",
     "MocohubError",
+    "ModelConfig",
+    "Preprocessing",
     "ResNet",
     "__version__",
     "build_backbone",
+    "load",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -52,6 +58,9 @@ if TYPE_CHECKING:
         resnet34,
         resnet50,
     )
+    from mocohub.hub import load
+    from mocohub.models import ModelConfig
+    from mocohub.preprocessing import Preprocessing
 
 
 def __getattr__(name: str) -> Any:

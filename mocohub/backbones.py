@@ -43,6 +43,9 @@ class ResNet(_TorchvisionResNet):
         norm_layer: normalisation layer class, ``nn.BatchNorm2d`` by default.
     """
 
+    #: the :class:`~mocohub.models.ModelConfig` of a model built by mocohub.models / mocohub.load
+    mocohub_config: Any = None
+
     def __init__(
         self,
         block: type[BasicBlock | Bottleneck],

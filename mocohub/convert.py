@@ -45,6 +45,7 @@ from torch import nn
 
 from mocohub.backbones import ARCHITECTURES, ResNet, build_backbone
 from mocohub.errors import InputError
+from mocohub.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -54,8 +55,6 @@ __all__ = [
     "find_checkpoint_file",
 ]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # Facts about mocohub's training checkpoints (training/checkpoint.py writes them).
 _NATIVE_FORMAT = "mocohub.training-checkpoint"

@@ -21,7 +21,7 @@ Example:
     >>> backbone, info = load_backbone("runs/fmnist")
     >>> dataset, data_info = resolve_dataset("samples/fashion-mnist", "val")
     >>> env = init_from_env()
-    >>> batches = EvalBatches(dataset, data_info, Preprocessing.from_model_info(info), "auto", env)
+    >>> batches = EvalBatches(dataset, data_info, preprocessing_from_info(info), "auto", env)
     >>> features, labels = extract_features(freeze_backbone(backbone), batches, env)
 """
 

@@ -28,16 +28,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
-from mocohub.errors import ConfigError, InputError
+from mocohub.errors import ConfigError
+from mocohub.preprocessing import BatchPreprocess, Preprocessing, ResizeUnlessSize, match_channels
 
 __all__ = [
     "BatchEvalTransform",
@@ -48,88 +46,41 @@ __all__ = [
     "Recipe",
     "batch_train_transform",
     "per_image_transform",
+    "preprocessing_from_info",
 ]
 
 Recipe = Literal["reference", "small"]
 EvalResize = Literal["reference", "small", "auto"]
 
-_LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 _CROP_PADDING = 4  # the small recipe's RandomCrop padding (CIFAR convention)
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How to feed a backbone: crop size, evaluation resize, mean/std, channels.
+def preprocessing_from_info(
+    info: Mapping[str, Any], image_size: int | None = None
+) -> Preprocessing:
+    """The preprocessing in a checkpoint's info dict; ``image_size`` overrides its crop.
 
     Example:
-        >>> prep = Preprocessing.from_model_info(info)  # info from backbone_from_checkpoint
-        >>> prep.image_size, prep.resize_size
-        (224, 256)
+        >>> preprocessing_from_info(info).image_size  # info from backbone_from_checkpoint
+        224
     """
-
-    image_size: int
-    resize_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    channels: int
-
-    @classmethod
-    def from_model_info(
-        cls, info: Mapping[str, Any], image_size: int | None = None
-    ) -> Preprocessing:
-        """The preprocessing in a checkpoint's info dict; ``image_size`` overrides its crop."""
-        size = int(image_size or info["image_size"])
-        if size < 1:
-            raise ConfigError(f"The image size must be positive, got {size}.")
-        resize = int(info["resize_size"]) if image_size is None else round(size * 256 / 224)
-        return cls(
-            size, resize, tuple(info["mean"]), tuple(info["std"]), channels=int(info["channels"])
-        )
+    size = int(image_size or info["image_size"])
+    if size < 1:
+        raise ConfigError(f"The image size must be positive, got {size}.")
+    resize = int(info["resize_size"]) if image_size is None else round(size * 256 / 224)
+    return Preprocessing(
+        size,
+        resize,
+        tuple(info["mean"]),
+        tuple(info["std"]),
+        channels=int(info["channels"]),
+        interpolation=str(info.get("interpolation", "bilinear")),
+    )
 
 
 # --- batched (in-memory) transforms --------------------------------------------------------------
 
-
-def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """Float images with ``channels`` channels: gray repeated to RGB, RGB to luma."""
-    if x.shape[1] == channels:
-        return x
-    if x.shape[1] == 1:
-        return x.expand(-1, channels, -1, -1)
-    if x.shape[1] == 3 and channels == 1:
-        r, g, b = x.unbind(1)
-        return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
-    raise InputError(
-        f"The images have {x.shape[1]} channels but the backbone takes {channels}; "
-        "use gray or RGB images."
-    )
-
-
-class _Normalise:
-    def __init__(self, prep: Preprocessing) -> None:
-        self.mean = torch.tensor(prep.mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(prep.std).view(1, -1, 1, 1)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
-
-
-class BatchEvalTransform:
-    """Evaluation preprocessing of a uint8 batch (``resize`` as in the module's table)."""
-
-    def __init__(self, prep: Preprocessing, resize: EvalResize) -> None:
-        self.prep, self.resize, self.normalise = prep, resize, _Normalise(prep)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        size = self.prep.image_size
-        x = _match_channels(images.float().div(255), self.prep.channels)
-        stored = tuple(x.shape[-2:]) == (size, size)
-        if self.resize == "reference" or (self.resize == "auto" and not stored):
-            x = TF.resize(x, [self.prep.resize_size], antialias=True)
-            x = TF.center_crop(x, [size])
-        elif not stored:  # small: crop (or zero-pad) to the size, never resize
-            x = TF.center_crop(x, [size])
-        return self.normalise(x)
+BatchEvalTransform = BatchPreprocess  # evaluation preprocessing of a uint8 batch
 
 
 class BatchRandomResizedCrop:
@@ -150,7 +101,7 @@ class BatchRandomResizedCrop:
         )
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = _match_channels(images.float().div(255), self.prep.channels)
+        x = match_channels(images.float().div(255), self.prep.channels)
         return self.augment(x)
 
 
@@ -158,11 +109,11 @@ class BatchPadCropFlip:
     """The small training transform, batched: RandomCrop(size, padding=4) + flip."""
 
     def __init__(self, prep: Preprocessing, generator: torch.Generator) -> None:
-        self.prep, self.generator, self.normalise = prep, generator, _Normalise(prep)
+        self.prep, self.generator, self.normalise = prep, generator, BatchPreprocess(prep).normalise
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         size, pad = self.prep.image_size, _CROP_PADDING
-        x = _match_channels(images.float().div(255), self.prep.channels)
+        x = match_channels(images.float().div(255), self.prep.channels)
         n, _, height, width = x.shape
         # Zero (black) padding before normalisation, as torchvision's RandomCrop;
         # images smaller than the crop are padded up to it (pad_if_needed).
@@ -192,17 +143,6 @@ class BatchPadCropFlip:
 
 
 # --- per-image transforms (image folders, in workers) --------------------------------------------
-
-
-class _ResizeUnlessSize:
-    """Resize + CenterCrop, skipped for images already ``size`` x ``size`` (recipe ``auto``)."""
-
-    def __init__(self, prep: Preprocessing) -> None:
-        self.size = prep.image_size
-        self.resize = v2.Compose([v2.Resize(prep.resize_size), v2.CenterCrop(prep.image_size)])
-
-    def __call__(self, image: Image.Image) -> Any:
-        return image if image.size == (self.size, self.size) else self.resize(image)
 
 
 def _to_model_tensor(prep: Preprocessing) -> list[Any]:
@@ -252,5 +192,5 @@ def per_image_transform(prep: Preprocessing, recipe: Recipe | None, resize: Eval
     elif resize == "small":
         first = [v2.CenterCrop(size)]
     else:
-        first = [_ResizeUnlessSize(prep)]
+        first = [ResizeUnlessSize(prep)]
     return v2.Compose([*first, *_to_model_tensor(prep)])

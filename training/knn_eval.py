@@ -36,7 +36,7 @@ from .eval_data import (
     place_backbone,
     same_images,
 )
-from .eval_transforms import Preprocessing
+from .eval_transforms import preprocessing_from_info
 
 __all__ = ["knn_evaluate"]
 
@@ -78,7 +78,7 @@ def knn_evaluate(
     env = init_from_env()
     dtype = autocast_dtype(precision)
     backbone, info = load_backbone(model)
-    prep = Preprocessing.from_model_info(info)
+    prep = preprocessing_from_info(info)
     train_set, train_info = resolve_dataset(train, "train")
     val_set, val_info = resolve_dataset(train if val is None else val, "val")
     for data_info in (train_info, val_info):

@@ -68,7 +68,7 @@ from .eval_data import (
     place_backbone,
     same_images,
 )
-from .eval_transforms import EvalResize, Preprocessing, Recipe
+from .eval_transforms import EvalResize, Recipe, preprocessing_from_info
 
 __all__ = [
     "BackboneChangedError",
@@ -338,7 +338,7 @@ def linear_eval(
     started = time.perf_counter()
     env = init_from_env()
     backbone, info = load_backbone(model)
-    prep = Preprocessing.from_model_info(info, config.image_size)
+    prep = preprocessing_from_info(info, config.image_size)
     train_set, train_info = resolve_dataset(data, "train")
     val_set, val_info = resolve_dataset(data if val is None else val, "val")
     num_classes = _check_labels(train_info, val_info, _largest_label(val_set))

@@ -123,9 +123,10 @@ class KnnMonitor:
     def __init__(
         self, data: tuple[Any, Any], config: TrainConfig, info: Any, env: DistributedEnv
     ) -> None:
+        from mocohub.preprocessing import Preprocessing
+
         from .data import resolve_dataset
         from .eval_data import EvalBatches
-        from .eval_transforms import Preprocessing
         from .views import channel_stats
 
         self.config, self.env = config, env

@@ -1,0 +1,310 @@
+"""A MoCo model's description (``config.json``) and its published artifact folder.
+
+A :class:`ModelConfig` says everything needed to rebuild a backbone and feed
+it: architecture and shape options, the projection head (if kept), the
+:class:`~mocohub.preprocessing.Preprocessing`, and free-form ``meta`` (source,
+paper, epochs, metrics, licence). :func:`build_model` turns it into a
+:class:`~mocohub.backbones.ResNet` whose ``fc`` is ``nn.Identity()`` (pooled
+features) or the projection head, with the config attached as
+``model.mocohub_config``.
+
+A published artifact folder holds ``model.safetensors`` (the backbone's state
+dict, plus ``fc.*`` when the head is kept) and ``config.json``
+(:meth:`ModelConfig.to_dict`); :func:`save_pretrained` writes one atomically and
+:func:`load_pretrained` reads one.
+
+Example:
+    >>> cfg = ModelConfig("resnet18", small_stem=True, in_channels=1, width=32,
+    ...                   preprocessing=Preprocessing(28, 32, (0.286,), (0.353,), channels=1))
+    >>> model = build_model(cfg)
+    >>> save_pretrained(model, "out/fmnist")
+    >>> load_pretrained("out/fmnist").mocohub_config.feature_dim
+    256
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mocohub.backbones import ARCHITECTURES, ResNet, build_backbone
+from mocohub.errors import ConfigError, InputError
+from mocohub.preprocessing import Preprocessing
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "HeadConfig",
+    "ModelConfig",
+    "build_head",
+    "build_model",
+    "get_config",
+    "load_pretrained",
+    "read_config",
+    "save_pretrained",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "mocohub"
+_EXPANSION = {"resnet18": 1, "resnet34": 1, "resnet50": 4}
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """MoCo's projection head: ``"linear"`` (v1: one Linear) or ``"mlp"`` (v2: Linear-ReLU-Linear).
+
+    The module keys match the reference encoder's ``fc``: ``fc.weight`` for v1,
+    ``fc.0.*`` and ``fc.2.*`` for v2.
+    """
+
+    type: str = "mlp"
+    dim: int = 128
+
+    def __post_init__(self) -> None:
+        if self.type not in ("linear", "mlp") or self.dim < 1:
+            raise ConfigError(
+                f"A head is 'linear' or 'mlp' with a positive dim, got {self.type!r}, {self.dim}."
+            )
+
+
+def build_head(head: HeadConfig, feature_dim: int) -> nn.Module:
+    """The projection head module for ``feature_dim`` backbone features."""
+    if head.type == "linear":
+        return nn.Linear(feature_dim, head.dim)
+    return nn.Sequential(
+        nn.Linear(feature_dim, feature_dim), nn.ReLU(), nn.Linear(feature_dim, head.dim)
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How to build and feed a MoCo backbone; the content of ``config.json``.
+
+    Args:
+        arch: ``resnet18``, ``resnet34`` or ``resnet50``.
+        small_stem, in_channels, width: :class:`~mocohub.backbones.ResNet`'s options.
+        head: the projection head the weights include, or None (backbone only).
+        preprocessing: how images are fed to it.
+        meta: free-form facts (name, source, paper, epochs, metrics, licence ...).
+    """
+
+    arch: str = "resnet50"
+    small_stem: bool = False
+    in_channels: int = 3
+    width: int = 64
+    head: HeadConfig | None = None
+    preprocessing: Preprocessing = field(default_factory=Preprocessing.imagenet)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ConfigError(
+                f"Unknown architecture {self.arch!r}; mocohub builds {', '.join(ARCHITECTURES)}."
+            )
+        if self.in_channels != self.preprocessing.channels:
+            raise ConfigError(
+                f"The backbone takes {self.in_channels} channels but its preprocessing "
+                f"gives {self.preprocessing.channels}."
+            )
+
+    @property
+    def feature_dim(self) -> int:
+        """Size of the pooled backbone features (2048 for a standard ResNet-50)."""
+        return self.width * 8 * _EXPANSION[self.arch]
+
+    @property
+    def embedding_dim(self) -> int:
+        """Size of the model's output: the head's dim when a head is kept, else ``feature_dim``."""
+        return self.head.dim if self.head is not None else self.feature_dim
+
+    def without_head(self) -> ModelConfig:
+        return replace(self, head=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready ``config.json`` content."""
+        from mocohub import __version__
+
+        return {
+            "model_type": MODEL_TYPE,
+            "mocohub_version": __version__,
+            "arch": self.arch,
+            "small_stem": self.small_stem,
+            "in_channels": self.in_channels,
+            "width": self.width,
+            "feature_dim": self.feature_dim,
+            "embedding_dim": self.embedding_dim,
+            "head": None if self.head is None else {"type": self.head.type, "dim": self.head.dim},
+            "preprocessing": self.preprocessing.to_dict(),
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """Read a ``config.json`` dict (unknown keys are ignored; derived ones are checked)."""
+        if data.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+            raise InputError(
+                f"config.json has model_type {data.get('model_type')!r}, not {MODEL_TYPE!r}; "
+                "it does not describe a mocohub model."
+            )
+        try:
+            head = data.get("head")
+            config = cls(
+                arch=str(data["arch"]),
+                small_stem=bool(data.get("small_stem", False)),
+                in_channels=int(data.get("in_channels", 3)),
+                width=int(data.get("width", 64)),
+                head=None if head is None else HeadConfig(str(head["type"]), int(head["dim"])),
+                preprocessing=Preprocessing.from_dict(data["preprocessing"]),
+                meta=dict(data.get("meta") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(
+                f"Malformed mocohub config ({type(e).__name__}: {e}); it needs at least "
+                "arch and preprocessing."
+            ) from e
+        stated = data.get("feature_dim")
+        if stated is not None and int(stated) != config.feature_dim:
+            raise InputError(
+                f"config.json says feature_dim {stated} but {config.arch} at width "
+                f"{config.width} has {config.feature_dim}; the file is inconsistent."
+            )
+        return config
+
+
+def build_model(config: ModelConfig) -> ResNet:
+    """A randomly initialised backbone for ``config``, in eval mode, config attached.
+
+    ``fc`` is ``nn.Identity()`` when ``config.head`` is None, else the head.
+    """
+    model = build_backbone(
+        config.arch,
+        num_classes=1,
+        small_stem=config.small_stem,
+        in_channels=config.in_channels,
+        width=config.width,
+    )
+    fc = nn.Identity() if config.head is None else build_head(config.head, config.feature_dim)
+    model.fc = fc  # type: ignore[assignment]
+    model.mocohub_config = config
+    return model.eval()
+
+
+def get_config(model: nn.Module) -> ModelConfig:
+    """The :class:`ModelConfig` attached to a model built by mocohub."""
+    config = getattr(model, "mocohub_config", None)
+    if not isinstance(config, ModelConfig):
+        raise InputError(
+            f"This {type(model).__name__} has no mocohub config; build it with "
+            "mocohub.load(...) or mocohub.models.build_model(...)."
+        )
+    return config
+
+
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    config: ModelConfig | None = None,
+    extra_files: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (+ ``extra_files``, name -> text) atomically.
+
+    The files are written into a temporary folder beside ``directory`` and
+    moved into place one by one with :func:`os.replace`, so a reader never
+    sees a half-written file. The safetensors header carries string metadata:
+    ``format``, ``arch``, ``embedding_dim`` and ``mocohub_version``.
+    """
+    from safetensors.torch import save_file
+
+    config = config or get_config(model)
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    data = config.to_dict()
+    metadata = {
+        "format": "pt",
+        "arch": config.arch,
+        "embedding_dim": str(config.embedding_dim),
+        "mocohub_version": str(data["mocohub_version"]),
+    }
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target))
+    try:
+        save_file(state, str(staging / WEIGHTS_NAME), metadata=metadata)
+        (staging / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+        for item in staging.iterdir():
+            with open(item, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(item, target / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def read_config(directory: str | os.PathLike[str]) -> ModelConfig:
+    """The :class:`ModelConfig` in ``directory/config.json``."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise InputError(
+            f"{path} does not exist; a mocohub model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}."
+        ) from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e}); the file is damaged.") from e
+    if not isinstance(data, Mapping):
+        raise InputError(f"{path} holds a {type(data).__name__}, not a JSON object.")
+    return ModelConfig.from_dict(data)
+
+
+def load_pretrained(
+    directory: str | os.PathLike[str],
+    *,
+    head: bool = False,
+    weights_file: str | os.PathLike[str] | None = None,
+) -> ResNet:
+    """The model in an artifact folder (``config.json`` + ``model.safetensors``), in eval mode.
+
+    ``head=False`` drops a stored projection head (``fc`` becomes Identity);
+    ``head=True`` needs one. ``weights_file`` reads the weights from another
+    path (the config still comes from ``directory``).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config = read_config(directory)
+    if head and config.head is None:
+        raise InputError(
+            f"{directory} holds no projection head; load it with head=False "
+            "(or convert the original checkpoint with its head kept)."
+        )
+    file = Path(weights_file) if weights_file is not None else Path(directory) / WEIGHTS_NAME
+    try:
+        state = load_file(str(file))
+    except FileNotFoundError as e:
+        raise InputError(f"{file} does not exist; the model folder is incomplete.") from e
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{file} is not a readable safetensors file ({e}).") from e
+    if not head:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        config = config.without_head()
+    model = build_model(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = str(e).splitlines()[1:2] or [str(e)]
+        raise InputError(
+            f"The weights in {file} do not fit the model its config.json describes "
+            f"({detail[0].strip()[:160]})."
+        ) from e
+    return model  # load_state_dict copies half-precision weights into float32 parameters
