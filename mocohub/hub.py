@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mocohub.backbones import ResNet
 from mocohub.errors import InputError
-from mocohub.models import CONFIG_NAME, ModelConfig, build_model, load_pretrained
+from mocohub.models import CONFIG_NAME, WEIGHTS_NAME, ModelConfig, build_model, load_pretrained
 from mocohub.preprocessing import Preprocessing
 
 __all__ = ["load"]
@@ -46,7 +46,7 @@ def load(
     evaluation transform.
     """
     path = Path(source)
-    if path.is_dir() and (path / CONFIG_NAME).is_file():
+    if path.is_dir() and (path / WEIGHTS_NAME).is_file():
         model = load_pretrained(path, head=head)
     elif path.is_file() and path.suffix == ".safetensors":
         if not (path.parent / CONFIG_NAME).is_file():
