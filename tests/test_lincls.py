@@ -94,6 +94,50 @@ def test_cached_features_is_a_named_faster_mode(run_dir: Path, tmp_path: Path) -
     assert not any(tmp_path.iterdir())  # out_dir None: nothing written
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(epoch: int):  # type: ignore[no-untyped-def]
+    def log(line: str) -> None:
+        if line.startswith(f"epoch {epoch}/"):
+            raise _Stop
+
+    return log
+
+
+def _without_times(records: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_an_interrupted_evaluation_resumes_to_the_same_result(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    config = LinclsConfig(preset="small", **{**SHORT, "epochs": 3, "lr_steps": (2,)})
+    whole = linear_eval(run_dir, SAMPLES, tmp_path / "whole", config)
+
+    with pytest.raises(_Stop):  # interrupted after epoch 2's state was saved
+        linear_eval(run_dir, SAMPLES, tmp_path / "cut", config, log=_stop_after(2))
+    lines: list[str] = []
+    resumed = linear_eval(run_dir, SAMPLES, tmp_path / "cut", config, log=lines.append)
+    assert lines[0].startswith("resuming from") and "after epoch 2" in lines[0]
+    assert len(lines) == 2 and lines[1].startswith("epoch 3/3")
+    assert _without_times(resumed["epochs"]) == _without_times(whole["epochs"])
+    heads = [
+        torch.load(tmp_path / d / "linear_head.pt", weights_only=True) for d in ("whole", "cut")
+    ]
+    assert torch.equal(heads[0]["fc"]["weight"], heads[1]["fc"]["weight"])
+    per_epoch = [json.loads(line) for line in (tmp_path / "cut" / "lincls_epochs.jsonl").open()]
+    assert [r["epoch"] for r in per_epoch] == [1, 2, 3]
+
+    # Other settings in the same folder are refused, not mixed; resume=False starts afresh.
+    other = LinclsConfig(preset="small", **{**SHORT, "epochs": 3, "lr_steps": (2,), "lr": 0.1})
+    with pytest.raises(InputError, match=r"with other settings \(lr\).*--restart"):
+        linear_eval(run_dir, SAMPLES, tmp_path / "cut", other)
+    fresh = linear_eval(run_dir, SAMPLES, tmp_path / "cut", other, resume=False, log=lines.append)
+    assert len(fresh["epochs"]) == 3 and not lines[-3].startswith("resuming")
+
+
 def test_reference_schedule() -> None:
     assert [lr_at(LinclsConfig(), e) for e in (0, 59, 60, 79, 80, 99)] == pytest.approx(
         [30, 30, 3, 3, 0.3, 0.3]

@@ -54,6 +54,7 @@ from torch import nn
 
 from mocohub import __version__
 from mocohub.errors import ConfigError, InputError
+from mocohub.fileio import atomic_writer, fsync_dir
 
 from .moco import MoCo
 
@@ -84,45 +85,14 @@ _NATIVE_KEYS = {"epoch", "step", "model", "optimizer", "rng"}
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save(obj, path)`` so that ``path`` is either the old file or all of the new one.
 
-    The data goes to a hidden temporary file in the same folder, is flushed to
-    disk, and is renamed onto ``path``; the folder entry is then synced too.
-    On any failure the temporary file is removed, the error propagates and an
+    See :mod:`mocohub.fileio`: on any failure the error propagates and an
     existing ``path`` is untouched.
 
     Example:
         >>> atomic_save({"w": torch.zeros(2)}, "runs/a/weights.pt")
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        # os.open with 0o666 honours the umask, unlike tempfile's private 0o600.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as e:
-        raise InputError(
-            f"Cannot write a file in {path.parent} ({e.strerror}); "
-            "create that folder or choose one you can write to."
-        ) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (POSIX only; Windows cannot open folders)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_writer(path) as f:
+        torch.save(obj, f)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -326,7 +296,7 @@ def _point_last_at(path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def find_latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:

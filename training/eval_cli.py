@@ -161,6 +161,12 @@ def knn_command(
     help="Epochs between validations (the last epoch is always validated).",
 )
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Discard an earlier evaluation's state in --out instead of resuming it "
+    "(an interrupted evaluation resumes by default).",
+)
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")
 def lincls_command(
     data: str,
@@ -171,13 +177,15 @@ def lincls_command(
     lr_steps: str,
     workers: int | None,
     image_size: int | None,
+    restart: bool,
     quiet: bool,
     **settings: object,
 ) -> None:
     """Linear evaluation of MODEL on DATA (the reference MoCo protocol): a linear
     classifier trained on the frozen backbone's features, 100 epochs of SGD with
     lr 30. DATA is an image folder (DATA/train and DATA/val, or one tree), a
-    folder of IDX files, a folder with labels.csv, or 'fashion-mnist'."""
+    folder of IDX files, a folder with labels.csv, or 'fashion-mnist'. State is
+    saved in --out after every epoch; rerunning an interrupted command resumes it."""
     from .eval_data import default_workers
     from .lincls import LinclsConfig, linear_eval
 
@@ -196,6 +204,7 @@ def lincls_command(
         val=val_data,
         log=None if quiet else _echo_err,
         progress=not quiet and sys.stderr.isatty(),
+        resume=not restart,
     )
     if not _is_main():
         return

@@ -50,7 +50,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from mocohub.errors import ConfigError, InputError, MocohubError
+from mocohub.fileio import atomic_write_text
 
+from .checkpoint import atomic_save
 from .data import DatasetInfo, resolve_dataset
 from .distributed import DistributedEnv, all_gather_no_grad, init_from_env, is_distributed
 from .eval_data import (
@@ -82,6 +84,9 @@ __all__ = [
 RESULT_NAME = "lincls.json"
 EPOCHS_NAME = "lincls_epochs.jsonl"
 HEAD_NAME = "linear_head.pt"
+STATE_NAME = "lincls_state.pt"
+# Settings that change no result, so a run may resume with other values.
+_FREE_SETTINGS = ("workers", "eval_every")
 
 
 class BackboneChangedError(MocohubError, RuntimeError):
@@ -239,10 +244,16 @@ def _train_head(
     backbone: nn.Module,
     config: LinclsConfig,
     env: DistributedEnv,
-    epoch_done: Callable[[dict[str, Any]], None],
+    epoch_done: Callable[[dict[str, Any], dict[str, Any]], None],
     progress: bool,
+    resumed: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """SGD on ``head`` for ``config.epochs`` epochs; one record per epoch."""
+    """SGD on ``head`` for ``config.epochs`` epochs; one record per epoch.
+
+    ``resumed`` (a saved state: ``epoch``, ``head``, ``optimizer``, ``records``)
+    continues after its epoch. ``epoch_done(record, state)`` gets each epoch's
+    record and the state to save.
+    """
     net: nn.Module = head
     if features.sharded and is_distributed():
         net = DistributedDataParallel(
@@ -254,8 +265,13 @@ def _train_head(
         momentum=config.momentum,
         weight_decay=config.weight_decay,
     )
-    records = []
-    for epoch in range(config.epochs):
+    records: list[dict[str, Any]] = []
+    start = 0
+    if resumed is not None:
+        head.load_state_dict(resumed["head"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        records, start = list(resumed["records"]), int(resumed["epoch"])
+    for epoch in range(start, config.epochs):
         lr = lr_at(config, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -298,7 +314,13 @@ def _train_head(
             record.update(val_top1=accuracy["top1"], val_top5=accuracy["top5"])
         record["seconds"] = time.perf_counter() - tick
         records.append(record)
-        epoch_done(record)
+        state = {
+            "epoch": epoch + 1,
+            "head": head.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "records": records,
+        }
+        epoch_done(record, state)
     return records
 
 
@@ -311,6 +333,7 @@ def linear_eval(
     val: Any = None,
     log: Callable[[str], None] | None = None,
     progress: bool = False,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Train a linear classifier on a frozen backbone; return (and save) its accuracy.
 
@@ -326,6 +349,9 @@ def linear_eval(
         val: other labelled data to validate on (its val split) instead of ``data``'s.
         log: called with one line per epoch on rank 0 (e.g. ``print``).
         progress: a progress bar per epoch on rank 0.
+        resume: continue an interrupted evaluation from ``out_dir``'s
+            ``lincls_state.pt`` (written atomically after every epoch) when it
+            holds the same model and settings; False starts afresh.
 
     Returns:
         ``top1`` and ``top5`` (fractions) of the last epoch, ``best_top1`` and
@@ -363,19 +389,25 @@ def linear_eval(
     torch.manual_seed(config.seed)  # the same initial classifier on every rank
     head = _new_head(int(info["feature_dim"]), num_classes).to(env.device)
 
+    described = describe_model(model, info)
+    resumed = _resumable_state(out_dir, described, config) if resume else None
     out = Path(out_dir) if out_dir is not None and env.is_main else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / EPOCHS_NAME).write_text("")
+        done = [] if resumed is None else resumed["records"]
+        atomic_write_text(out / EPOCHS_NAME, "".join(json.dumps(r) + "\n" for r in done))
+        if resumed is not None and log is not None:
+            log(f"resuming from {out / STATE_NAME} after epoch {resumed['epoch']}")
 
-    def epoch_done(record: dict[str, Any]) -> None:
+    def epoch_done(record: dict[str, Any], state: dict[str, Any]) -> None:
         if out is not None:
+            atomic_save({**state, "model": described, "config": config.to_dict()}, out / STATE_NAME)
             with open(out / EPOCHS_NAME, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if log is not None and env.is_main:
             log(_epoch_line(record, config.epochs))
 
-    records = _train_head(head, features, backbone, config, env, epoch_done, progress)
+    records = _train_head(head, features, backbone, config, env, epoch_done, progress, resumed)
     check_backbone_unchanged(backbone, before)
 
     validated = [r for r in records if "val_top1" in r]
@@ -386,7 +418,7 @@ def linear_eval(
         "best_top1": best["val_top1"],
         "best_epoch": best["epoch"],
         "protocol": "cached-features" if config.cached_features else "reference",
-        "model": describe_model(model, info),
+        "model": described,
         "model_info": {k: v for k, v in info.items() if _is_json(v)},
         "data": str(train_info),
         "val_data": str(val_info),
@@ -402,13 +434,46 @@ def linear_eval(
         "epochs": records,
     }
     if out is not None:
-        (out / RESULT_NAME).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out / RESULT_NAME, json.dumps(result, indent=2) + "\n")
         classes = list(train_info.classes)
-        torch.save(
+        atomic_save(
             {"fc": head.state_dict(), "classes": classes, "config": result["config"]},
             out / HEAD_NAME,
         )
     return result
+
+
+def _resumable_state(
+    out_dir: str | os.PathLike[str] | None, described: Any, config: LinclsConfig
+) -> dict[str, Any] | None:
+    """The saved state in ``out_dir`` to continue from, or None to start afresh."""
+    if out_dir is None or not (Path(out_dir) / STATE_NAME).is_file():
+        return None
+    path = Path(out_dir) / STATE_NAME
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged state file: unpickling raises many types
+        raise InputError(
+            f"{path} cannot be read ({type(e).__name__}); delete it, or pass --restart, "
+            "to start the evaluation afresh."
+        ) from e
+
+    def comparable(settings: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in settings.items() if k not in _FREE_SETTINGS}
+
+    saved = state.get("config", {})
+    if state.get("model") != described or comparable(saved) != comparable(config.to_dict()):
+        differs = sorted(
+            k for k in comparable(config.to_dict()) if saved.get(k) != config.to_dict()[k]
+        )
+        what = "with other settings (" + ", ".join(differs) + ")"
+        if state.get("model") != described:
+            what = "of another model"
+        raise InputError(
+            f"{out_dir} holds a linear evaluation {what}; "
+            "use another --out, or pass --restart to discard it."
+        )
+    return state
 
 
 def _is_json(value: Any) -> bool:
