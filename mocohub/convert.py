@@ -1,9 +1,6 @@
-"""Backbones from MoCo checkpoints: each foreign format is a small key map.
+"""MoCo pre-training checkpoints in: each format is a small key map onto a mocohub model.
 
-:func:`backbone_from_checkpoint` turns a MoCo pre-training checkpoint into a
-torchvision-style :class:`~mocohub.backbones.ResNet` whose ``fc`` is
-``nn.Identity()`` (so it returns pooled features) and an info dict that says
-how to feed it (its preprocessing). It understands
+This is the one place that knows the layout of MoCo checkpoints:
 
 - a **mocohub run folder** (its newest ``checkpoint_*.pt``, else
   ``checkpoint_last.pt``) or one **mocohub training checkpoint** file: the
@@ -11,24 +8,27 @@ how to feed it (its preprocessing). It understands
   ``queue``, ``queue_ptr``) and ``config`` the run's settings (arch, image
   size, mean/std ...);
 - a **reference MoCo v1/v2 checkpoint** (facebookresearch/moco
-  ``main_moco.py``'s ``.pth.tar``): ``state_dict`` with
-  ``module.encoder_q.*`` keys, ``arch`` (ResNet-50 when absent), trained with
-  ImageNet's preprocessing (224 px crops of images resized to 256, ImageNet
-  mean/std).
+  ``main_moco.py``'s ``.pth.tar``): ``epoch``, ``arch`` (ResNet-50 when
+  absent), ``state_dict`` with ``module.encoder_q.*``, ``module.encoder_k.*``,
+  ``module.queue``, ``module.queue_ptr`` (the ``module.`` prefix may be
+  missing) and ``optimizer``; trained with ImageNet's preprocessing (224 px
+  crops of images resized to 256, ImageNet mean/std).
 
 In both, the backbone is the query encoder, ``encoder_q.*`` minus its
-projection head ``fc.*`` (one linear layer in v1, an MLP in v2). Files are read
-with ``torch.load(weights_only=True)``, so reading one never runs its code.
+projection head ``fc.*``: one Linear in v1 (``fc.weight``), an MLP in v2
+(``fc.0.*``, ``fc.2.*``), which :func:`model_from_checkpoint` keeps on request.
+Files are read with ``torch.load(weights_only=True)``, so reading one never
+runs its code. Writing other libraries' layouts is :mod:`mocohub.foreign`'s job.
 
-This module must not import ``mocohub.training``: ``training/`` imports from
-``mocohub``, never the other way round. The few facts it needs about
+This module must not import ``mocohub.training`` (``training/`` imports from
+``mocohub``, never the other way round); the few facts it needs about
 mocohub's checkpoint format are repeated here.
 
 Example:
-    >>> backbone, info = backbone_from_checkpoint("runs/fmnist")
-    >>> info["arch"], info["feature_dim"], info["image_size"]
-    ('resnet18', 512, 28)
-    >>> features = backbone(torch.randn(2, 1, 28, 28))  # 2 x 512
+    >>> model = model_from_checkpoint("moco_v2_800ep_pretrain.pth.tar")
+    >>> model.mocohub_config.feature_dim, model.mocohub_config.preprocessing.image_size
+    (2048, 224)
+    >>> features = model(torch.randn(2, 3, 224, 224))  # 2 x 2048
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from mocohub.backbones import ARCHITECTURES, ResNet, build_backbone
+from mocohub.backbones import ARCHITECTURES, ResNet
 from mocohub.errors import InputError
-from mocohub.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from mocohub.models import HeadConfig, ModelConfig, build_model
+from mocohub.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -53,8 +53,12 @@ __all__ = [
     "backbone_from_checkpoint",
     "backbone_state_from_moco",
     "find_checkpoint_file",
+    "head_from_state",
+    "is_reference_checkpoint",
+    "moco_state_from_reference",
+    "model_from_checkpoint",
+    "read_checkpoint",
 ]
-
 
 # Facts about mocohub's training checkpoints (training/checkpoint.py writes them).
 _NATIVE_FORMAT = "mocohub.training-checkpoint"
@@ -62,6 +66,7 @@ _NATIVE_VERSION = 1
 _NUMBERED = re.compile(r"checkpoint_(\d+)_(\d+)\.pt")
 _LAST = "checkpoint_last.pt"
 
+_MOCO_KEYS = ("encoder_q.", "encoder_k.", "queue", "queue_ptr")
 _QUERY_ENCODER = "encoder_q."
 _HEAD = "fc."
 
@@ -96,7 +101,16 @@ def find_checkpoint_file(path: str | os.PathLike[str]) -> Path:
     )
 
 
-def _read(path: Path) -> Any:
+def read_checkpoint(path: str | os.PathLike[str]) -> Any:
+    """The object in a PyTorch checkpoint file, read safely (``weights_only=True``) on the CPU.
+
+    A pickle that names any class or function beyond tensors and plain values
+    (and so could run code) is refused with an :class:`~mocohub.errors.InputError`.
+
+    Example:
+        >>> read_checkpoint("moco_v2_800ep_pretrain.pth.tar")["arch"]
+        'resnet50'
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -104,12 +118,61 @@ def _read(path: Path) -> Any:
         if isinstance(e, pickle.UnpicklingError) and unsafe:
             raise InputError(
                 f"{path} holds a {unsafe[1]} object, which safe (weights_only) loading "
-                "refuses; save the checkpoint with tensors and plain values only."
+                "refuses because unpickling it could run code; use a checkpoint saved with "
+                "tensors and plain values only."
             ) from e
         raise InputError(
             f"Cannot read {path} as a PyTorch checkpoint ({type(e).__name__}); "
             "it is truncated, corrupt or not a checkpoint, so pass another file."
         ) from e
+
+
+def is_reference_checkpoint(ckpt: Any) -> bool:
+    """True for a facebookresearch/moco ``main_moco.py`` checkpoint (MoCo v1/v2).
+
+    It is ``{'epoch', 'arch', 'state_dict', 'optimizer'}`` whose ``state_dict``
+    keys are ``module.encoder_q.*``, ``module.encoder_k.*``, ``module.queue``
+    and ``module.queue_ptr`` (a DDP model; the prefix may also be absent).
+
+    Example:
+        >>> is_reference_checkpoint(read_checkpoint("moco_v2_800ep_pretrain.pth.tar"))
+        True
+    """
+    if not isinstance(ckpt, Mapping) or ckpt.get("format") == _NATIVE_FORMAT:
+        return False
+    state = ckpt.get("state_dict")
+    if not isinstance(state, Mapping):
+        return False
+    keys = [k.removeprefix("module.") for k in state if isinstance(k, str)]
+    return all(any(k.startswith(p) for k in keys) for p in _MOCO_KEYS)
+
+
+def moco_state_from_reference(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A reference checkpoint's MoCo state_dict, ``module.`` stripped, for ``MoCo.load_state_dict``.
+
+    Build ``MoCo`` with the reference run's ``arch``, ``dim``, ``K`` and
+    ``mlp`` and it loads strictly.
+
+    Example:
+        >>> model = MoCo(torchvision.models.resnet50, dim=128, K=65536, mlp=True)
+        >>> model.load_state_dict(moco_state_from_reference(ckpt))
+        <All keys matched successfully>
+    """
+    if not is_reference_checkpoint(ckpt):
+        raise InputError(
+            "This is not a reference MoCo v1/v2 checkpoint (its state_dict lacks encoder_q, "
+            "encoder_k, queue and queue_ptr); pass a main_moco.py checkpoint."
+        )
+    return {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+
+
+def _query_encoder(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    encoder = {}
+    for key, value in state.items():
+        key = key.removeprefix(prefix)
+        if key.startswith(_QUERY_ENCODER):
+            encoder[key[len(_QUERY_ENCODER) :]] = value
+    return encoder
 
 
 def backbone_state_from_moco(
@@ -126,14 +189,23 @@ def backbone_state_from_moco(
         >>> list(backbone_state_from_moco(state, prefix="module."))
         ['conv1.weight']
     """
-    backbone = {}
-    for key, value in state.items():
-        key = key.removeprefix(prefix)
-        if key.startswith(_QUERY_ENCODER):
-            name = key[len(_QUERY_ENCODER) :]
-            if not name.startswith(_HEAD):
-                backbone[name] = value
-    return backbone
+    return {k: v for k, v in _query_encoder(state, prefix).items() if not k.startswith(_HEAD)}
+
+
+def head_from_state(state: Mapping[str, torch.Tensor]) -> HeadConfig | None:
+    """The projection head an encoder's state dict holds: v1 Linear, v2 MLP, or None.
+
+    Example:
+        >>> head_from_state({"fc.0.weight": torch.zeros(2048, 2048),
+        ...                  "fc.2.weight": torch.zeros(128, 2048)})
+        HeadConfig(type='mlp', dim=128)
+    """
+    linear, last = state.get("fc.weight"), state.get("fc.2.weight")
+    if isinstance(last, torch.Tensor) and "fc.0.weight" in state:
+        return HeadConfig("mlp", int(last.shape[0]))
+    if isinstance(linear, torch.Tensor) and linear.ndim == 2:
+        return HeadConfig("linear", int(linear.shape[0]))
+    return None
 
 
 def _per_channel(values: Any, channels: int, what: str, path: Path) -> tuple[float, ...]:
@@ -152,67 +224,56 @@ def _per_channel(values: Any, channels: int, what: str, path: Path) -> tuple[flo
     return (sum(values) / len(values),) * channels
 
 
-def _build(
-    arch: str, state: Mapping[str, torch.Tensor], path: Path, what: str
-) -> tuple[ResNet, dict[str, Any]]:
-    """A ResNet of ``arch`` shaped like ``state`` (stem, width, channels), loaded from it."""
+def _shape_of(arch: str, encoder: Mapping[str, torch.Tensor], path: Path, what: str) -> ModelConfig:
+    """The ModelConfig (ImageNet preprocessing for now) of an encoder state dict."""
     if arch not in ARCHITECTURES:
         raise InputError(
             f"{path} holds a {arch!r} encoder, which mocohub cannot build; "
             f"it builds {', '.join(ARCHITECTURES)}."
         )
-    conv1 = state.get("conv1.weight")
+    conv1 = encoder.get("conv1.weight")
     if not isinstance(conv1, torch.Tensor) or conv1.ndim != 4:
         raise InputError(
             f"{path} is a {what} but its query encoder has no conv1.weight; "
             "it is not a ResNet MoCo checkpoint, so pass another file."
         )
     width, channels, kernel = int(conv1.shape[0]), int(conv1.shape[1]), int(conv1.shape[2])
-    backbone = build_backbone(
-        arch, num_classes=1, small_stem=kernel == 3, width=width, in_channels=channels
-    )
-    backbone.fc = nn.Identity()  # type: ignore[assignment]
+    mean = _per_channel(IMAGENET_MEAN, channels, "mean", path)
+    std = _per_channel(IMAGENET_STD, channels, "std", path)
+    prep = Preprocessing(224, 256, mean, std, channels=channels)
+    return ModelConfig(arch, kernel == 3, channels, width, preprocessing=prep)
+
+
+def _load_into(model: ResNet, state: Mapping[str, torch.Tensor], path: Path) -> None:
     try:
-        backbone.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         detail = str(e).splitlines()[1:2] or [str(e)]
+        arch = model.mocohub_config.arch
         raise InputError(
             f"The encoder in {path} does not fit a {arch} ({detail[0].strip()[:160]}); "
             "the checkpoint's arch is wrong or the file is damaged."
         ) from e
-    backbone.eval()
-    info = {
-        "arch": arch,
-        "feature_dim": backbone.feature_dim,
-        "channels": channels,
-        "small_stem": kernel == 3,
-        "width": width,
-    }
-    return backbone, info
 
 
-def backbone_from_checkpoint(path: str | os.PathLike[str]) -> tuple[ResNet, dict[str, Any]]:
-    """The pre-trained backbone in a MoCo checkpoint, and how to feed it.
+def model_from_checkpoint(path: str | os.PathLike[str], *, head: bool = False) -> ResNet:
+    """The pre-trained query encoder of a MoCo checkpoint, config attached, in eval mode.
 
     ``path`` is a mocohub run folder, a mocohub training checkpoint, or a
-    reference MoCo v1/v2 ``.pth.tar``. The backbone is a
-    :class:`~mocohub.backbones.ResNet` on the CPU in eval mode with
-    ``fc = nn.Identity()``: it maps images to pooled ``feature_dim`` features.
-
-    The info dict holds ``arch``, ``feature_dim``, ``channels`` (input
-    channels), ``small_stem``, ``width``, the preprocessing (``image_size``:
-    the crop the encoder was trained on; ``resize_size``: the resize before an
-    evaluation centre crop, ``image_size * 256 / 224`` rounded; ``mean`` and
-    ``std`` with one value per channel), ``format`` (``"mocohub"`` or
-    ``"reference"``), ``checkpoint`` (the file read) and ``epoch``.
+    reference MoCo v1/v2 ``.pth.tar``. The model is a
+    :class:`~mocohub.backbones.ResNet` on the CPU whose ``fc`` is
+    ``nn.Identity()`` (pooled ``feature_dim`` features) or, with
+    ``head=True``, the checkpoint's projection head. ``model.mocohub_config``
+    holds the preprocessing it was trained with and, in ``meta``, ``format``
+    (``"mocohub"`` or ``"reference"``), ``source`` (the file read) and ``epochs``.
 
     Example:
-        >>> backbone, info = backbone_from_checkpoint("moco_v2_800ep_pretrain.pth.tar")
-        >>> info["arch"], info["feature_dim"], info["image_size"], info["resize_size"]
-        ('resnet50', 2048, 224, 256)
+        >>> model = model_from_checkpoint("runs/fmnist", head=True)
+        >>> model.mocohub_config.head
+        HeadConfig(type='mlp', dim=128)
     """
     file = find_checkpoint_file(path)
-    ckpt = _read(file)
+    ckpt = read_checkpoint(file)
     if not isinstance(ckpt, Mapping):
         raise InputError(
             f"{file} holds a {type(ckpt).__name__}, not a checkpoint dict; pass a mocohub "
@@ -225,16 +286,17 @@ def backbone_from_checkpoint(path: str | os.PathLike[str]) -> tuple[ResNet, dict
                 f"{file} has checkpoint format version {version}, newer than this mocohub "
                 f"reads ({_NATIVE_VERSION}); upgrade mocohub."
             )
-        model, config = ckpt.get("model"), ckpt.get("config")
-        if not isinstance(model, Mapping) or not isinstance(config, Mapping):
+        state, run = ckpt.get("model"), ckpt.get("config")
+        if not isinstance(state, Mapping) or not isinstance(run, Mapping):
             raise InputError(f"{file} lacks its model or config entry; it is damaged.")
-        arch = str(config.get("arch", "resnet50"))
-        backbone, info = _build(arch, backbone_state_from_moco(model), file, "mocohub checkpoint")
-        image_size = int(config.get("image_size", 224))
-        mean = _per_channel(config.get("mean", IMAGENET_MEAN), info["channels"], "mean", file)
-        std = _per_channel(config.get("std", IMAGENET_STD), info["channels"], "std", file)
-        source = "mocohub"
+        arch, what, prefix, source = (
+            str(run.get("arch", "resnet50")),
+            "mocohub checkpoint",
+            "",
+            "mocohub",
+        )
     else:
+        run = {}
         state = ckpt.get("state_dict")
         if not isinstance(state, Mapping) or not any(
             isinstance(k, str) and k.removeprefix("module.").startswith(_QUERY_ENCODER)
@@ -245,21 +307,81 @@ def backbone_from_checkpoint(path: str | os.PathLike[str]) -> tuple[ResNet, dict
                 "checkpoint (no encoder_q weights); pass a file written by `mocohub train` "
                 "or by the reference main_moco.py."
             )
-        arch = str(ckpt.get("arch", "resnet50"))
-        backbone_state = backbone_state_from_moco(state, prefix="module.")
-        backbone, info = _build(arch, backbone_state, file, "reference MoCo checkpoint")
-        image_size = 224
-        mean = _per_channel(IMAGENET_MEAN, info["channels"], "mean", file)
-        std = _per_channel(IMAGENET_STD, info["channels"], "std", file)
+        arch, what, prefix = (
+            str(ckpt.get("arch", "resnet50")),
+            "reference MoCo checkpoint",
+            "module.",
+        )
         source = "reference"
+
+    encoder = _query_encoder(state, prefix)
+    config = _shape_of(arch, encoder, file, what)
+    if run:  # a mocohub run records how its images were fed
+        size, channels = int(run.get("image_size", 224)), config.in_channels
+        mean = _per_channel(run.get("mean", IMAGENET_MEAN), channels, "mean", file)
+        std = _per_channel(run.get("std", IMAGENET_STD), channels, "std", file)
+        prep = Preprocessing(size, round(size * 256 / 224), mean, std, channels=channels)
+        config = ModelConfig(
+            config.arch, config.small_stem, channels, config.width, preprocessing=prep
+        )
+    stored_head = head_from_state(encoder)
+    if head and stored_head is None:
+        raise InputError(
+            f"{file} holds no projection head (fc.weight or fc.0/fc.2) in its query encoder; "
+            "load it with head=False."
+        )
+    if not head:
+        encoder = {k: v for k, v in encoder.items() if not k.startswith(_HEAD)}
     epoch = ckpt.get("epoch")
-    info.update(
-        image_size=image_size,
-        resize_size=round(image_size * 256 / 224),
-        mean=mean,
-        std=std,
-        format=source,
-        checkpoint=str(file),
-        epoch=int(epoch) if isinstance(epoch, int) else None,
+    meta = {
+        "format": source,
+        "source": str(file),
+        "epochs": int(epoch) if isinstance(epoch, int) else None,
+    }
+    config = ModelConfig(
+        config.arch,
+        config.small_stem,
+        config.in_channels,
+        config.width,
+        head=stored_head if head else None,
+        preprocessing=config.preprocessing,
+        meta=meta,
     )
-    return backbone, info
+    model = build_model(config)
+    _load_into(model, encoder, file)
+    return model
+
+
+def backbone_from_checkpoint(path: str | os.PathLike[str]) -> tuple[ResNet, dict[str, Any]]:
+    """The pre-trained backbone in a MoCo checkpoint, and how to feed it, as a flat dict.
+
+    Like :func:`model_from_checkpoint` (``fc`` is ``nn.Identity()``), with the
+    facts the evaluation code reads: ``arch``, ``feature_dim``, ``channels``,
+    ``small_stem``, ``width``, ``image_size`` (the crop the encoder was
+    trained on), ``resize_size`` (``image_size * 256 / 224`` rounded),
+    ``mean`` and ``std`` (one value per channel), ``format`` (``"mocohub"`` or
+    ``"reference"``), ``checkpoint`` (the file read) and ``epoch``.
+
+    Example:
+        >>> backbone, info = backbone_from_checkpoint("moco_v2_800ep_pretrain.pth.tar")
+        >>> info["arch"], info["feature_dim"], info["image_size"], info["resize_size"]
+        ('resnet50', 2048, 224, 256)
+    """
+    model = model_from_checkpoint(path)
+    config: ModelConfig = model.mocohub_config
+    prep = config.preprocessing
+    info = {
+        "arch": config.arch,
+        "feature_dim": config.feature_dim,
+        "channels": config.in_channels,
+        "small_stem": config.small_stem,
+        "width": config.width,
+        "image_size": prep.image_size,
+        "resize_size": prep.resize_size,
+        "mean": prep.mean,
+        "std": prep.std,
+        "format": config.meta["format"],
+        "checkpoint": config.meta["source"],
+        "epoch": config.meta["epochs"],
+    }
+    return model, info

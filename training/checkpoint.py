@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from mocohub import __version__
+from mocohub.convert import is_reference_checkpoint, moco_state_from_reference
 from mocohub.errors import ConfigError, InputError
 from mocohub.fileio import atomic_writer, fsync_dir
 
@@ -78,7 +79,6 @@ FORMAT = "mocohub.training-checkpoint"
 FORMAT_VERSION = 1
 LAST_NAME = "checkpoint_last.pt"
 _NAME = re.compile(r"checkpoint_(\d+)_(\d+)\.pt")  # temp files start with "." and end ".tmp"
-_MOCO_KEYS = ("encoder_q.", "encoder_k.", "queue", "queue_ptr")
 _NATIVE_KEYS = {"epoch", "step", "model", "optimizer", "rng"}
 
 
@@ -373,46 +373,6 @@ def load_checkpoint(
         f"{path} is neither a mocohub training checkpoint nor a reference MoCo "
         "checkpoint; pass a file written by mocohub train or by the reference main_moco.py."
     )
-
-
-def is_reference_checkpoint(ckpt: Any) -> bool:
-    """True for a facebookresearch/moco ``main_moco.py`` checkpoint (MoCo v1/v2).
-
-    It is ``{'epoch', 'arch', 'state_dict', 'optimizer'}`` whose ``state_dict``
-    keys are ``module.encoder_q.*``, ``module.encoder_k.*``, ``module.queue``
-    and ``module.queue_ptr`` (a DDP model; the prefix may also be absent).
-
-    Example:
-        >>> is_reference_checkpoint(torch.load("moco_v2_800ep_pretrain.pth.tar"))
-        True
-    """
-    if not isinstance(ckpt, Mapping) or ckpt.get("format") == FORMAT:
-        return False
-    state = ckpt.get("state_dict")
-    if not isinstance(state, Mapping):
-        return False
-    keys = [k.removeprefix("module.") for k in state if isinstance(k, str)]
-    return all(any(k.startswith(p) for k in keys) for p in _MOCO_KEYS)
-
-
-def moco_state_from_reference(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """A reference checkpoint's MoCo state_dict, ``module.`` stripped, for ``MoCo.load_state_dict``.
-
-    Build :class:`MoCo` with the reference run's ``arch``, ``dim``, ``K`` and
-    ``mlp`` and it loads strictly. To fine-tune, take its ``encoder_q.*``
-    weights from the MoCo model.
-
-    Example:
-        >>> model = MoCo(torchvision.models.resnet50, dim=128, K=65536, mlp=True)
-        >>> model.load_state_dict(moco_state_from_reference(ckpt))
-        <All keys matched successfully>
-    """
-    if not is_reference_checkpoint(ckpt):
-        raise InputError(
-            "This is not a reference MoCo v1/v2 checkpoint (its state_dict lacks encoder_q, "
-            "encoder_k, queue and queue_ptr); pass a main_moco.py checkpoint."
-        )
-    return {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
 
 
 def _reference_optimizer_state(ckpt: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> Any:
