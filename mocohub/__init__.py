@@ -28,6 +28,14 @@ _LAZY = {
     "resnet34": "mocohub.backbones",
     "resnet50": "mocohub.backbones",
     "load": "mocohub.hub",
+    "Weights": "mocohub.registry",
+    "WeightsFile": "mocohub.registry",
+    "get_weights": "mocohub.registry",
+    "list_models": "mocohub.registry",
+    "register_weights": "mocohub.registry",
+    "save_pretrained": "mocohub.hf",
+    "from_pretrained": "mocohub.hf",
+    "push_to_hub": "mocohub.hf",
     "ModelConfig": "mocohub.models",
     "Preprocessing": "mocohub.preprocessing",
 }
@@ -41,12 +49,20 @@ __all__ = [
     "ModelConfig",
     "Preprocessing",
     "ResNet",
+    "Weights",
+    "WeightsFile",
     "__version__",
     "build_backbone",
+    "from_pretrained",
+    "get_weights",
+    "list_models",
     "load",
+    "push_to_hub",
+    "register_weights",
     "resnet18",
     "resnet34",
     "resnet50",
+    "save_pretrained",
 ]
 
 if TYPE_CHECKING:
@@ -58,9 +74,11 @@ if TYPE_CHECKING:
         resnet34,
         resnet50,
     )
+    from mocohub.hf import from_pretrained, push_to_hub, save_pretrained
     from mocohub.hub import load
     from mocohub.models import ModelConfig
     from mocohub.preprocessing import Preprocessing
+    from mocohub.registry import Weights, WeightsFile, get_weights, list_models, register_weights
 
 
 def __getattr__(name: str) -> Any:

@@ -27,6 +27,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "mocohub.training.eval_cli:lincls_command",
         "Linear evaluation of a model (reference MoCo protocol).",
     ),
+    "list": ("mocohub.hub_cli:list_command", "List the named MoCo weights and their metrics."),
+    "info": ("mocohub.hub_cli:info_command", "Show one named weight set."),
+    "convert": (
+        "mocohub.hub_cli:convert_command",
+        "Convert a MoCo checkpoint to a mocohub folder, torchvision or detectron2.",
+    ),
+    "push": ("mocohub.hub_cli:push_command", "Publish a model folder on the Hugging Face Hub."),
 }
 
 _invocation: list[str] = []

@@ -1,27 +1,40 @@
 """``mocohub.load``: one call from a source to a ready backbone with its preprocessing.
 
-Sources understood so far:
+``source`` may be:
 
-- a local artifact folder (``config.json`` + ``model.safetensors``);
-- a local ``.safetensors`` file with ``config.json`` beside it;
-- a mocohub training run folder or checkpoint, or a reference MoCo v1/v2
-  ``.pth.tar`` (read with ``torch.load(weights_only=True)``).
+- a **registry name** (``mocohub list``), e.g. ``"moco_v2_r50_800ep"``: its file
+  is downloaded once to the torch hub cache (or read from the HF cache, or from
+  inside the package) and verified against the registry hash;
+- ``"hf-hub:org/name[@revision]"``: a Hugging Face Hub repo with
+  ``config.json`` + ``model.safetensors`` (cached in the HF cache);
+- an ``http(s)://`` URL of a checkpoint (cached in the torch hub cache;
+  verified when the URL is a registry file);
+- a local artifact **folder** (``config.json`` + ``model.safetensors``), a
+  ``.safetensors`` file with ``config.json`` beside it, a mocohub training
+  run folder or checkpoint, or a **reference MoCo v1/v2** ``.pth.tar``
+  (with or without the ``module.`` prefix).
+
+Pickled checkpoints are read with ``torch.load(weights_only=True)``; where a
+weight set exists as safetensors and as a pickle, safetensors is used. Offline
+(``MOCOHUB_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``) only cached files are used.
 
 Example:
-    >>> model = mocohub.load("runs/fmnist")
+    >>> model = mocohub.load("moco_v2_r50_800ep")
     >>> prep = model.mocohub_config.preprocessing
-    >>> features = model(prep.transform()(image).unsqueeze(0))
+    >>> features = model(prep.transform()(image).unsqueeze(0))  # 1 x 2048
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from mocohub.backbones import ResNet
 from mocohub.errors import InputError
 from mocohub.models import CONFIG_NAME, WEIGHTS_NAME, ModelConfig, build_model, load_pretrained
-from mocohub.preprocessing import Preprocessing
+from mocohub.registry import HF_PREFIX, Weights, WeightsFile, get_weights, list_models
 
 __all__ = ["load"]
 
@@ -31,65 +44,156 @@ def load(
     *,
     pretrained: bool = True,
     head: bool = False,
+    progress: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> ResNet:
     """A MoCo backbone from ``source``, on the CPU in eval mode.
 
     Args:
         source: see the module docstring.
-        pretrained: False builds the same architecture with random weights.
+        pretrained: False builds the same architecture with random weights
+            (for a registry name, without downloading anything).
         head: keep the projection head as ``fc`` (the model then returns the
             MoCo embedding, e.g. 128-d) instead of ``nn.Identity()`` (pooled
             backbone features, 2048-d for ResNet-50).
+        progress: show a progress bar while downloading.
+        cache_dir: where URL downloads are kept; ``torch.hub.get_dir()/checkpoints``
+            by default (Hub repos always use the Hugging Face cache).
 
     The returned model carries its :class:`~mocohub.models.ModelConfig` as
     ``model.mocohub_config``; its ``preprocessing.transform()`` is the matching
     evaluation transform.
+
+    Example:
+        >>> model = mocohub.load("hf-hub:org/moco-r50@v1", head=True)
+        >>> model.mocohub_config.embedding_dim
+        128
     """
-    path = Path(source)
-    if path.is_dir() and (path / WEIGHTS_NAME).is_file():
-        model = load_pretrained(path, head=head)
-    elif path.is_file() and path.suffix == ".safetensors":
-        if not (path.parent / CONFIG_NAME).is_file():
-            raise InputError(
-                f"{path} has no {CONFIG_NAME} beside it, so mocohub cannot tell its "
-                "architecture; put the config next to it or load its folder."
-            )
-        model = load_pretrained(path.parent, head=head, weights_file=path)
-    elif path.exists():
-        model = _from_checkpoint(path, head=head)
+    text = os.fspath(source)
+    if text.startswith(HF_PREFIX):
+        from mocohub.hf import from_pretrained
+
+        return from_pretrained(text, head=head, pretrained=pretrained)
+    if text.startswith(("https://", "http://")):
+        model = _load_url(text, head, progress, cache_dir)
+    elif Path(text).exists():
+        model = _load_path(Path(text), head=head)
     else:
-        raise InputError(
-            f"{source!s} is not a file or folder mocohub can load; pass a model folder "
-            "(config.json + model.safetensors), a .safetensors file, a mocohub run folder "
-            "or checkpoint, or a reference MoCo .pth.tar."
-        )
+        try:
+            weights = get_weights(text)
+        except InputError:
+            raise _unknown(text) from None
+        if not pretrained:
+            return build_model(weights.config(head))
+        model = _load_registered(weights, head, progress, cache_dir)
     if not pretrained:
         return build_model(model.mocohub_config)
     return model
 
 
-def _from_checkpoint(path: Path, *, head: bool) -> ResNet:
-    from mocohub.convert import backbone_from_checkpoint
-
-    if head:
-        raise InputError(
-            f"Loading the projection head straight from {path} is not supported yet; "
-            "load it with head=False."
-        )
-    backbone, info = backbone_from_checkpoint(path)
-    config = ModelConfig(
-        arch=info["arch"],
-        small_stem=info["small_stem"],
-        in_channels=info["channels"],
-        width=info["width"],
-        preprocessing=Preprocessing(
-            info["image_size"],
-            info["resize_size"],
-            tuple(info["mean"]),
-            tuple(info["std"]),
-            channels=info["channels"],
-        ),
-        meta={"source": info["checkpoint"], "format": info["format"], "epochs": info["epoch"]},
+def _unknown(text: str) -> InputError:
+    names = [w.name for w in list_models()]
+    close = difflib.get_close_matches(text, names, n=2)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return InputError(
+        f"{text} is not a file, folder, URL, hf-hub: repo or registered name{hint}; pass a "
+        "model folder, a .safetensors or .pth.tar file, hf-hub:ORG/NAME, or a name from "
+        "`mocohub list`."
     )
-    backbone.mocohub_config = config
-    return backbone
+
+
+def _load_path(path: Path, *, head: bool) -> ResNet:
+    """The model in a local folder or file (safetensors first, then checkpoints)."""
+    if path.is_dir() and (path / WEIGHTS_NAME).is_file():
+        return load_pretrained(path, head=head)
+    if path.is_file() and path.suffix == ".safetensors":
+        if not (path.parent / CONFIG_NAME).is_file():
+            raise InputError(
+                f"{path} has no {CONFIG_NAME} beside it, so mocohub cannot tell its "
+                "architecture; put the config next to it or load its folder."
+            )
+        return load_pretrained(path.parent, head=head, weights_file=path)
+    from mocohub.convert import model_from_checkpoint
+
+    return model_from_checkpoint(path, head=head)
+
+
+def _load_url(
+    url: str, head: bool, progress: bool, cache_dir: str | os.PathLike[str] | None
+) -> ResNet:
+    """A URL's checkpoint, verified and described by the registry when it is a registry file."""
+    from mocohub.download import fetch_url
+
+    for weights in list_models():
+        for file in weights.files:
+            if file.location == url:
+                return _load_registered(weights, head, progress, cache_dir, only=file)
+    path = fetch_url(url, directory=cache_dir, progress=progress)
+    model = _load_path(path, head=head)
+    config = model.mocohub_config
+    model.mocohub_config = replace(config, meta={**config.meta, "source": url})
+    return model
+
+
+def _fetch(file: WeightsFile, progress: bool, cache_dir: str | os.PathLike[str] | None) -> Path:
+    """The local path of one registered file (downloaded when needed) after its hash check."""
+    from mocohub.download import NotAvailableError, check_hash, fetch_url
+
+    if file.kind == "url":
+        return fetch_url(file.location, hash=file.hash, directory=cache_dir, progress=progress)
+    if file.kind == "hf-hub":
+        from mocohub.hf import download_repo
+
+        path = download_repo(file.location)
+    else:
+        path = file.local_path() or Path(file.location)
+        if not path.exists():
+            raise NotAvailableError(
+                f"The weights at {file.location} are missing ({path} does not exist); "
+                "reinstall mocohub or pass the weights' local path."
+            )
+    if file.hash is not None:
+        checked = path / WEIGHTS_NAME if path.is_dir() else path
+        check_hash(checked, file.hash, what=str(checked))
+    return path
+
+
+def _load_registered(
+    weights: Weights,
+    head: bool,
+    progress: bool,
+    cache_dir: str | os.PathLike[str] | None,
+    only: WeightsFile | None = None,
+) -> ResNet:
+    """Registered weights from the first of their files that is available."""
+    from mocohub.download import NotAvailableError
+
+    expected = weights.config(head)  # raises when head=True but the weights have none
+    missing: list[NotAvailableError] = []
+    for file in [only] if only else weights.files_by_preference():
+        try:
+            path = _fetch(file, progress, cache_dir)
+        except NotAvailableError as e:
+            missing.append(e)
+            continue
+        return _as_registered(_load_path(path, head=head), expected, file)
+    if len(missing) == 1:
+        raise missing[0]
+    raise InputError(
+        f"None of the {len(missing)} copies of {weights.name} can be had: "
+        + " / ".join(str(e) for e in missing)
+    )
+
+
+def _as_registered(model: ResNet, expected: ModelConfig, file: WeightsFile) -> ResNet:
+    """``model`` with the registry's config, after checking that the file is what it says."""
+    got: ModelConfig = model.mocohub_config
+    shape = ("arch", "small_stem", "in_channels", "width", "head")
+    if any(getattr(got, k) != getattr(expected, k) for k in shape):
+        found = ", ".join(f"{k}={getattr(got, k)}" for k in shape)
+        raise InputError(
+            f"{file.location} holds a model ({found}) other than the registered "
+            f"{expected.meta['name']}; the file or the registry entry is wrong."
+        )
+    model.mocohub_config = replace(expected, meta={**expected.meta, "file": file.location})
+    return model

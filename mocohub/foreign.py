@@ -1,0 +1,142 @@
+"""mocohub backbones out, in other libraries' layouts: each a small key map.
+
+- **torchvision**: the backbone's state dict as it is (mocohub's ResNets keep
+  torchvision's key names), saved with ``torch.save``; it loads into
+  ``torchvision.models.resnet50()`` strictly apart from the missing ``fc``.
+- **detectron2**: the key renaming of the reference MoCo
+  ``detection/convert-pretrain-to-detectron2.py`` (stem layers under
+  ``stem.``, ``layerN`` -> ``res{N+1}``, ``bnK`` -> ``convK.norm``,
+  ``downsample.0``/``.1`` -> ``shortcut``/``shortcut.norm``), values as numpy
+  arrays, pickled as ``{"model": ..., "__author__": ..., "matching_heuristics": True}``:
+  the ``.pkl`` detectron2's ``MODEL.WEIGHTS`` takes. Unlike the reference
+  script, the projection head is left out (detectron2 never uses it).
+
+Both need a standard torchvision ResNet (7x7 stem, width 64, 3 channels).
+
+Example:
+    >>> model = mocohub.load("moco_v2_r50_800ep")
+    >>> save_torchvision(model, "r50_moco.pth")
+    >>> torchvision.models.resnet50().load_state_dict(torch.load("r50_moco.pth"), strict=False)
+    _IncompatibleKeys(missing_keys=['fc.weight', 'fc.bias'], unexpected_keys=[])
+    >>> save_detectron2(model, "r50_moco.pkl")
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mocohub.errors import InputError
+from mocohub.fileio import atomic_writer
+from mocohub.models import get_config
+
+__all__ = [
+    "FORMATS",
+    "detectron2_key",
+    "detectron2_state",
+    "save_detectron2",
+    "save_torchvision",
+    "torchvision_state",
+]
+
+#: ``mocohub convert --to`` targets besides the artifact folder, with their file suffix
+FORMATS = {"torchvision": ".pth", "detectron2": ".pkl"}
+_AUTHOR = "mocohub (MoCo)"
+
+
+def _standard_backbone(model: nn.Module, target: str) -> dict[str, torch.Tensor]:
+    config = get_config(model)
+    if config.small_stem or config.width != 64 or config.in_channels != 3:
+        raise InputError(
+            f"{target} has no layout for this {config.arch} (small stem {config.small_stem}, "
+            f"width {config.width}, {config.in_channels} channels); only standard ResNets "
+            "(7x7 stem, width 64, RGB) convert, so publish it as a mocohub folder instead."
+        )
+    return {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith("fc.")
+    }
+
+
+def torchvision_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's ``torchvision.models.resnetNN`` state dict, without ``fc``.
+
+    Example:
+        >>> torchvision.models.resnet50().load_state_dict(torchvision_state(model), strict=False)
+        _IncompatibleKeys(missing_keys=['fc.weight', 'fc.bias'], unexpected_keys=[])
+    """
+    return _standard_backbone(model, "torchvision")
+
+
+def detectron2_key(key: str) -> str:
+    """A torchvision ResNet key in detectron2's names (the reference conversion's renaming).
+
+    Example:
+        >>> detectron2_key("layer1.0.downsample.1.running_mean")
+        'res2.0.shortcut.norm.running_mean'
+    """
+    if "layer" not in key:
+        key = "stem." + key
+    for t in (1, 2, 3, 4):
+        key = key.replace(f"layer{t}", f"res{t + 1}")
+    for t in (1, 2, 3):
+        key = key.replace(f"bn{t}", f"conv{t}.norm")
+    return key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+
+
+def detectron2_state(model: nn.Module) -> dict[str, object]:
+    """The object detectron2 loads from a ``.pkl``: renamed numpy weights and its flags.
+
+    Example:
+        >>> detectron2_state(model)["model"]["res5.2.conv3.norm.weight"].shape
+        (2048,)
+    """
+    state = _standard_backbone(model, "detectron2")
+    weights = {detectron2_key(k): v.numpy() for k, v in state.items()}
+    return {"model": weights, "__author__": _AUTHOR, "matching_heuristics": True}
+
+
+def _output(path: str | os.PathLike[str], target: str) -> Path:
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        path = path / f"model{FORMATS[target]}"
+    return path
+
+
+def save_torchvision(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write :func:`torchvision_state` with ``torch.save``, atomically; return the file.
+
+    A folder (or a path without suffix) gets ``model.pth`` inside it.
+
+    Example:
+        >>> save_torchvision(mocohub.load("moco_v1_r50_200ep"), "out/")
+        PosixPath('out/model.pth')
+    """
+    file = _output(path, "torchvision")
+    state = torchvision_state(model)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(file) as f:
+        torch.save(state, f)
+    return file
+
+
+def save_detectron2(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write :func:`detectron2_state` as a pickle, atomically; return the file.
+
+    A folder (or a path without suffix) gets ``model.pkl`` inside it.
+
+    Example:
+        >>> save_detectron2(mocohub.load("moco_v2_r50_800ep"), "out/moco_v2_800ep.pkl")
+        PosixPath('out/moco_v2_800ep.pkl')
+    """
+    file = _output(path, "detectron2")
+    state = detectron2_state(model)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(file) as f:
+        pickle.dump(state, f)
+    return file

@@ -1,0 +1,209 @@
+"""``mocohub list``, ``info``, ``convert`` and ``push``: the weights hub on the command line.
+
+Example:
+    $ mocohub list
+    $ mocohub info moco_v2_r50_800ep
+    $ mocohub convert moco_v2_800ep_pretrain.pth.tar --out moco-v2-r50-800ep
+    $ mocohub convert moco_v2_r50_800ep --to detectron2 --out r50_moco.pkl
+    $ mocohub push moco-v2-r50-800ep me/moco-v2-r50-800ep
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mocohub.registry import Weights, WeightsFile, get_weights, list_models
+
+__all__ = ["convert_command", "info_command", "list_command", "push_command"]
+
+
+def _cached(file: WeightsFile) -> Path | None:
+    """The local copy of a registered file, if this machine has one (no network)."""
+    if file.kind == "url":
+        from mocohub.download import cache_dir
+
+        path = cache_dir() / file.location.rsplit("/", 1)[-1]
+        return path if path.is_file() else None
+    if file.kind == "hf-hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        from mocohub.hf import parse_repo
+        from mocohub.models import WEIGHTS_NAME
+
+        repo_id, revision = parse_repo(file.location)
+        found = try_to_load_from_cache(repo_id, WEIGHTS_NAME, revision=revision)
+        return Path(found) if isinstance(found, str) else None
+    local = file.local_path()
+    return local if local is not None and local.exists() else None
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
+
+
+def _summary(weights: Weights) -> dict[str, Any]:
+    config = weights.config()
+    copies = [c for c in (_cached(f) for f in weights.files) if c is not None]
+    return {
+        "name": weights.name,
+        "arch": weights.arch,
+        "feature_dim": config.feature_dim,
+        "head": None if weights.head is None else f"{weights.head.type} {weights.head.dim}-d",
+        "preprocessing": weights.preprocessing.to_dict(),
+        "files": [{"location": f.location, "hash": f.hash} for f in weights.files],
+        "cached": str(copies[0]) if copies else None,
+        "file_size": _size(copies[0]) if copies else None,
+        "meta": dict(weights.meta),
+    }
+
+
+def _megabytes(size: int | None) -> str:
+    return "unknown until downloaded" if size is None else f"{size / 1e6:.1f} MB"
+
+
+@click.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_command(as_json: bool) -> None:
+    """List the named MoCo weight sets with their published metrics."""
+    rows = [_summary(w) for w in list_models()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    header = ("NAME", "ARCH", "DIM", "EPOCHS", "TOP-1", "PARAMS", "CACHED")
+    table = [header] + [
+        (
+            r["name"],
+            r["arch"],
+            str(r["feature_dim"]),
+            str(r["meta"].get("epochs", "")),
+            str(r["meta"].get("imagenet_linear_top1", "-")),
+            f"{r['meta']['num_params'] / 1e6:.1f}M" if r["meta"].get("num_params") else "-",
+            "yes" if r["cached"] else "no",
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    click.echo("\nTOP-1: published ImageNet linear-classification top-1 (%). `mocohub info NAME`")
+
+
+@click.command("info")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info_command(name: str, as_json: bool) -> None:
+    """Show everything about one named weight set."""
+    info = _summary(get_weights(name))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    prep = info["preprocessing"]
+    meta = dict(info["meta"])
+    rows = [
+        ("architecture", f"{info['arch']}, {info['feature_dim']}-d features"),
+        (
+            "head",
+            f"{info['head']} (mocohub.load(..., head=True) keeps it)" if info["head"] else "none",
+        ),
+        (
+            "preprocessing",
+            f"resize {prep['resize_size']} ({prep['interpolation']}), centre crop "
+            f"{prep['image_size']}, mean {tuple(prep['mean'])}, std {tuple(prep['std'])}",
+        ),
+    ]
+    for file in info["files"]:
+        rows += [("file", file["location"]), ("hash", file["hash"] or "-")]
+    rows += [("cached", info["cached"] or "no"), ("file size", _megabytes(info["file_size"]))]
+    description = meta.pop("description", "")
+    rows += [(key, str(value)) for key, value in meta.items()]
+    width = max(len(key) for key, _ in rows)
+    lines = [f"{info['name']}: {description}"]
+    lines += [f"  {key:<{width}}  {value}" for key, value in rows]
+    click.echo("\n".join(lines))
+
+
+@click.command("convert")
+@click.argument("source")
+@click.option(
+    "--out", "-o", required=True, type=click.Path(path_type=Path), help="Folder (or file) to write."
+)
+@click.option(
+    "--to",
+    "target",
+    type=click.Choice(["mocohub", "torchvision", "detectron2"]),
+    default="mocohub",
+    show_default=True,
+    help="mocohub: artifact folder (model.safetensors, config.json, README.md); torchvision: "
+    "a resnet state dict (.pth); detectron2: the .pkl MODEL.WEIGHTS takes.",
+)
+@click.option("--head", is_flag=True, help="Keep the projection head (mocohub folders only).")
+@click.option("--name", default=None, help="The model's name in its config and card.")
+@click.option("--no-progress", is_flag=True, help="No download progress bar.")
+def convert_command(
+    source: str, out: Path, target: str, head: bool, name: str | None, no_progress: bool
+) -> None:
+    """Convert SOURCE (a checkpoint, folder, URL, hf-hub: repo or name) for publishing.
+
+    A reference MoCo .pth.tar becomes a mocohub artifact folder, a torchvision
+    state dict or a detectron2 .pkl.
+    """
+    from mocohub.errors import InputError
+    from mocohub.hub import load
+
+    if head and target != "mocohub":
+        raise InputError(
+            f"--to {target} writes the backbone only; drop --head, or convert to a mocohub "
+            "folder to keep the head."
+        )
+    model = load(source, head=head, progress=not no_progress)
+    config = model.mocohub_config
+    meta = dict(config.meta)
+    local = Path(source).exists()
+    stated = meta.get("source")
+    if isinstance(stated, str) and Path(stated).exists():
+        meta["source"] = Path(stated).name  # a local path means nothing on another machine
+    meta.setdefault("converted_from", Path(source).name if local else source)
+    if name:
+        meta["name"] = name
+    model.mocohub_config = replace(config, meta=meta)
+    if target == "torchvision":
+        from mocohub.foreign import save_torchvision
+
+        written = save_torchvision(model, out)
+        click.echo(f"Wrote {written}: a torchvision {config.arch} state dict (no fc).")
+    elif target == "detectron2":
+        from mocohub.foreign import save_detectron2
+
+        written = save_detectron2(model, out)
+        click.echo(f"Wrote {written}: detectron2 weights (MODEL.WEIGHTS {written}).")
+    else:
+        from mocohub.hf import save_pretrained
+
+        save_pretrained(model, out)
+        click.echo(
+            f"Wrote {out}/ (model.safetensors, config.json, README.md): {config.arch}, "
+            f"{config.embedding_dim}-d output. Load it with mocohub.load({str(out)!r})."
+        )
+
+
+@click.command("push")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, default=None, help="Create the repo as private.")
+@click.option("--revision", default=None, help="Branch to push to (created when missing).")
+@click.option("--message", "-m", default=None, help="Commit message.")
+def push_command(
+    folder: Path, repo_id: str, private: bool | None, revision: str | None, message: str | None
+) -> None:
+    """Publish an artifact FOLDER (from `mocohub convert`) as the Hub repo REPO_ID."""
+    from mocohub.hf import push_to_hub
+
+    url = push_to_hub(folder, repo_id, private=private, revision=revision, commit_message=message)
+    click.echo(f"Pushed {folder} to https://huggingface.co/{repo_id} ({url}).")
