@@ -36,6 +36,8 @@ _LAZY = {
     "save_pretrained": "mocohub.hf",
     "from_pretrained": "mocohub.hf",
     "push_to_hub": "mocohub.hf",
+    "FeatureExtractor": "mocohub.features",
+    "Index": "mocohub.index",
     "ModelConfig": "mocohub.models",
     "Preprocessing": "mocohub.preprocessing",
 }
@@ -44,6 +46,8 @@ __all__ = [
     "ARCHITECTURES",
     "ConfigError",
     "DistributedError",
+    "FeatureExtractor",
+    "Index",
     "InputError",
     "MocohubError",
     "ModelConfig",
@@ -74,8 +78,10 @@ if TYPE_CHECKING:
         resnet34,
         resnet50,
     )
+    from mocohub.features import FeatureExtractor
     from mocohub.hf import from_pretrained, push_to_hub, save_pretrained
     from mocohub.hub import load
+    from mocohub.index import Index
     from mocohub.models import ModelConfig
     from mocohub.preprocessing import Preprocessing
     from mocohub.registry import Weights, WeightsFile, get_weights, list_models, register_weights

@@ -34,6 +34,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Convert a MoCo checkpoint to a mocohub folder, torchvision or detectron2.",
     ),
     "push": ("mocohub.hub_cli:push_command", "Publish a model folder on the Hugging Face Hub."),
+    "embed": ("mocohub.embed_cli:embed_command", "Embed folders of images into a .npy file."),
+    "embed-merge": (
+        "mocohub.embed_cli:merge_command",
+        "Merge the outputs of `mocohub embed --shard i/n` runs.",
+    ),
+    "index": ("mocohub.search_cli:index_command", "Build a search index from embeddings."),
+    "search": ("mocohub.search_cli:search_command", "Find the images nearest to query images."),
 }
 
 _invocation: list[str] = []

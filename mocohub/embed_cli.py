@@ -1,0 +1,184 @@
+"""``mocohub embed`` and ``mocohub embed-merge``: the command-line face of :mod:`mocohub.embed`.
+
+Backends are looked up by name in :data:`BACKENDS` ("module:attribute" of a
+function that opens an :class:`~mocohub.features.Embedder`), so that
+``mocohub`` never imports ``mocohub.export`` unless ``--backend onnxruntime``
+asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from mocohub.errors import ConfigError, InputError, MocohubError
+
+__all__ = ["BACKENDS", "embed_command", "merge_command", "open_backend"]
+
+# name -> "module:function"; the function opens an Embedder for a model path.
+BACKENDS: dict[str, str] = {
+    "torch": "mocohub.features:open_torch_embedder",
+    "onnxruntime": "mocohub.export.onnx_embedder:open_embedder",
+}
+
+
+def open_backend(name: str) -> Callable[..., Any]:
+    """The embedder-opening function of backend ``name``."""
+    module_name, attribute = BACKENDS[name].split(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(
+            f"The {name} backend needs {module_name} ({e}); install mocohub with its export "
+            "part and onnxruntime, or use --backend torch."
+        ) from e
+
+
+def _parse_shard(value: str) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard takes i/n (e.g. 0/4), got {value!r}.") from None
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"--shard i/n needs 0 <= i < n, got {value}.")
+    return index, count
+
+
+@click.command("embed")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npy file.")
+@click.option("--model", "-m", required=True, help="Anything mocohub.load takes (folder, file...).")
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="torch", show_default=True)
+@click.option(
+    "--output",
+    type=click.Choice(["pooled", "head"]),
+    default="pooled",
+    show_default=True,
+    help="Pooled backbone features, or the projection head's output.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=min(4, os.cpu_count() or 1),
+    show_default=True,
+    help="Decoding processes (0: decode in the main process).",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16/fp16 where the hardware runs it fast and it matches fp32, else fp32.",
+)
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32")
+@click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2 rows.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Skip larger images.")
+@click.option("--shard", default="0/1", show_default=True, help="Do share i of n (i/n).")
+@click.option("--part-size", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--strict", is_flag=True, help="Exit non-zero when any file was skipped.")
+@click.option("--restart", is_flag=True, help="Discard an unfinished run with other settings.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def embed_command(
+    inputs: tuple[str, ...],
+    out: str,
+    model: str,
+    backend: str,
+    output: str,
+    batch_size: int,
+    workers: int,
+    device: str,
+    precision: str,
+    dtype: str,
+    normalize: bool,
+    max_pixels: int | None,
+    shard: str,
+    part_size: int,
+    strict: bool,
+    restart: bool,
+    quiet: bool,
+) -> None:
+    """Embed images into OUT.npy (+ .manifest.txt, .errors.jsonl, .meta.json).
+
+    INPUTS are folders (searched recursively), image files, or .txt files listing
+    paths. Unreadable images are skipped and listed in OUT.errors.jsonl. An
+    interrupted run resumes when rerun with the same arguments.
+
+    Example: mocohub embed photos/ --out feats.npy --model runs/fmnist/model
+    """
+    from mocohub.embed import EmbedSettings, embed_files, output_files
+    from mocohub.imageio import DEFAULT_MAX_PIXELS, scan_inputs
+
+    shard_index = _parse_shard(shard)
+    if os.path.exists(model):  # recorded in the output's meta: make it work from anywhere
+        model = os.path.abspath(model)
+    output_files(out)  # checks the name before any work
+    opener = open_backend(backend)
+    if backend != "torch" and (output != "pooled" or precision != "auto" or device != "auto"):
+        raise ConfigError(
+            f"--output, --precision and --device apply to the torch backend; the {backend} "
+            "backend runs the model file as it was exported."
+        )
+
+    def open_embedder(chosen: str) -> Any:
+        if backend == "torch":
+            return opener(model, device=device, precision=chosen, output=output)
+        return opener(model)
+
+    settings = EmbedSettings(
+        model=model,
+        backend=backend,
+        output=output,
+        precision=precision,
+        device=device,
+        normalize=normalize,
+        batch_size=batch_size,
+        part_size=part_size,
+        max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+    )
+    paths = scan_inputs(inputs)
+    result = embed_files(
+        paths,
+        out,
+        settings,
+        open_embedder,
+        shard=shard_index,
+        workers=workers,
+        dtype=dtype,
+        restart=restart,
+        progress=not quiet,
+    )
+    files = output_files(out)
+    skipped = f", skipped {result.skipped} (see {files['errors']})" if result.skipped else ""
+    click.echo(
+        f"embedded {result.rows} images{skipped} in {result.seconds:.1f} s "
+        f"({result.images_per_s:.1f} images/s, precision {result.precision or 'n/a'}) "
+        f"-> {result.out}"
+    )
+    if strict and result.skipped:
+        raise InputError(
+            f"{result.skipped} files were skipped (--strict); see {files['errors']} for why."
+        )
+
+
+@click.command("embed-merge")
+@click.argument("parts", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Merged .npy file.")
+def merge_command(parts: tuple[str, ...], out: str) -> None:
+    """Merge the outputs of `mocohub embed --shard i/n` runs into one.
+
+    Example: mocohub embed-merge f0.npy f1.npy f2.npy --out feats.npy
+    """
+    from mocohub.embed import merge_outputs
+
+    if os.path.abspath(out) in {os.path.abspath(p) for p in parts}:
+        raise MocohubError("--out must differ from the shard files being merged.")
+    meta = merge_outputs(parts, out)
+    click.echo(
+        f"merged {len(parts)} shards: {meta['rows']} rows, {meta['skipped']} skipped -> {out}"
+    )

@@ -1,0 +1,355 @@
+"""Features from a MoCo backbone: the backend seam, the PyTorch backend, and ``FeatureExtractor``.
+
+An :class:`Embedder` is anything that turns a preprocessed float32 NCHW batch
+into an ``(N, dim)`` float32 array of raw (not yet L2-normalised) features and
+says how its input must be prepared (``preprocessing``). :class:`TorchEmbedder`
+is the PyTorch one; ``mocohub.export``'s ONNX embedder has the same interface,
+so the embed pipeline never needs to know which backend runs.
+
+Precision (``precision="auto"``): on a CUDA device, autocast to bf16 (fp16
+where bf16 is unsupported) with channels_last; on a CPU, bf16 autocast with
+channels_last only when the CPU has bf16 matrix units (AMX or AVX512-BF16,
+read from ``/proc/cpuinfo``; elsewhere bf16 is emulated and several times
+slower than fp32), fp32 otherwise. A reduced precision is then checked once,
+on the first batch, against fp32: if any image's cosine similarity to its
+fp32 features falls under ``min_cosine`` (0.999), the embedder falls back to
+fp32 for good and warns.
+
+Example:
+    >>> fx = FeatureExtractor("runs/fmnist/model", batch_size=64)
+    >>> feats = fx(["a.png", "b.jpg"])          # (2, 512) float32, rows of unit length
+    >>> fx(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), output="spatial").shape
+    (4, 128, 4, 4)
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from mocohub.errors import ConfigError, InputError
+from mocohub.imageio import DEFAULT_MAX_PIXELS, DecodeError, decode_image, to_mode
+from mocohub.preprocessing import Preprocessing
+
+__all__ = [
+    "OUTPUTS",
+    "PRECISIONS",
+    "Embedder",
+    "FeatureExtractor",
+    "TorchEmbedder",
+    "auto_precision",
+    "open_torch_embedder",
+]
+
+OUTPUTS = ("pooled", "head", "spatial")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """A backend: preprocessed float32 NCHW batch -> ``(N, dim)`` float32 raw features."""
+
+    preprocessing: Preprocessing
+    dim: int
+
+    def embed_batch(self, images: torch.Tensor) -> np.ndarray:
+        """Features of a batch already resized, cropped and normalised (not L2-normalised)."""
+        ...
+
+
+def auto_precision(device: torch.device, cpu_flags: Iterable[str] | None = None) -> str:
+    """The precision ``"auto"`` picks on ``device``: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+
+    Example:
+        >>> auto_precision(torch.device("cpu"), {"avx2"})
+        'fp32'
+        >>> auto_precision(torch.device("cpu"), {"avx2", "amx_bf16"})
+        'bf16'
+    """
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        if cpu_flags is None:
+            from mocohub.sysinfo import cpu_flags as read_flags
+
+            cpu_flags = read_flags()
+        return "bf16" if {"amx_bf16", "avx512_bf16"} & set(cpu_flags) else "fp32"
+    return "fp32"
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"Unknown device {device!r}; use auto, cpu, cuda or cuda:N.") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Device {device} was asked for but CUDA is not available; use cpu.")
+    return resolved
+
+
+class TorchEmbedder:
+    """The PyTorch backend: a mocohub ResNet on a device, at the fastest accurate precision.
+
+    Args:
+        model: a model from :func:`mocohub.load` / ``mocohub.models.build_model``
+            (it carries ``mocohub_config``).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"`` ...
+        precision: ``"auto"`` (see the module docstring), ``"fp32"``, ``"bf16"``
+            or ``"fp16"`` (the explicit ones are used as asked, unchecked).
+        output: ``"pooled"`` backbone features, ``"head"`` projection-head output
+            (the model must have been loaded with ``head=True``) or ``"spatial"``
+            (the last stage's feature maps; :meth:`forward` only).
+        channels_last: None chooses (on with reduced precision, off for CPU fp32).
+        min_cosine: the lowest cosine to fp32 that ``"auto"`` accepts on the first batch.
+
+    Example:
+        >>> emb = TorchEmbedder(mocohub.load("runs/fmnist/model"), device="cpu")
+        >>> emb.embed_batch(torch.zeros(2, 1, 28, 28)).shape
+        (2, 512)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        device: str | torch.device | None = "auto",
+        precision: str = "auto",
+        output: str = "pooled",
+        channels_last: bool | None = None,
+        min_cosine: float = 0.999,
+    ) -> None:
+        from mocohub.models import get_config
+
+        if precision not in PRECISIONS:
+            raise ConfigError(
+                f"Unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}."
+            )
+        if output not in OUTPUTS:
+            raise ConfigError(f"Unknown output {output!r}; use one of {', '.join(OUTPUTS)}.")
+        config = get_config(model)
+        has_head = not isinstance(getattr(model, "fc", None), nn.Identity)
+        if output == "head" and not has_head:
+            raise InputError(
+                "output='head' needs the projection head; load the model with head=True "
+                "(or `--output head` on the command line), from weights that include it."
+            )
+        self.device = _device(device)
+        self.preprocessing: Preprocessing = config.preprocessing
+        self.output = output
+        self.dim = config.embedding_dim if output == "head" else config.feature_dim
+        self.precision = auto_precision(self.device) if precision == "auto" else precision
+        # only a reduced precision that "auto" chose is checked against fp32
+        self.checked = precision != "auto" or self.precision == "fp32"
+        self.min_cosine = min_cosine
+        if channels_last is None:
+            channels_last = self.precision != "fp32" or self.device.type == "cuda"
+        self.channels_last = channels_last
+        self.model = model.eval().to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def _autocast(self, precision: str) -> Any:
+        if precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=_AUTOCAST[precision])
+
+    def _run(self, x: torch.Tensor, precision: str, output: str) -> torch.Tensor:
+        m: Any = self.model
+        with torch.inference_mode(), self._autocast(precision):
+            x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+            x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
+            if output != "spatial":
+                x = torch.flatten(m.avgpool(x), 1)
+                if output == "head":
+                    x = m.fc(x)
+        return x.float()
+
+    def forward(self, images: torch.Tensor, output: str | None = None) -> torch.Tensor:
+        """Raw float32 features of a preprocessed batch, on the CPU (``output``: see __init__)."""
+        output = output or self.output
+        if output not in OUTPUTS:
+            raise ConfigError(f"Unknown output {output!r}; use one of {', '.join(OUTPUTS)}.")
+        x = images.to(self.device, torch.float32, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if not self.checked:
+            return self._check_precision(x, output).cpu()
+        return self._run(x, self.precision, output).cpu()
+
+    def _check_precision(self, x: torch.Tensor, output: str) -> torch.Tensor:
+        low = self._run(x, self.precision, output)
+        exact = self._run(x, "fp32", output)
+        self.checked = True
+        cosine = F.cosine_similarity(low.flatten(1), exact.flatten(1), dim=1, eps=1e-12)
+        worst = float(cosine.min()) if len(cosine) else 1.0
+        if worst < self.min_cosine:
+            warnings.warn(
+                f"{self.precision} features of the first batch reached only cosine {worst:.5f} "
+                f"to fp32 (< {self.min_cosine}); using fp32 from now on.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.precision = "fp32"
+            return exact
+        return low
+
+    def embed_batch(self, images: torch.Tensor) -> np.ndarray:
+        """``(N, dim)`` float32 raw features of a preprocessed float32 NCHW batch."""
+        if self.output == "spatial":
+            raise ConfigError("embed_batch gives one vector per image; use forward() for maps.")
+        return self.forward(images).numpy()
+
+
+def open_torch_embedder(
+    model: str | os.PathLike[str] | nn.Module,
+    *,
+    device: str | torch.device | None = "auto",
+    precision: str = "auto",
+    output: str = "pooled",
+) -> TorchEmbedder:
+    """A :class:`TorchEmbedder` for anything :func:`mocohub.load` takes (or a loaded model)."""
+    if not isinstance(model, nn.Module):
+        from mocohub.hub import load
+
+        model = load(model, head=output == "head")
+    return TorchEmbedder(model, device=device, precision=precision, output=output)
+
+
+ImageInput = Image.Image | str | os.PathLike[str] | torch.Tensor
+
+
+class FeatureExtractor:
+    """Embeddings of images, paths and tensors with a model's own preprocessing.
+
+    Args:
+        model: anything :func:`mocohub.load` takes, a loaded mocohub model, or an
+            :class:`Embedder` (e.g. ``mocohub.export``'s ONNX one).
+        device, precision: as :class:`TorchEmbedder`.
+        batch_size: images per forward pass.
+        output: ``"pooled"`` (default), ``"head"`` or ``"spatial"`` (torch only).
+        normalize: L2-normalise each row (pooled and head outputs; default True).
+        dtype: ``np.float32`` (default) or ``np.float16`` for the returned array.
+        max_pixels: files with more pixels are refused (decompression bombs).
+
+    Calling it with a list of PIL images and/or file paths, a single one, or a
+    uint8 (0-255) or float ([0, 1]) tensor of shape (N, C, H, W) or (C, H, W)
+    returns a NumPy array: ``(N, dim)``, or ``(N, C, h, w)`` for ``"spatial"``.
+    A file that cannot be decoded raises :class:`~mocohub.errors.InputError`.
+
+    Example:
+        >>> fx = FeatureExtractor("runs/fmnist/model", dtype=np.float16)
+        >>> fx([Image.open("a.png"), "b.png"]).dtype
+        dtype('float16')
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | nn.Module | Embedder,
+        *,
+        device: str | torch.device | None = "auto",
+        batch_size: int = 64,
+        precision: str = "auto",
+        output: str = "pooled",
+        normalize: bool = True,
+        dtype: Any = np.float32,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float16):
+            raise ConfigError(f"dtype must be float32 or float16, got {self.dtype}.")
+        if isinstance(model, (str, os.PathLike, nn.Module)):
+            self.embedder: Embedder = open_torch_embedder(
+                model, device=device, precision=precision, output=output
+            )
+        elif isinstance(model, Embedder):
+            if output != "pooled":
+                raise ConfigError(f"output={output!r} needs a PyTorch model, not an Embedder.")
+            self.embedder = model
+        else:
+            raise InputError(
+                f"FeatureExtractor cannot use a {type(model).__name__}; pass a model source, "
+                "a mocohub model or an Embedder."
+            )
+        self.output, self.normalize, self.batch_size = output, normalize, batch_size
+        self.max_pixels = max_pixels
+        self.preprocessing = self.embedder.preprocessing
+        self.dim = self.embedder.dim
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        return self.embed_prepared(self.prepare(images))
+
+    def embed_prepared(self, batch: torch.Tensor) -> np.ndarray:
+        """Features of a batch made by :meth:`prepare` (in chunks of ``batch_size``)."""
+        parts = [
+            self._embed(batch[i : i + self.batch_size])
+            for i in range(0, len(batch), self.batch_size)
+        ]
+        if not parts:
+            return np.zeros((0, self.dim), self.dtype)
+        return np.concatenate(parts).astype(self.dtype, copy=False)
+
+    def _embed(self, x: torch.Tensor) -> np.ndarray:
+        if isinstance(self.embedder, TorchEmbedder):
+            feats = self.embedder.forward(x, self.output)
+        else:
+            feats = torch.from_numpy(np.asarray(self.embedder.embed_batch(x), np.float32))
+        if self.normalize and self.output != "spatial":
+            feats = F.normalize(feats, dim=1)
+        return feats.numpy()
+
+    def prepare(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """The preprocessed float32 (N, C, S, S) batch the model will see."""
+        prep = self.preprocessing
+        if isinstance(images, torch.Tensor):
+            x = images.unsqueeze(0) if images.ndim == 3 else images
+            if x.ndim != 4:
+                raise InputError(
+                    f"Image tensors must be (N, C, H, W) or (C, H, W), got {tuple(images.shape)}."
+                )
+            if x.dtype == torch.uint8:
+                return prep.batch()(x)
+            if not x.is_floating_point():
+                raise InputError(f"Image tensors must be uint8 or float, got {x.dtype}.")
+            if len(x) and (float(x.min()) < -0.01 or float(x.max()) > 1.01):
+                raise InputError(
+                    "Float image tensors must hold pixels in [0, 1] (not yet normalised); "
+                    "pass uint8 tensors for 0-255 pixels."
+                )
+            # BatchPreprocess scales uint8 by 1/255; x * 255 undoes that for [0, 1] floats.
+            return prep.batch()(x.float() * 255)
+        items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
+        transform = prep.transform()
+        mode = "L" if prep.channels == 1 else "RGB"
+        tensors = []
+        for item in items:
+            if isinstance(item, Image.Image):
+                tensors.append(transform(to_mode(item, mode)))
+            elif isinstance(item, (str, os.PathLike)):
+                try:
+                    image = decode_image(
+                        item, mode=mode, min_size=prep.resize_size, max_pixels=self.max_pixels
+                    )
+                except DecodeError as e:
+                    raise InputError(f"Cannot use {item} as an image: {e.reason}.") from e
+                tensors.append(transform(image))
+            else:
+                raise InputError(
+                    f"Cannot embed a {type(item).__name__}; pass PIL images, file paths or tensors."
+                )
+        if not tensors:
+            return torch.zeros(0, prep.channels, prep.image_size, prep.image_size)
+        return torch.stack(tensors)
