@@ -41,6 +41,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "index": ("mocohub.search_cli:index_command", "Build a search index from embeddings."),
     "search": ("mocohub.search_cli:search_command", "Find the images nearest to query images."),
+    "export": (
+        "mocohub.export.cli:export_command",
+        "Export a model as safetensors and ONNX (fp32/fp16/int8), verified.",
+    ),
+    "serve": ("mocohub.export.cli:serve_command", "Serve an exported model's embeddings (HTTP)."),
 }
 
 _invocation: list[str] = []
