@@ -1,4 +1,4 @@
-"""Backbones from MoCo checkpoints: mocohub runs and reference .pth.tar files."""
+"""Models from MoCo checkpoints: mocohub runs and reference .pth.tar files, head optional."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ from mocohub.convert import (
     backbone_from_checkpoint,
     backbone_state_from_moco,
     find_checkpoint_file,
+    head_from_state,
+    model_from_checkpoint,
 )
 from mocohub.errors import InputError
+from mocohub.models import HeadConfig
 from mocohub.training.checkpoint import save_checkpoint, training_state
 from mocohub.training.config import preset
 from mocohub.training.moco import MoCo
@@ -156,3 +159,30 @@ def test_unusable_checkpoints_are_clear_input_errors(tmp_path: Path) -> None:
     torch.save(reference_checkpoint(tiny_moco(), arch="vit_base"), tmp_path / "vit.pth.tar")
     with pytest.raises(InputError, match="'vit_base' encoder"):
         backbone_from_checkpoint(tmp_path / "vit.pth.tar")
+
+
+def test_head_from_state_tells_v1_from_v2() -> None:
+    assert head_from_state({"fc.weight": torch.zeros(128, 512)}) == HeadConfig("linear", 128)
+    mlp = {"fc.0.weight": torch.zeros(512, 512), "fc.2.weight": torch.zeros(64, 512)}
+    assert head_from_state(mlp) == HeadConfig("mlp", 64)
+    assert head_from_state({"conv1.weight": torch.zeros(1)}) is None
+
+
+def test_mocohub_run_keeps_its_head_and_preprocessing_on_request(tmp_path: Path) -> None:
+    model = tiny_moco(mlp=True)
+    save_run(model, tmp_path, epoch=3)
+    loaded = model_from_checkpoint(tmp_path, head=True)
+    config = loaded.mocohub_config
+    assert config.head == HeadConfig("mlp", 16) and config.embedding_dim == 16
+    assert config.preprocessing.image_size == 28 and config.preprocessing.channels == 1
+    assert (config.meta["format"], config.meta["epochs"]) == ("mocohub", 3)
+    images = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model.encoder_q.eval()(images))
+    # A checkpoint without a head (e.g. only fc removed) says so for head=True.
+    state = reference_checkpoint(model, arch="resnet18")
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if ".fc." not in k}
+    torch.save(state, tmp_path / "headless.pth.tar")
+    with pytest.raises(InputError, match="holds no projection head"):
+        model_from_checkpoint(tmp_path / "headless.pth.tar", head=True)
+    assert model_from_checkpoint(tmp_path / "headless.pth.tar").mocohub_config.head is None

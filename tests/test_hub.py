@@ -1,0 +1,241 @@
+"""mocohub.load from URLs and registry names: download, cache, hashes, offline, safe pickles.
+
+Everything is served from 127.0.0.1; no test touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from hub_helpers import backbone_features, reference_checkpoint, reference_encoder, serve
+from torch import nn
+
+import mocohub
+from mocohub import registry
+from mocohub.download import NotAvailableError
+from mocohub.errors import InputError
+from mocohub.hf import save_pretrained
+from mocohub.models import HeadConfig
+from mocohub.registry import Weights, WeightsFile
+
+NAME = "moco_small.pth.tar"
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torch hub cache, downloads allowed, no proxy for 127.0.0.1."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for name in ("MOCOHUB_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> tuple[Path, nn.Module]:
+    """A folder with a small reference-format MoCo v2 checkpoint (ResNet-18, width 8)."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    encoder = reference_encoder("resnet18", mlp=True, dim=16, width=8)
+    torch.save(reference_checkpoint(encoder), folder / NAME)
+    return folder, encoder
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def register(monkeypatch: pytest.MonkeyPatch, *files: WeightsFile, width: int = 8) -> Weights:
+    weights = Weights(
+        "test_moco_r18",
+        "resnet18",
+        files,
+        head=HeadConfig("mlp", 16),
+        width=width,
+        meta={"epochs": 200, "imagenet_linear_top1": 12.5},
+    )
+    monkeypatch.setitem(registry._TABLE, weights.name, weights)
+    return weights
+
+
+def features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(images)
+
+
+def test_url_is_downloaded_once_with_progress(
+    cache: Path, served: tuple[Path, nn.Module], capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder, encoder = served
+    images = torch.rand(2, 3, 32, 32)
+    with serve(folder) as (base, requests):
+        url = f"{base}/{NAME}"
+        model = mocohub.load(url)
+        err = capsys.readouterr().err
+        assert NAME in err and "100%" in err  # the progress bar
+        assert requests == [f"/{NAME}"]
+        assert (cache / NAME).read_bytes() == (folder / NAME).read_bytes()
+        assert [p.name for p in cache.iterdir()] == [NAME]  # no temporary file left
+        again = mocohub.load(url, progress=False)
+        assert requests == [f"/{NAME}"], "a cache hit makes no request"
+    torch.testing.assert_close(features(model, images), backbone_features(encoder, images))
+    torch.testing.assert_close(features(again, images), backbone_features(encoder, images))
+    assert model.mocohub_config.meta["source"] == url
+
+
+def test_registered_name_is_fetched_verified_and_described(
+    cache: Path, served: tuple[Path, nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, encoder = served
+    images = torch.rand(2, 3, 32, 32)
+    with serve(folder) as (base, requests):
+        url = f"{base}/{NAME}"
+        weights = register(monkeypatch, WeightsFile(url, f"md5:{md5(folder / NAME)[:8]}"))
+        model = mocohub.load("test_moco_r18", progress=False)
+        with_head = mocohub.load(url, head=True, progress=False)  # the URL of a registry file
+        assert requests == [f"/{NAME}"]
+    config = model.mocohub_config
+    assert config == replace(weights.config(), meta=config.meta)
+    assert config.meta["name"] == "test_moco_r18" and config.meta["imagenet_linear_top1"] == 12.5
+    assert config.meta["file"] == url
+    torch.testing.assert_close(features(model, images), backbone_features(encoder, images))
+    assert with_head.mocohub_config.head == HeadConfig("mlp", 16)
+    torch.testing.assert_close(features(with_head, images), features(encoder, images))
+
+
+def test_hash_mismatch_is_refused_and_nothing_is_cached(
+    cache: Path, served: tuple[Path, nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, _ = served
+    with serve(folder) as (base, _requests):
+        url = f"{base}/{NAME}"
+        register(monkeypatch, WeightsFile(url, "md5:0123abcd"))
+        for source in ("test_moco_r18", url):
+            with pytest.raises(InputError, match="tampered with") as error:
+                mocohub.load(source, progress=False)
+            assert "0123abcd" in str(error.value) and "\n" not in str(error.value)
+            assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_tampered_cached_file_is_refused(
+    cache: Path, served: tuple[Path, nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, _ = served
+    with serve(folder) as (base, _requests):
+        register(monkeypatch, WeightsFile(f"{base}/{NAME}", f"md5:{md5(folder / NAME)[:8]}"))
+        mocohub.load("test_moco_r18", progress=False)
+        with open(cache / NAME, "ab") as f:
+            f.write(b"\0")
+        with pytest.raises(InputError, match=r"cached copy .* tampered with.*delete"):
+            mocohub.load("test_moco_r18", progress=False)
+
+
+@pytest.mark.parametrize("switch", ["MOCOHUB_OFFLINE", "HF_HUB_OFFLINE"])
+def test_offline_uses_the_cache_and_says_what_is_missing(
+    switch: str,
+    cache: Path,
+    served: tuple[Path, nn.Module],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder, _ = served
+    with serve(folder) as (base, requests):
+        register(monkeypatch, WeightsFile(f"{base}/{NAME}", f"md5:{md5(folder / NAME)[:8]}"))
+        monkeypatch.setenv(switch, "1")
+        with pytest.raises(NotAvailableError) as error:
+            mocohub.load("test_moco_r18")
+        message = str(error.value)
+        assert f"{switch}=1" in message and NAME in message and str(cache) in message
+        assert "local path" in message and f"unset {switch}" in message
+        # The published entries fail the same way, naming their file.
+        with pytest.raises(NotAvailableError, match=r"moco_v2_800ep_pretrain\.pth\.tar"):
+            mocohub.load("moco_v2_r50_800ep")
+        assert requests == []
+        monkeypatch.delenv(switch)
+        mocohub.load("test_moco_r18", progress=False)
+        monkeypatch.setenv(switch, "1")
+        assert mocohub.load("test_moco_r18").mocohub_config.meta["name"] == "test_moco_r18"
+        assert len(requests) == 1
+
+
+def test_random_weights_of_a_name_need_no_download(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MOCOHUB_OFFLINE", "1")
+    model = mocohub.load("moco_v1_r50_200ep", pretrained=False, head=True)
+    assert model.mocohub_config.meta["imagenet_linear_top1"] == 60.6
+    assert isinstance(model.fc, nn.Linear) and model.fc.out_features == 128
+    assert not cache.exists()
+
+
+def test_download_failures_are_clear(
+    cache: Path, served: tuple[Path, nn.Module], free_port: int
+) -> None:
+    folder, _ = served
+    with serve(folder) as (base, _requests), pytest.raises(NotAvailableError, match="404"):
+        mocohub.load(f"{base}/missing.pth.tar", progress=False)
+    with pytest.raises(NotAvailableError, match=r"Cannot download .*check the network"):
+        mocohub.load(f"http://127.0.0.1:{free_port}/{NAME}", progress=False)
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_safetensors_copy_is_preferred(
+    cache: Path, served: tuple[Path, nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, encoder = served
+    artifact = save_pretrained(mocohub.load(folder / NAME), tmp_path / "artifact")
+    images = torch.rand(2, 3, 32, 32)
+    with serve(folder) as (base, requests):
+        url = WeightsFile(f"{base}/{NAME}", f"md5:{md5(folder / NAME)[:8]}")
+        digest = hashlib.sha256((artifact / "model.safetensors").read_bytes()).hexdigest()
+        local = WeightsFile(str(artifact), f"sha256:{digest[:16]}")
+        register(monkeypatch, url, local)  # the pickle is listed first
+        model = mocohub.load("test_moco_r18")
+        assert requests == [] and model.mocohub_config.meta["file"] == str(artifact)
+        torch.testing.assert_close(features(model, images), backbone_features(encoder, images))
+        # Without the safetensors copy, the pickle is the fallback.
+        register(monkeypatch, url, WeightsFile(str(tmp_path / "gone")))
+        assert (
+            mocohub.load("test_moco_r18", progress=False).mocohub_config.meta["file"]
+            == url.location
+        )
+        assert len(requests) == 1
+
+
+def test_a_file_unlike_its_registry_entry_is_refused(
+    cache: Path, served: tuple[Path, nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, _ = served
+    register(monkeypatch, WeightsFile(str(folder / NAME)), width=16)
+    with pytest.raises(InputError, match="other than the registered test_moco_r18"):
+        mocohub.load("test_moco_r18")
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: exactly what weights_only must refuse."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"epoch": 1, "state_dict": {"module.encoder_q.x": RunsCode(marker)}}, path)
+    with pytest.raises(InputError, match="safe \\(weights_only\\) loading refuses"):
+        mocohub.load(path)
+    assert not marker.exists()
+
+
+def test_unknown_source_suggests_names() -> None:
+    with pytest.raises(InputError, match="did you mean moco_v2_r50_800ep") as error:
+        mocohub.load("moco_v2_r50_80ep")
+    assert "mocohub list" in str(error.value)

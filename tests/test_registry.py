@@ -1,0 +1,218 @@
+"""The weights registry: the published MoCo releases, weight sets shipped in the package
+(float16 safetensors included), and `mocohub list` / `mocohub info`."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import mocohub
+from mocohub import cli, registry
+from mocohub.backbones import resnet50
+from mocohub.errors import ConfigError, InputError
+from mocohub.hf import save_pretrained
+from mocohub.models import HeadConfig, ModelConfig, build_model, read_config
+from mocohub.preprocessing import Preprocessing
+from mocohub.registry import Weights, WeightsFile, get_weights, list_models
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples" / "fashion-mnist"
+BASE = "https://dl.fbaipublicfiles.com/moco/moco_checkpoints"
+PUBLISHED = {  # name: (reference file name, md5 prefix, epochs, ImageNet linear top-1, head)
+    "moco_v1_r50_200ep": ("moco_v1_200ep", "b251726a", 200, 60.6, "linear"),
+    "moco_v2_r50_200ep": ("moco_v2_200ep", "59fd9945", 200, 67.7, "mlp"),
+    "moco_v2_r50_800ep": ("moco_v2_800ep", "a04e12f8", 800, 71.1, "mlp"),
+}
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        cli.main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_reference_releases(name: str) -> None:
+    release, md5, epochs, top1, head = PUBLISHED[name]
+    weights = get_weights(name)
+    (file,) = weights.files
+    assert file.location == f"{BASE}/{release}/{release}_pretrain.pth.tar" == weights.url
+    assert file.hash == f"md5:{md5}" and file.kind == "url" and not file.is_safetensors
+    assert (weights.arch, weights.meta["epochs"], weights.meta["imagenet_linear_top1"]) == (
+        "resnet50",
+        epochs,
+        top1,
+    )
+    assert weights.head == HeadConfig(head, 128)
+    assert weights.preprocessing == Preprocessing.imagenet()
+    for key in ("paper", "license", "source", "num_params", "description"):
+        assert weights.meta[key], key
+    config = weights.config()
+    assert (config.feature_dim, config.head, config.meta["name"]) == (2048, None, name)
+    assert weights.config(head=True).embedding_dim == 128
+
+
+def test_parameter_count_is_that_of_the_backbone() -> None:
+    backbone = resnet50()
+    backbone.fc = nn.Identity()
+    count = sum(p.numel() for p in backbone.parameters())
+    assert all(w.meta["num_params"] == count for w in list_models() if w.name in PUBLISHED)
+
+
+def test_transforms_are_the_entry_preprocessing() -> None:
+    weights = get_weights("moco_v2_r50_200ep")
+    image = Image.new("RGB", (320, 240), (200, 100, 50))
+    out = weights.transforms()(image)
+    assert out.shape == (3, 224, 224)
+    torch.testing.assert_close(out, Preprocessing.imagenet().transform()(image))
+
+
+def test_names_and_registration_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert [w.name for w in mocohub.list_models()] == sorted(PUBLISHED)
+    with pytest.raises(InputError, match="did you mean moco_v1_r50_200ep"):
+        get_weights("moco_v1_r50_200")
+    monkeypatch.setattr(registry, "_TABLE", dict(registry._TABLE))
+    extra = Weights("mine", "resnet18", (WeightsFile("/models/mine"),))
+    assert mocohub.register_weights(extra) is extra and get_weights("mine") is extra
+    with pytest.raises(ConfigError, match="already registered"):
+        mocohub.register_weights(extra)
+    mocohub.register_weights(extra, replace=True)
+    with pytest.raises(ConfigError, match="md5"):
+        WeightsFile("https://x/y.pth", "crc:1234")
+    with pytest.raises(ConfigError, match="at least one file"):
+        Weights("none", "resnet18", ())
+    with pytest.raises(InputError, match="no projection head"):
+        extra.config(head=True)
+
+
+def tiny_fmnist(folder: Path, dtype: torch.dtype) -> nn.Module:
+    """An artifact folder like the one issue 7 ships: 1-channel 28 px ResNet-18, stored in
+    ``dtype``. Returns the model as it should load (weights rounded through ``dtype``)."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        "resnet18",
+        small_stem=True,
+        in_channels=1,
+        width=8,
+        preprocessing=Preprocessing(28, 32, (0.286,), (0.353,), channels=1),
+        meta={"name": "moco_fmnist_tiny"},
+    )
+    model = build_model(config)
+    with torch.no_grad():
+        model.train()(torch.rand(8, 1, 28, 28))
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(dtype).float())
+    save_pretrained(model.eval(), folder)
+    state = load_file(str(folder / "model.safetensors"))
+    save_file(
+        {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    return model
+
+
+def sample_images(count: int) -> list[Image.Image]:
+    with open(SAMPLES / "labels.csv") as f:
+        rows = list(csv.DictReader(f))[:count]
+    name = next(k for k in rows[0] if k != "label")
+    return [Image.open(SAMPLES / row[name]) for row in rows]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_weights_shipped_in_the_package_load_offline(
+    dtype: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path / "weights")
+    expected = tiny_fmnist(tmp_path / "weights" / "moco_fmnist_tiny", dtype)
+    digest = hashlib.sha256(
+        (tmp_path / "weights" / "moco_fmnist_tiny" / "model.safetensors").read_bytes()
+    ).hexdigest()
+    prep = expected.mocohub_config.preprocessing
+    row = Weights(  # the one table row a bundled weight set needs
+        "moco_fmnist_tiny",
+        "resnet18",
+        (WeightsFile("package:moco_fmnist_tiny", f"sha256:{digest[:16]}"),),
+        prep,
+        small_stem=True,
+        in_channels=1,
+        width=8,
+        meta={"epochs": 5, "knn_top1": 80.0},
+    )
+    monkeypatch.setitem(registry._TABLE, row.name, row)
+    monkeypatch.setenv("MOCOHUB_OFFLINE", "1")
+    model = mocohub.load("moco_fmnist_tiny")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.mocohub_config.meta["knn_top1"] == 80.0
+    batch = torch.stack([row.transforms()(im) for im in sample_images(6)])
+    assert batch.shape == (6, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), expected(batch))
+
+    with open(tmp_path / "weights" / "moco_fmnist_tiny" / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\1\2\3\4")
+    with pytest.raises(InputError, match="tampered with"):
+        mocohub.load("moco_fmnist_tiny")
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [w for w in list_models() if any(f.kind == "package" for f in w.files)],
+    ids=lambda w: w.name,
+)
+def test_shipped_rows_match_their_folders(weights: Weights) -> None:
+    """Every bundled weight set's config.json agrees with its registry row."""
+    (file,) = [f for f in weights.files if f.kind == "package"]
+    folder = file.local_path()
+    assert folder is not None
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in folder.iterdir()}
+    stored = read_config(folder)
+    expected = weights.config()
+    for key in ("arch", "small_stem", "in_channels", "width", "preprocessing"):
+        assert getattr(stored, key) == getattr(expected, key), key
+    mocohub.load(weights.name)
+
+
+def test_package_data_ships_the_weights_folder() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "weights/**/*" in project["tool"]["setuptools"]["package-data"]["mocohub"]
+    assert registry.WEIGHTS_DIR == ROOT / "mocohub" / "weights"
+
+
+def test_list_and_info_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["list"], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "ARCH", "DIM", "EPOCHS", "TOP-1", "PARAMS", "CACHED"]
+    for name, (_, _, epochs, top1, _) in PUBLISHED.items():
+        (row,) = [line.split() for line in lines if line.startswith(name)]
+        assert row[:6] == [name, "resnet50", "2048", str(epochs), str(top1), "23.5M"]
+
+    code, out, _ = run_cli(["list", "--json"], capsys)
+    rows = json.loads(out)
+    assert [r["meta"]["imagenet_linear_top1"] for r in rows] == [60.6, 67.7, 71.1]
+
+    code, out, _ = run_cli(["info", "moco_v2_r50_800ep"], capsys)
+    assert code == 0
+    for text in (f"{BASE}/moco_v2_800ep/", "md5:a04e12f8", "71.1", "mlp 128-d", "crop 224"):
+        assert text in out, text
+
+    code, out, err = run_cli(["info", "moco_v3"], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("Error: No weights named 'moco_v3'") and err.count("\n") == 1
