@@ -37,6 +37,7 @@ import os
 import pickle
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -224,8 +225,11 @@ def _per_channel(values: Any, channels: int, what: str, path: Path) -> tuple[flo
     return (sum(values) / len(values),) * channels
 
 
-def _shape_of(arch: str, encoder: Mapping[str, torch.Tensor], path: Path, what: str) -> ModelConfig:
-    """The ModelConfig (ImageNet preprocessing for now) of an encoder state dict."""
+def _config_of(
+    arch: str, encoder: Mapping[str, torch.Tensor], run: Mapping[str, Any], path: Path, what: str
+) -> ModelConfig:
+    """The ModelConfig of an encoder state dict: its shape from ``conv1``, its
+    preprocessing from the run's settings (ImageNet's for reference checkpoints)."""
     if arch not in ARCHITECTURES:
         raise InputError(
             f"{path} holds a {arch!r} encoder, which mocohub cannot build; "
@@ -238,10 +242,39 @@ def _shape_of(arch: str, encoder: Mapping[str, torch.Tensor], path: Path, what: 
             "it is not a ResNet MoCo checkpoint, so pass another file."
         )
     width, channels, kernel = int(conv1.shape[0]), int(conv1.shape[1]), int(conv1.shape[2])
-    mean = _per_channel(IMAGENET_MEAN, channels, "mean", path)
-    std = _per_channel(IMAGENET_STD, channels, "std", path)
-    prep = Preprocessing(224, 256, mean, std, channels=channels)
+    size = int(run.get("image_size", 224))
+    mean = _per_channel(run.get("mean", IMAGENET_MEAN), channels, "mean", path)
+    std = _per_channel(run.get("std", IMAGENET_STD), channels, "std", path)
+    prep = Preprocessing(size, round(size * 256 / 224), mean, std, channels=channels)
     return ModelConfig(arch, kernel == 3, channels, width, preprocessing=prep)
+
+
+def _encoder_of(
+    ckpt: Mapping[str, Any], file: Path
+) -> tuple[str, dict[str, torch.Tensor], Mapping[str, Any], str]:
+    """``(arch, query encoder state, run settings, format)`` of a checkpoint dict."""
+    if ckpt.get("format") == _NATIVE_FORMAT:
+        version = ckpt.get("format_version")
+        if not isinstance(version, int) or version > _NATIVE_VERSION:
+            raise InputError(
+                f"{file} has checkpoint format version {version}, newer than this mocohub "
+                f"reads ({_NATIVE_VERSION}); upgrade mocohub."
+            )
+        state, run = ckpt.get("model"), ckpt.get("config")
+        if not isinstance(state, Mapping) or not isinstance(run, Mapping):
+            raise InputError(f"{file} lacks its model or config entry; it is damaged.")
+        return str(run.get("arch", "resnet50")), _query_encoder(state, ""), run, "mocohub"
+    state = ckpt.get("state_dict")
+    if not isinstance(state, Mapping) or not any(
+        isinstance(k, str) and k.removeprefix("module.").startswith(_QUERY_ENCODER) for k in state
+    ):
+        raise InputError(
+            f"{file} is neither a mocohub training checkpoint nor a reference MoCo "
+            "checkpoint (no encoder_q weights); pass a file written by `mocohub train` "
+            "or by the reference main_moco.py."
+        )
+    arch = str(ckpt.get("arch", "resnet50"))
+    return arch, _query_encoder(state, "module."), {}, "reference"
 
 
 def _load_into(model: ResNet, state: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -279,51 +312,9 @@ def model_from_checkpoint(path: str | os.PathLike[str], *, head: bool = False) -
             f"{file} holds a {type(ckpt).__name__}, not a checkpoint dict; pass a mocohub "
             "training checkpoint or a reference MoCo .pth.tar."
         )
-    if ckpt.get("format") == _NATIVE_FORMAT:
-        version = ckpt.get("format_version")
-        if not isinstance(version, int) or version > _NATIVE_VERSION:
-            raise InputError(
-                f"{file} has checkpoint format version {version}, newer than this mocohub "
-                f"reads ({_NATIVE_VERSION}); upgrade mocohub."
-            )
-        state, run = ckpt.get("model"), ckpt.get("config")
-        if not isinstance(state, Mapping) or not isinstance(run, Mapping):
-            raise InputError(f"{file} lacks its model or config entry; it is damaged.")
-        arch, what, prefix, source = (
-            str(run.get("arch", "resnet50")),
-            "mocohub checkpoint",
-            "",
-            "mocohub",
-        )
-    else:
-        run = {}
-        state = ckpt.get("state_dict")
-        if not isinstance(state, Mapping) or not any(
-            isinstance(k, str) and k.removeprefix("module.").startswith(_QUERY_ENCODER)
-            for k in state
-        ):
-            raise InputError(
-                f"{file} is neither a mocohub training checkpoint nor a reference MoCo "
-                "checkpoint (no encoder_q weights); pass a file written by `mocohub train` "
-                "or by the reference main_moco.py."
-            )
-        arch, what, prefix = (
-            str(ckpt.get("arch", "resnet50")),
-            "reference MoCo checkpoint",
-            "module.",
-        )
-        source = "reference"
-
-    encoder = _query_encoder(state, prefix)
-    config = _shape_of(arch, encoder, file, what)
-    if run:  # a mocohub run records how its images were fed
-        size, channels = int(run.get("image_size", 224)), config.in_channels
-        mean = _per_channel(run.get("mean", IMAGENET_MEAN), channels, "mean", file)
-        std = _per_channel(run.get("std", IMAGENET_STD), channels, "std", file)
-        prep = Preprocessing(size, round(size * 256 / 224), mean, std, channels=channels)
-        config = ModelConfig(
-            config.arch, config.small_stem, channels, config.width, preprocessing=prep
-        )
+    arch, encoder, run, source = _encoder_of(ckpt, file)
+    what = "mocohub checkpoint" if source == "mocohub" else "reference MoCo checkpoint"
+    config = _config_of(arch, encoder, run, file, what)
     stored_head = head_from_state(encoder)
     if head and stored_head is None:
         raise InputError(
@@ -338,15 +329,7 @@ def model_from_checkpoint(path: str | os.PathLike[str], *, head: bool = False) -
         "source": str(file),
         "epochs": int(epoch) if isinstance(epoch, int) else None,
     }
-    config = ModelConfig(
-        config.arch,
-        config.small_stem,
-        config.in_channels,
-        config.width,
-        head=stored_head if head else None,
-        preprocessing=config.preprocessing,
-        meta=meta,
-    )
+    config = replace(config, head=stored_head if head else None, meta=meta)
     model = build_model(config)
     _load_into(model, encoder, file)
     return model
