@@ -102,12 +102,17 @@ def _unknown(text: str) -> InputError:
     )
 
 
-def _load_path(path: Path, *, head: bool) -> ResNet:
-    """The model in a local folder or file (safetensors first, then checkpoints)."""
+def _load_path(path: Path, *, head: bool, config: ModelConfig | None = None) -> ResNet:
+    """The model in a local folder or file (safetensors first, then checkpoints).
+
+    ``config`` (a registry entry's) describes a bare ``.safetensors`` file.
+    """
     if path.is_dir() and (path / WEIGHTS_NAME).is_file():
         return load_pretrained(path, head=head)
     if path.is_file() and path.suffix == ".safetensors":
         if not (path.parent / CONFIG_NAME).is_file():
+            if config is not None:
+                return _load_bare_safetensors(path, config)
             raise InputError(
                 f"{path} has no {CONFIG_NAME} beside it, so mocohub cannot tell its "
                 "architecture; put the config next to it or load its folder."
@@ -116,6 +121,29 @@ def _load_path(path: Path, *, head: bool) -> ResNet:
     from mocohub.convert import model_from_checkpoint
 
     return model_from_checkpoint(path, head=head)
+
+
+def _load_bare_safetensors(path: Path, config: ModelConfig) -> ResNet:
+    """The weights of a ``.safetensors`` file without config.json, shaped as ``config`` says."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{path} is not a readable safetensors file ({e}).") from e
+    if config.head is None:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    model = build_model(config)
+    try:
+        model.load_state_dict(state, strict=True)  # copies float16 weights into float32
+    except RuntimeError as e:
+        detail = (str(e).splitlines()[1:2] or [str(e)])[0].strip()[:160]
+        raise InputError(
+            f"The weights in {path} do not fit the registered {config.meta.get('name')} "
+            f"({detail}); the file or the registry entry is wrong."
+        ) from e
+    return model
 
 
 def _load_url(
@@ -176,7 +204,7 @@ def _load_registered(
         except NotAvailableError as e:
             missing.append(e)
             continue
-        return _as_registered(_load_path(path, head=head), expected, file)
+        return _as_registered(_load_path(path, head=head, config=expected), expected, file)
     if len(missing) == 1:
         raise missing[0]
     raise InputError(

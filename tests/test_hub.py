@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from hub_helpers import backbone_features, reference_checkpoint, reference_encod
 from torch import nn
 
 import mocohub
-from mocohub import registry
+from mocohub import cli, registry
 from mocohub.download import NotAvailableError
 from mocohub.errors import InputError
 from mocohub.hf import save_pretrained
@@ -207,6 +208,25 @@ def test_safetensors_copy_is_preferred(
         assert len(requests) == 1
 
 
+def test_bare_safetensors_url_is_described_by_its_entry(
+    cache: Path, served: tuple[Path, nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, encoder = served
+    artifact = save_pretrained(mocohub.load(folder / NAME, head=True), tmp_path / "artifact")
+    shutil.copy(artifact / "model.safetensors", folder / "moco_small.safetensors")
+    images = torch.rand(2, 3, 32, 32)
+    with serve(folder) as (base, requests):
+        pickled = WeightsFile(f"{base}/{NAME}", f"md5:{md5(folder / NAME)[:8]}")
+        bare = WeightsFile(f"{base}/moco_small.safetensors")
+        register(monkeypatch, pickled, bare)
+        backbone = mocohub.load("test_moco_r18", progress=False)
+        with_head = mocohub.load("test_moco_r18", head=True, progress=False)
+        assert requests == ["/moco_small.safetensors"]  # the pickle is never fetched
+    assert backbone.mocohub_config.meta["file"] == bare.location
+    torch.testing.assert_close(features(backbone, images), backbone_features(encoder, images))
+    torch.testing.assert_close(features(with_head, images), features(encoder, images))
+
+
 def test_a_file_unlike_its_registry_entry_is_refused(
     cache: Path, served: tuple[Path, nn.Module], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -239,3 +259,31 @@ def test_unknown_source_suggests_names() -> None:
     with pytest.raises(InputError, match="did you mean moco_v2_r50_800ep") as error:
         mocohub.load("moco_v2_r50_80ep")
     assert "mocohub list" in str(error.value)
+
+
+def test_cli_shows_cached_copies_and_offline_errors_in_one_line(
+    cache: Path,
+    served: tuple[Path, nn.Module],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder, _ = served
+    with serve(folder) as (base, _requests):
+        register(monkeypatch, WeightsFile(f"{base}/{NAME}", f"md5:{md5(folder / NAME)[:8]}"))
+        for cached in ("no", "yes"):
+            cli.main(["list"])
+            lines = capsys.readouterr().out.splitlines()
+            (row,) = [line.split() for line in lines if line.startswith("test_moco_r18")]
+            assert row[-1] == cached
+            mocohub.load("test_moco_r18", progress=False)
+    cli.main(["info", "test_moco_r18"])
+    out = capsys.readouterr().out
+    size = (cache / NAME).stat().st_size / 1e6
+    assert str(cache / NAME) in out and f"{size:.1f} MB" in out
+
+    monkeypatch.setenv("MOCOHUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["convert", "moco_v1_r50_200ep", "--out", str(cache.parent / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("Error: MOCOHUB_OFFLINE=1 forbids downloads and moco_v1_200ep_pretrain")
