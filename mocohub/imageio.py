@@ -148,7 +148,9 @@ def _pillow_limit(max_pixels: int | None) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow warns about oddities (corrupt EXIF, ...) of files it still decodes; a
+            # file is either decoded or recorded with its reason, so they are only noise
+            warnings.simplefilter("ignore")
             yield
     finally:
         if lift:

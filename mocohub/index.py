@@ -120,6 +120,7 @@ class Index:
         nlist: int | None = None,
         nprobe: int | None = None,
         hnsw_m: int = 32,
+        ef_construction: int = 100,
         ef_search: int = 128,
         seed: int = 0,
         meta: Mapping[str, Any] | None = None,
@@ -131,7 +132,9 @@ class Index:
             kind: see the module docstring.
             nlist, nprobe: IVF clusters (default ``4 * sqrt(N)``) and clusters searched
                 per query (default ``nlist / 8``, at least 16).
-            hnsw_m, ef_search: HNSW links per node and search breadth.
+            hnsw_m, ef_construction, ef_search: HNSW links per node, and the breadth
+                of its build and search (faiss's default build breadth, 40, lost about
+                7 points of recall@10 in the tests' clustered data).
             meta: free-form facts saved with the index (e.g. the model that made the vectors).
         """
         if kind not in KINDS:
@@ -164,8 +167,9 @@ class Index:
             index.train(vectors[np.sort(sample)])
             index.nprobe = params["nprobe"]
         else:
-            params = {"M": hnsw_m, "efSearch": ef_search}
+            params = {"M": hnsw_m, "efConstruction": ef_construction, "efSearch": ef_search}
             index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = ef_construction
             index.hnsw.efSearch = ef_search
         index.add(vectors)
         return cls(kind, id_array, dim, faiss_index=index, params=params, meta=meta)

@@ -1,0 +1,115 @@
+"""Shared by the embedding, index and search tests: tiny models, real images, broken files."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mocohub.models import HeadConfig, ModelConfig, build_model, save_pretrained
+from mocohub.preprocessing import Preprocessing
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "fashion-mnist"
+
+
+def make_model(folder: Path, *, rgb: bool = False, head: bool = False, seed: int = 0) -> Path:
+    """A random tiny ResNet-18 artifact folder: 28 px gray, or 32 px RGB."""
+    torch.manual_seed(seed)
+    if rgb:
+        prep = Preprocessing(32, 36, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), channels=3)
+    else:
+        prep = Preprocessing(28, 32, (0.286,), (0.353,), channels=1)
+    config = ModelConfig(
+        "resnet18",
+        small_stem=True,
+        in_channels=prep.channels,
+        width=8,
+        head=HeadConfig("mlp", 16) if head else None,
+        preprocessing=prep,
+    )
+    model = build_model(config)
+    # move BN statistics off their defaults so features differ between images more
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    save_pretrained(model, folder)
+    return folder
+
+
+def sample_files(count: int) -> list[Path]:
+    """The first ``count`` committed Fashion-MNIST PNGs (real images)."""
+    files = sorted(SAMPLES.glob("*.png"))[:count]
+    assert len(files) == count, f"samples/fashion-mnist has only {len(files)} PNGs"
+    return files
+
+
+def copy_samples(folder: Path, count: int) -> list[Path]:
+    """``count`` sample images copied into ``folder`` as PNG, JPEG, and in a subfolder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for n, src in enumerate(sample_files(count)):
+        if n % 3 == 0:
+            dst = folder / src.name
+            shutil.copyfile(src, dst)
+        elif n % 3 == 1:
+            dst = folder / "jpeg" / (src.stem + ".JPG")
+            dst.parent.mkdir(exist_ok=True)
+            Image.open(src).save(dst, quality=95)
+        else:
+            dst = folder / "sub" / "deeper" / (src.stem + ".webp")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            Image.open(src).save(dst, lossless=True)
+        written.append(dst)
+    return written
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG file whose header claims ``width`` x ``height`` pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 64)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def write_broken_files(folder: Path) -> dict[str, str]:
+    """Pathological files in ``folder``: name -> a word their error reason must contain."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = (SAMPLES / "00000_ankle-boot.png").read_bytes()
+    jpeg = folder / "_tmp.jpg"
+    Image.open(SAMPLES / "00001_pullover.png").resize((200, 200)).save(jpeg, quality=90)
+    jpeg_bytes = jpeg.read_bytes()
+    jpeg.unlink()
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("this is not an image\n")
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    middle = len(good) // 2
+    flipped = (
+        good[:middle] + bytes(b ^ 0xFF for b in good[middle : middle + 16]) + good[middle + 16 :]
+    )
+    (folder / "corrupt.png").write_bytes(flipped)
+    (folder / "truncated.jpeg").write_bytes(jpeg_bytes[: len(jpeg_bytes) // 2])
+    (folder / "garbage.tif").write_bytes(b"II*\x00" + bytes(range(256)) * 4)
+    (folder / "bomb.png").write_bytes(png_header_claiming(100_000, 100_000))
+    (folder / "dangling.gif").symlink_to(folder / "no-such-file.gif")
+    return {
+        "empty.jpg": "empty",
+        "notes.png": "not an image",
+        "truncated.png": "truncated",
+        "corrupt.png": "corrupt",
+        "truncated.jpeg": "truncated",
+        "garbage.tif": "",
+        "bomb.png": "too many pixels",
+        "dangling.gif": "not found",
+    }

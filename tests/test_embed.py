@@ -1,0 +1,321 @@
+"""mocohub embed: decoding, one row per good file, errors, resume after interruption, shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from embed_helpers import copy_samples, make_model, png_header_claiming, write_broken_files
+from PIL import Image
+
+from mocohub.cli import main
+from mocohub.embed import EmbedSettings, embed_files, output_files
+from mocohub.errors import ConfigError, InputError
+from mocohub.features import FeatureExtractor, TorchEmbedder, open_torch_embedder
+from mocohub.imageio import DecodeError, decode_image, scan_inputs
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("model") / "gray")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], dict[str, str]]:
+    """48 real images (PNG, upper-case .JPG, WebP in sub-folders) and the broken files."""
+    root = tmp_path_factory.mktemp("data") / "images"
+    good = copy_samples(root, 48)
+    (root / "labels.csv").write_text("not,an,image\n")  # not an image name: ignored
+    broken = write_broken_files(root / "broken")
+    return root, good, broken
+
+
+def read_outputs(out: Path) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
+    files = output_files(out)
+    errors = [json.loads(line) for line in files["errors"].read_text().splitlines()]
+    return np.load(out), files["manifest"].read_text().splitlines(), errors
+
+
+# --- decoding ---------------------------------------------------------------
+
+
+def test_decode_converts_modes_orientation_and_frames(tmp_path: Path) -> None:
+    red = (255, 0, 0)
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.putpixel((0, 0), 0)
+    palette.save(tmp_path / "palette.png", transparency=0)
+    Image.new("I;16", (8, 8), 128 * 257).save(tmp_path / "deep.png")
+    Image.new("LA", (8, 8), (0, 0)).save(tmp_path / "clear.png")
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    rgba.save(tmp_path / "alpha.png")
+    frames = [Image.new("RGB", (8, 8), red), Image.new("RGB", (8, 8), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    Image.new("RGB", (40, 20), red).save(tmp_path / "rotated.jpg", exif=exif)
+    Image.new("RGB", (8, 8), red).save(tmp_path / "plain.bmp")
+    Image.new("RGB", (8, 8), red).save(tmp_path / "plain.TIFF")
+
+    def near(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+        return all(abs(x - y) <= 3 for x, y in zip(a, b, strict=True))
+
+    assert near(decode_image(tmp_path / "cmyk.jpg").getpixel((4, 4)), red)
+    pal = decode_image(tmp_path / "palette.png")
+    assert pal.mode == "RGB"
+    assert pal.getpixel((0, 0)) == (255, 255, 255)  # transparent: composited on white
+    assert pal.getpixel((4, 4)) == red
+    assert decode_image(tmp_path / "deep.png", mode="L").getpixel((3, 3)) == 128  # scaled
+    assert decode_image(tmp_path / "clear.png").getpixel((1, 1)) == (255, 255, 255)
+    alpha = decode_image(tmp_path / "alpha.png")
+    assert alpha.getpixel((0, 0)) == (255, 255, 255)
+    assert alpha.getpixel((5, 5)) == red
+    assert near(decode_image(tmp_path / "anim.gif").getpixel((4, 4)), red)  # first frame
+    assert decode_image(tmp_path / "rotated.jpg").size == (20, 40)
+    for name in ("plain.bmp", "plain.TIFF"):
+        assert decode_image(tmp_path / name).getpixel((2, 2)) == red
+    assert decode_image(tmp_path / "plain.bmp", mode="L").mode == "L"
+
+
+def test_decode_reduces_large_jpegs_but_keeps_twice_the_resize(tmp_path: Path) -> None:
+    Image.effect_noise((1024, 768), 40).convert("RGB").save(tmp_path / "big.jpg")
+    full = decode_image(tmp_path / "big.jpg")
+    reduced = decode_image(tmp_path / "big.jpg", min_size=64)
+    assert full.size == (1024, 768)
+    assert min(reduced.size) >= 128
+    assert reduced.size[0] < 1024
+
+
+def test_decode_refuses_bombs_and_honours_max_pixels(tmp_path: Path) -> None:
+    (tmp_path / "bomb.png").write_bytes(png_header_claiming(100_000, 100_000))
+    with pytest.raises(DecodeError, match="too many pixels"):
+        decode_image(tmp_path / "bomb.png")
+    with pytest.raises(DecodeError, match="too many pixels"):
+        decode_image(tmp_path / "bomb.png", max_pixels=10**9)  # Pillow lifted, ours hit
+    Image.new("RGB", (100, 100)).save(tmp_path / "small.png")
+    with pytest.raises(DecodeError, match="too many pixels"):
+        decode_image(tmp_path / "small.png", max_pixels=5_000)
+    assert decode_image(tmp_path / "small.png", max_pixels=10_000).size == (100, 100)
+
+
+def test_scan_orders_folders_lists_and_rejects_unknown_inputs(tmp_path: Path, dataset) -> None:
+    root, good, broken = dataset
+    found = scan_inputs([root])
+    assert sorted(map(str, good)) == sorted(p for p in found if "broken" not in p)
+    assert {Path(p).name for p in found if "broken" in p} == set(broken)
+    assert found == scan_inputs([root])  # deterministic
+    assert not any(p.endswith("labels.csv") for p in found)
+    listing = tmp_path / "some.txt"
+    listing.write_text(f"# a comment\n{good[3]}\n\n{good[1]}\nmissing.png\n")
+    assert scan_inputs([listing, good[1]]) == [
+        str(good[3]),
+        str(good[1]),
+        str(tmp_path / "missing.png"),
+    ]
+    with pytest.raises(InputError, match="does not exist"):
+        scan_inputs([tmp_path / "nothing-here"])
+    (tmp_path / "table.csv").write_text("a,b\n")
+    with pytest.raises(InputError, match="neither a folder"):
+        scan_inputs([tmp_path / "table.csv"])
+
+
+# --- the command -------------------------------------------------------------
+
+
+def fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Run the CLI; it must exit non-zero. Returns (exit code, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    code = exit_info.value.code
+    assert isinstance(code, int)
+    assert code != 0
+    return code, capsys.readouterr().err
+
+
+def test_embed_writes_one_row_per_good_file_and_lists_the_broken(
+    tmp_path: Path, dataset, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, good, broken = dataset
+    out = tmp_path / "out" / "feats.npy"
+    args = ["embed", str(root), "--out", str(out), "--model", str(model_dir), "--quiet"]
+    main([*args, "--workers", "2", "--batch-size", "8", "--part-size", "16"])
+    feats, manifest, errors = read_outputs(out)
+    assert feats.shape == (len(good), 64)
+    assert feats.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
+    assert sorted(manifest) == sorted(map(str, good))
+    assert len(set(manifest)) == len(manifest)
+    assert manifest == [p for p in scan_inputs([root]) if "broken" not in p]
+    assert {Path(e["path"]).name: e["reason"] for e in errors}.keys() == broken.keys()
+    for e in errors:
+        assert broken[Path(e["path"]).name] in e["reason"]
+    # row i is the features of manifest path i (the same as the Python API gives)
+    extractor = FeatureExtractor(str(model_dir), device="cpu")
+    picked = [0, 7, 20, len(manifest) - 1]
+    np.testing.assert_allclose(feats[picked], extractor([manifest[i] for i in picked]), atol=1e-5)
+    meta = json.loads(output_files(out)["meta"].read_text())
+    assert (meta["rows"], meta["skipped"], meta["dim"], meta["precision"]) == (48, 8, 64, "fp32")
+    summary = capsys.readouterr().out
+    assert "embedded 48 images, skipped 8" in summary
+    assert "images/s" in summary
+    assert not output_files(out)["parts"].exists()
+
+    # float16 output, and --strict turns the skips into a non-zero exit (outputs still written)
+    half = tmp_path / "half.npy"
+    argv = [*args[:3], str(half), *args[4:], "--workers", "0", "--dtype", "float16", "--strict"]
+    assert "--strict" in fails(argv, capsys)[1]
+    assert np.load(half).dtype == np.float16
+    np.testing.assert_allclose(np.load(half), feats, atol=2e-3)
+
+
+def test_bad_arguments_give_one_clear_error(
+    tmp_path: Path, model_dir: Path, dataset, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    model = ["--model", str(model_dir), "--quiet"]
+    images = str(dataset[0])
+    cases = [
+        ([images, "--out", str(tmp_path / "f.txt")], "must be a .npy"),
+        ([images, "--out", str(tmp_path / "f.npy"), "--shard", "3/2"], "--shard"),
+        ([images, "--out", str(tmp_path / "f.npy"), "--output", "head"], "no projection head"),
+        ([str(empty), "--out", str(tmp_path / "f.npy")], "No image files"),
+        ([str(tmp_path / "nowhere"), "--out", str(tmp_path / "f.npy")], "does not exist"),
+    ]
+    for argv, message in cases:
+        code, err = fails(["embed", *argv, *model], capsys)
+        assert code == 2
+        assert message in err
+        assert err.startswith("Error: ") and err.count("\n") == 1  # one line, no traceback
+    assert not list(tmp_path.glob("*.npy"))
+
+
+def test_backend_seam_reports_a_missing_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mocohub import embed_cli
+
+    monkeypatch.setitem(embed_cli.BACKENDS, "onnxruntime", "mocohub.no_such_module:open_embedder")
+    with pytest.raises(ConfigError, match="onnxruntime backend needs"):
+        embed_cli.open_backend("onnxruntime")
+    assert embed_cli.open_backend("torch") is open_torch_embedder
+
+
+# --- resume and shards -------------------------------------------------------
+
+
+def run_embed(paths: list[str], out: Path, model_dir: Path, **options) -> np.ndarray:
+    settings = EmbedSettings(model=str(model_dir), batch_size=4, part_size=8, device="cpu")
+    opener = lambda precision: open_torch_embedder(  # noqa: E731
+        str(model_dir), device="cpu", precision=precision
+    )
+    embed_files(paths, out, settings, opener, **options)
+    return np.load(out)
+
+
+def test_interrupted_run_resumes_to_the_same_array(
+    tmp_path: Path, dataset, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = scan_inputs([dataset[0]])
+    reference = run_embed(paths, tmp_path / "ref.npy", model_dir)
+    out = tmp_path / "feats.npy"
+    real = TorchEmbedder.embed_batch
+    calls = []
+
+    def interrupted(self: TorchEmbedder, images):
+        calls.append(len(images))
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(self, images)
+
+    monkeypatch.setattr(TorchEmbedder, "embed_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(paths, out, model_dir)
+    parts = output_files(out)["parts"]
+    finished = [json.loads(p.read_text()) for p in parts.glob("0*.json")]
+    rows_done = sum(len(record["rows"]) for record in finished)
+    assert len(finished) >= 2
+    assert 0 < rows_done < len(reference)
+    assert not out.exists()
+
+    # other settings refuse to mix with the unfinished run, unless told to restart
+    settings = EmbedSettings(model=str(model_dir), batch_size=8, part_size=8, device="cpu")
+    opener = lambda precision: open_torch_embedder(str(model_dir), device="cpu")  # noqa: E731
+    with pytest.raises(InputError, match="--restart"):
+        embed_files(paths, out, settings, opener)
+
+    embedded_again: list[int] = []
+
+    def counted(self: TorchEmbedder, images):
+        embedded_again.append(len(images))
+        return real(self, images)
+
+    monkeypatch.setattr(TorchEmbedder, "embed_batch", counted)
+    resumed = run_embed(paths, out, model_dir)
+    assert np.array_equal(resumed, reference)
+    assert sum(embedded_again) == len(reference) - rows_done  # finished parts were kept
+    assert read_outputs(out)[1:] == read_outputs(tmp_path / "ref.npy")[1:]
+
+    # --restart discards the unfinished run of other settings
+    calls.clear()
+    monkeypatch.setattr(TorchEmbedder, "embed_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(paths, out, model_dir)
+    monkeypatch.setattr(TorchEmbedder, "embed_batch", real)
+    embed_files(paths, tmp_path / "other.npy", settings, opener)
+    embed_files(paths, out, settings, opener, restart=True)
+    np.testing.assert_allclose(np.load(out), reference, atol=1e-5)
+
+
+def test_shards_merged_equal_one_run(
+    tmp_path: Path, dataset, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = scan_inputs([dataset[0]])
+    reference = run_embed(paths, tmp_path / "all.npy", model_dir)
+    shards = [tmp_path / f"s{i}.npy" for i in range(3)]
+    for i, shard in enumerate(shards):
+        run_embed(paths, shard, model_dir, shard=(i, 3), workers=0)
+    assert sum(len(np.load(s)) for s in shards) == len(reference)
+    merged = tmp_path / "merged.npy"
+    main(["embed-merge", *map(str, reversed(shards)), "--out", str(merged)])
+    assert np.array_equal(np.load(merged), reference)
+    assert read_outputs(merged)[1:] == read_outputs(tmp_path / "all.npy")[1:]
+    assert json.loads(output_files(merged)["meta"].read_text())["shard"] == [0, 1]
+    argv = ["embed-merge", str(shards[0]), str(shards[2]), "--out", str(tmp_path / "x.npy")]
+    assert "exactly once" in fails(argv, capsys)[1]
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_killed_process_resumes_to_the_same_array(tmp_path: Path, model_dir: Path) -> None:
+    """SIGKILL a real `mocohub embed` mid-run; the rerun finishes it with the same result."""
+    folder = tmp_path / "images"
+    copy_samples(folder, 80)
+    out = tmp_path / "feats.npy"
+    args = ["embed", str(folder), "--out", str(out), "--model", str(model_dir), "--quiet"]
+    args += ["--workers", "0", "--batch-size", "1", "--part-size", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "mocohub", *args], env=env)
+    parts = output_files(out)["parts"]
+    deadline = time.monotonic() + 60
+    while len(list(parts.glob("0*.json"))) < 3 and process.poll() is None:
+        assert time.monotonic() < deadline, "mocohub embed made no progress in 60 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists(), "the run finished before it could be killed"
+    done_before = len(list(parts.glob("0*.json")))
+    assert 3 <= done_before < 80
+
+    main(args)  # the rerun, in this process
+    reference = tmp_path / "ref.npy"
+    main([*args[:3], str(reference), *args[4:-1], "80"])  # the same batches, in one part
+    assert np.array_equal(np.load(out), np.load(reference))
+    assert read_outputs(out)[1] == read_outputs(reference)[1]

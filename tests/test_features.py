@@ -1,0 +1,167 @@
+"""FeatureExtractor and the torch backend: inputs, outputs, precision and its safety check."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from embed_helpers import make_model, sample_files
+from PIL import Image
+
+import mocohub
+from mocohub import sysinfo
+from mocohub.errors import ConfigError, InputError
+from mocohub.features import Embedder, FeatureExtractor, TorchEmbedder, auto_precision
+from mocohub.hub import load
+
+
+@pytest.fixture(scope="module")
+def gray_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("m") / "gray")
+
+
+@pytest.fixture(scope="module")
+def rgb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("m") / "rgb", rgb=True, head=True)
+
+
+def test_paths_images_and_tensors_give_the_same_features(gray_dir: Path) -> None:
+    files = sample_files(6)
+    images = [Image.open(f) for f in files]
+    pixels = torch.stack([torch.from_numpy(np.array(im)) for im in images]).unsqueeze(1)
+    fx = FeatureExtractor(gray_dir, device="cpu", batch_size=4)
+    assert mocohub.FeatureExtractor is FeatureExtractor
+    from_paths = fx([str(f) for f in files])
+    assert from_paths.shape == (6, 64)
+    assert from_paths.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(from_paths, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(fx(images), from_paths, atol=1e-5)
+    np.testing.assert_allclose(fx(pixels), from_paths, atol=1e-5)  # uint8 (N, C, H, W)
+    np.testing.assert_allclose(fx(pixels.float() / 255), from_paths, atol=1e-5)  # [0, 1] floats
+    np.testing.assert_allclose(fx(pixels[2]), from_paths[2:3], atol=1e-5)  # one (C, H, W)
+    np.testing.assert_allclose(fx(files[1]), from_paths[1:2], atol=1e-5)  # one path
+    # RGB images are turned to luma for this gray model, and larger ones resized + cropped
+    rgb = [im.convert("RGB").resize((56, 56), Image.Resampling.BICUBIC) for im in images[:2]]
+    assert fx(rgb).shape == (2, 64)
+
+    # the same numbers as the model itself on its evaluation transform
+    model = load(gray_dir)
+    prep = model.mocohub_config.preprocessing
+    with torch.no_grad():
+        direct = F.normalize(model(torch.stack([prep.transform()(im) for im in images])), dim=1)
+    np.testing.assert_allclose(from_paths, direct.numpy(), atol=1e-5)
+
+
+def test_outputs_dtypes_and_normalisation(rgb_dir: Path) -> None:
+    batch = torch.randint(0, 256, (3, 3, 40, 48), dtype=torch.uint8)
+    pooled = FeatureExtractor(rgb_dir, device="cpu")
+    head = FeatureExtractor(rgb_dir, device="cpu", output="head")
+    spatial = FeatureExtractor(rgb_dir, device="cpu", output="spatial")
+    raw = FeatureExtractor(rgb_dir, device="cpu", normalize=False)
+    half = FeatureExtractor(rgb_dir, device="cpu", dtype=np.float16)
+    assert pooled(batch).shape == (3, 64)
+    assert head(batch).shape == (3, 16)
+    np.testing.assert_allclose(np.linalg.norm(head(batch), axis=1), 1.0, atol=1e-5)
+    maps = spatial(batch)
+    assert maps.shape == (3, 64, 4, 4)  # 32 px crop, small stem, three stride-2 stages
+    # pooled features are the spatial maps averaged
+    np.testing.assert_allclose(raw(batch), maps.mean(axis=(2, 3)), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(np.linalg.norm(raw(batch), axis=1), 1.0)
+    assert half(batch).dtype == np.float16
+    np.testing.assert_allclose(half(batch), pooled(batch), atol=2e-3)
+    assert pooled([]).shape == (0, 64)
+
+
+def test_bad_inputs_raise_one_clear_error(gray_dir: Path, tmp_path: Path) -> None:
+    fx = FeatureExtractor(gray_dir, device="cpu")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(InputError, match=r"broken\.png"):
+        fx([str(sample_files(1)[0]), str(tmp_path / "broken.png")])
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        fx(torch.full((1, 1, 28, 28), 200.0))
+    with pytest.raises(InputError, match="N, C, H, W"):
+        fx(torch.zeros(28, 28, dtype=torch.uint8))
+    with pytest.raises(InputError, match="Cannot embed a int"):
+        fx([42])  # type: ignore[list-item]
+    with pytest.raises(InputError, match="head=True"):
+        TorchEmbedder(load(gray_dir), device="cpu", output="head")
+    with pytest.raises(ConfigError, match="precision"):
+        FeatureExtractor(gray_dir, precision="int4")
+    with pytest.raises(ConfigError, match="float32 or float16"):
+        FeatureExtractor(gray_dir, dtype=np.int8)
+
+
+def test_auto_precision_follows_the_hardware() -> None:
+    cpu = torch.device("cpu")
+    assert auto_precision(cpu, {"avx2", "fma"}) == "fp32"
+    assert auto_precision(cpu, {"avx512f", "amx_bf16"}) == "bf16"
+    assert auto_precision(cpu, {"avx512_bf16"}) == "bf16"
+    here = "bf16" if {"amx_bf16", "avx512_bf16"} & sysinfo.cpu_flags() else "fp32"
+    assert auto_precision(cpu) == here
+    embedder = TorchEmbedder(_tiny(), device="cpu")
+    assert embedder.precision == here
+    assert embedder.channels_last == (here != "fp32")
+
+
+def _tiny() -> torch.nn.Module:
+    from mocohub.models import ModelConfig, build_model
+    from mocohub.preprocessing import Preprocessing
+
+    torch.manual_seed(0)
+    prep = Preprocessing(16, 16, (0.5,), (0.25,), channels=1)
+    return build_model(
+        ModelConfig("resnet18", small_stem=True, in_channels=1, width=4, preprocessing=prep)
+    )
+
+
+def test_reduced_precision_is_checked_against_fp32_on_the_first_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # pretend this CPU has bf16 matrix units, so that "auto" picks bf16
+    monkeypatch.setattr(sysinfo, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    x = torch.randn(4, 1, 16, 16)
+    exact = TorchEmbedder(_tiny(), device="cpu", precision="fp32").embed_batch(x)
+
+    strict = TorchEmbedder(_tiny(), device="cpu", min_cosine=1.01)  # no bf16 result can pass
+    assert strict.precision == "bf16"
+    with pytest.warns(RuntimeWarning, match="using fp32"):
+        first = strict.embed_batch(x)
+    assert strict.precision == "fp32"
+    # fp32 (in channels_last, chosen with bf16): equal up to summation order
+    np.testing.assert_allclose(first, exact, atol=1e-5)
+    np.testing.assert_allclose(strict.embed_batch(x), exact, atol=1e-5)
+
+    lenient = TorchEmbedder(_tiny(), device="cpu", min_cosine=0.99)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        low = lenient.embed_batch(x)
+    assert lenient.precision == "bf16"
+    cosine = F.cosine_similarity(torch.from_numpy(low), torch.from_numpy(exact), dim=1)
+    assert float(cosine.min()) > 0.99
+    assert np.abs(low - exact).max() > 1e-4  # it really ran in bf16
+
+
+def test_an_embedder_is_a_backend(gray_dir: Path) -> None:
+    """Anything with preprocessing, dim and embed_batch plugs into FeatureExtractor."""
+    inner = TorchEmbedder(load(gray_dir), device="cpu")
+
+    class Wrapped:
+        preprocessing = inner.preprocessing
+        dim = inner.dim
+
+        def embed_batch(self, images: torch.Tensor) -> np.ndarray:
+            return inner.embed_batch(images) * 3.0  # normalisation must undo the scale
+
+    assert isinstance(Wrapped(), Embedder)
+    files = [str(f) for f in sample_files(3)]
+    np.testing.assert_allclose(
+        FeatureExtractor(Wrapped())(files),
+        FeatureExtractor(gray_dir, device="cpu")(files),
+        atol=1e-6,
+    )
+    with pytest.raises(ConfigError, match="PyTorch model"):
+        FeatureExtractor(Wrapped(), output="spatial")
