@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mocohub.errors import ConfigError, InputError, MocohubError
-from mocohub.features import Embedder
+from mocohub.features import CropToTensor, Embedder
 from mocohub.fileio import atomic_write_text, atomic_writer
 from mocohub.imageio import DEFAULT_MAX_PIXELS, DecodeError, decode_image, paths_digest
 from mocohub.preprocessing import Preprocessing
@@ -119,12 +119,11 @@ def _shard_batches(total: int, batch_size: int, shard: tuple[int, int]) -> range
 
 
 class _Decoded(Dataset):
-    """Path i -> (i, preprocessed image or None, failure reason)."""
+    """Path i -> (i, uint8 crop or None, failure reason); normalised later, per batch."""
 
     def __init__(self, paths: Sequence[str], prep: Preprocessing, max_pixels: int | None) -> None:
         self.paths, self.prep, self.max_pixels = paths, prep, max_pixels
-        self.transform = prep.transform()
-        self.mode = "L" if prep.channels == 1 else "RGB"
+        self.crop = CropToTensor(prep)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -135,9 +134,12 @@ class _Decoded(Dataset):
             return i, None, "the path holds a line break, which the manifest cannot; rename it"
         try:
             image = decode_image(
-                path, mode=self.mode, min_size=self.prep.resize_size, max_pixels=self.max_pixels
+                path,
+                mode=self.crop.mode,
+                min_size=self.prep.resize_size,
+                max_pixels=self.max_pixels,
             )
-            return i, self.transform(image), ""
+            return i, self.crop(image), ""
         except DecodeError as e:
             return i, None, e.reason
         except Exception as e:  # preprocessing must not end the run either
@@ -270,9 +272,12 @@ def _run_parts(
     todo = sum(len(s) for s in sampler)
     bar = tqdm(total=todo, unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     batches = iter(loader)
+    normalize = settings.normalize
     try:
         for k in pending:
-            _embed_part(folder / f"{k:06d}", len(part_batches[k]), batches, embedder, settings, bar)
+            _embed_part(
+                folder / f"{k:06d}", len(part_batches[k]), batches, embedder, normalize, bar
+            )
             if run["precision"] is None and hasattr(embedder, "precision"):
                 run["precision"] = embedder.precision
                 atomic_write_text(folder / "run.json", json.dumps(run, indent=2) + "\n")
@@ -293,16 +298,18 @@ def _embed_part(
     count: int,
     batches: Iterator[dict[str, Any]],
     embedder: Embedder,
-    settings: EmbedSettings,
+    normalize: bool,
     bar: Any,
 ) -> None:
     """Embed the next ``count`` batches and save them as one part (``.npy``, then ``.json``)."""
+    to_model = embedder.preprocessing.batch()  # uint8 crops -> normalised float32
     feats, rows, failed = [], [], []
     for _ in range(count):
         item = next(batches)
         if item["images"] is not None:
-            x = torch.from_numpy(np.asarray(embedder.embed_batch(item["images"]), np.float32))
-            if settings.normalize:
+            raw = embedder.embed_batch(to_model(item["images"]))
+            x = torch.from_numpy(np.asarray(raw, np.float32))
+            if normalize:
                 x = torch.nn.functional.normalize(x, dim=1)
             feats.append(x.numpy())
             rows.extend(item["rows"])
