@@ -223,7 +223,7 @@ def save_pretrained(
     sees a half-written file. The safetensors header carries string metadata:
     ``format``, ``arch``, ``embedding_dim`` and ``mocohub_version``.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     config = config or get_config(model)
     target = Path(directory)
@@ -238,7 +238,9 @@ def save_pretrained(
     }
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target))
     try:
-        save_file(state, str(staging / WEIGHTS_NAME), metadata=metadata)
+        # Written by Python, not save_file (which creates files readable by their owner
+        # only), so the umask decides who may read a published artifact.
+        (staging / WEIGHTS_NAME).write_bytes(save(state, metadata=metadata))
         (staging / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
