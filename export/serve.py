@@ -291,7 +291,7 @@ def create_app(embedder: OnnxEmbedder, settings: ServeSettings | None = None) ->
                 raise
             return web.json_response({"error": e.text or e.reason}, status=e.status)
         except Exception:
-            log.exception("POST %s failed", request.path)
+            log.exception("%s %s failed", request.method, request.path)
             return web.json_response({"error": "Internal error; see the server log."}, status=500)
 
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors])
