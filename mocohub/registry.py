@@ -275,8 +275,3 @@ def register_weights(weights: Weights, *, replace: bool = False) -> Weights:
         )
     _TABLE[weights.name] = weights
     return weights
-
-
-def is_registered(name: str) -> bool:
-    """Whether ``name`` is a registered weight set."""
-    return name in _TABLE
