@@ -51,6 +51,16 @@ def moco_v1_r50(pretrained: bool = True, **kwargs: Any) -> Any:
     return _moco("moco_v1_r50_200ep", pretrained, kwargs)
 
 
+def moco_r18_fashion_mnist(pretrained: bool = True, **kwargs: Any) -> Any:
+    """MoCo ResNet-18 (width 32, small stem) trained on Fashion-MNIST; ships inside mocohub.
+
+    Registry name ``moco_r18_fashion_mnist``: 256-d features of 28x28 gray images, loaded
+    with no network. Its k-NN top-1 on the Fashion-MNIST test split is in
+    ``mocohub info moco_r18_fashion_mnist`` and its model card.
+    """
+    return _moco("moco_r18_fashion_mnist", pretrained, kwargs)
+
+
 def resnet18(**kwargs: Any) -> Any:
     """ResNet-18 backbone, random weights; options as ``mocohub.backbones.ResNet``."""
     from mocohub.backbones import resnet18 as build

@@ -126,16 +126,20 @@ def model_card(
         ("epochs", "Pre-training epochs"),
         ("dataset", "Pre-training data"),
         ("recipe", "Recipe"),
+        ("command", "Training command"),
     ):
         if meta.get(key) not in (None, ""):
             value = _FORMATS.get(str(meta[key]), meta[key]) if key == "format" else meta[key]
-            lines.append(f"- {label}: {value}")
+            lines.append(f"- {label}: `{value}`" if key == "command" else f"- {label}: {value}")
     lines += ["", "## Metrics", ""]
     metrics = [f"- {label}: {meta[k]}" for k, label in METRIC_KEYS.items() if k in meta]
     lines += metrics or ["No published metrics for these weights."]
     lines += [
         "",
-        "Metrics are the figures published with the weights, not re-measured here.",
+        str(
+            meta.get("metrics_protocol")
+            or "Metrics are the figures published with the weights, not re-measured here."
+        ),
         "",
         "## Intended use",
         "",

@@ -76,7 +76,7 @@ def list_command(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    header = ("NAME", "ARCH", "DIM", "EPOCHS", "TOP-1", "PARAMS", "CACHED")
+    header = ("NAME", "ARCH", "DIM", "EPOCHS", "TOP-1", "K-NN", "PARAMS", "CACHED")
     table = [header] + [
         (
             r["name"],
@@ -84,6 +84,7 @@ def list_command(as_json: bool) -> None:
             str(r["feature_dim"]),
             str(r["meta"].get("epochs", "")),
             str(r["meta"].get("imagenet_linear_top1", "-")),
+            str(r["meta"].get("knn_top1", "-")),
             f"{r['meta']['num_params'] / 1e6:.1f}M" if r["meta"].get("num_params") else "-",
             "yes" if r["cached"] else "no",
         )
@@ -92,7 +93,11 @@ def list_command(as_json: bool) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    click.echo("\nTOP-1: published ImageNet linear-classification top-1 (%). `mocohub info NAME`")
+    click.echo(
+        "\nTOP-1: published ImageNet linear-classification top-1 (%). K-NN: k-NN top-1 (%) "
+        "on the test split of the data the weights were trained on.\n`mocohub info NAME` "
+        "shows one weight set."
+    )
 
 
 @click.command("info")

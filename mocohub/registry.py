@@ -215,6 +215,28 @@ def _reference(
     )
 
 
+# Shipped inside the package (mocohub/weights/, written by scripts/bundle_model.py from
+# a `mocohub train --preset fashion_mnist` run; its model card holds the command).
+_FASHION_MNIST = Weights(
+    name="moco_r18_fashion_mnist",
+    arch="resnet18",
+    files=(WeightsFile("package:moco_r18_fashion_mnist", "sha256:c13de301748a2804"),),
+    preprocessing=Preprocessing(28, 32, (0.286,), (0.353,), channels=1),
+    small_stem=True,
+    in_channels=1,
+    width=32,
+    meta={
+        "description": "MoCo ResNet-18 (small stem, width 32), 5 epochs on Fashion-MNIST "
+        "train without labels; ships inside mocohub and loads offline",
+        "source": "mocohub (this package)",
+        "epochs": 5,
+        "dataset": "Fashion-MNIST train split (60,000 images; labels unused)",
+        "knn_top1": 80.77,
+        "license": "mit",
+        "num_params": 2_794_464,
+    },
+)
+
 # The one table. Names: moco_v{version}_{arch}_{epochs}ep. A weight set shipped
 # inside the package is one row with a package: location, e.g.
 #   Weights("moco_fmnist_r18", "resnet18", (WeightsFile("package:moco_fmnist_r18",
@@ -226,6 +248,7 @@ _TABLE: dict[str, Weights] = {
         _reference("moco_v1_r50_200ep", "moco_v1_200ep", 1, 200, 60.6, "b251726a"),
         _reference("moco_v2_r50_200ep", "moco_v2_200ep", 2, 200, 67.7, "59fd9945"),
         _reference("moco_v2_r50_800ep", "moco_v2_800ep", 2, 800, 71.1, "a04e12f8"),
+        _FASHION_MNIST,
     )
 }
 

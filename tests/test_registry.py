@@ -26,6 +26,7 @@ from mocohub.registry import Weights, WeightsFile, get_weights, list_models
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "fashion-mnist"
 BASE = "https://dl.fbaipublicfiles.com/moco/moco_checkpoints"
+FASHION_MNIST = "moco_r18_fashion_mnist"  # shipped inside the package (issue 7)
 PUBLISHED = {  # name: (reference file name, md5 prefix, epochs, ImageNet linear top-1, head)
     "moco_v1_r50_200ep": ("moco_v1_200ep", "b251726a", 200, 60.6, "linear"),
     "moco_v2_r50_200ep": ("moco_v2_200ep", "59fd9945", 200, 67.7, "mlp"),
@@ -80,7 +81,7 @@ def test_transforms_are_the_entry_preprocessing() -> None:
 
 
 def test_names_and_registration_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert [w.name for w in mocohub.list_models()] == sorted(PUBLISHED)
+    assert [w.name for w in mocohub.list_models()] == sorted([*PUBLISHED, FASHION_MNIST])
     with pytest.raises(InputError, match="did you mean moco_v1_r50_200ep"):
         get_weights("moco_v1_r50_200")
     monkeypatch.setattr(registry, "_TABLE", dict(registry._TABLE))
@@ -199,14 +200,26 @@ def test_list_and_info_commands(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(["list"], capsys)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "ARCH", "DIM", "EPOCHS", "TOP-1", "PARAMS", "CACHED"]
+    header = ["NAME", "ARCH", "DIM", "EPOCHS", "TOP-1", "K-NN", "PARAMS", "CACHED"]
+    assert lines[0].split() == header
     for name, (_, _, epochs, top1, _) in PUBLISHED.items():
         (row,) = [line.split() for line in lines if line.startswith(name)]
-        assert row[:6] == [name, "resnet50", "2048", str(epochs), str(top1), "23.5M"]
+        assert row[:7] == [name, "resnet50", "2048", str(epochs), str(top1), "-", "23.5M"]
+    (row,) = [line.split() for line in lines if line.startswith(FASHION_MNIST)]
+    knn = get_weights(FASHION_MNIST).meta["knn_top1"]
+    assert row[2:] == [
+        "256",
+        str(get_weights(FASHION_MNIST).meta["epochs"]),
+        "-",
+        str(knn),
+        "2.8M",
+        "yes",
+    ]
 
     code, out, _ = run_cli(["list", "--json"], capsys)
     rows = json.loads(out)
-    assert [r["meta"]["imagenet_linear_top1"] for r in rows] == [60.6, 67.7, 71.1]
+    published = [r["meta"]["imagenet_linear_top1"] for r in rows if r["name"] in PUBLISHED]
+    assert published == [60.6, 67.7, 71.1]
 
     code, out, _ = run_cli(["info", "moco_v2_r50_800ep"], capsys)
     assert code == 0
