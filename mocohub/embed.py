@@ -16,7 +16,7 @@ run resumes from its last finished part; the folder records a key of every
 setting that changes the numbers (model files, backend, output, precision,
 batch size, ...) and the input list, and a run with a different key refuses
 to mix with it (``restart=True`` discards it). Because batches are cut from
-the global list, a resumed run, and shards merged with :func:`merge_outputs`,
+the global list, a resumed run, and shards merged with :mod:`mocohub.embed_merge`,
 give exactly the array of one uninterrupted run.
 
 Decoding (:func:`mocohub.imageio.decode_image` + the model's preprocessing)
@@ -52,7 +52,7 @@ from mocohub.fileio import atomic_write_text, atomic_writer
 from mocohub.imageio import DEFAULT_MAX_PIXELS, DecodeError, decode_image, paths_digest
 from mocohub.preprocessing import Preprocessing
 
-__all__ = ["EmbedResult", "EmbedSettings", "embed_files", "merge_outputs", "output_files"]
+__all__ = ["EmbedResult", "EmbedSettings", "embed_files", "output_files"]
 
 FORMAT = "mocohub-embeddings"
 
@@ -82,6 +82,7 @@ class EmbedResult:
     embedded_now: int
     seconds: float
     precision: str | None
+    up_to_date: bool = False  # a complete earlier run had the same inputs and settings
 
     @property
     def images_per_s(self) -> float:
@@ -209,6 +210,10 @@ def embed_files(
     digest = paths_digest(paths)
     key_data = [asdict(settings), _model_fingerprint(settings.model), digest, list(shard)]
     key = hashlib.sha256(json.dumps(key_data, default=str).encode()).hexdigest()
+    finished = None if restart else _finished(files, key, dtype)
+    if finished is not None:
+        rows, skipped, used = finished["rows"], finished["skipped"], finished["precision"]
+        return EmbedResult(files["features"], rows, skipped, 0, 0.0, used, up_to_date=True)
     files["features"].parent.mkdir(parents=True, exist_ok=True)
     run = _open_workdir(files["parts"], key, settings, restart)
     pending = [
@@ -239,10 +244,23 @@ def embed_files(
         "inputs": len(paths),
         "inputs_sha256": digest,
         "shard": list(shard),
+        "key": key,
     }
     atomic_write_text(files["meta"], json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(files["parts"], ignore_errors=True)
     return EmbedResult(files["features"], rows, skipped, embedded_now, seconds, precision)
+
+
+def _finished(files: dict[str, Path], key: str, dtype: str) -> dict[str, Any] | None:
+    """The meta of a complete earlier run with the same key and dtype, else None."""
+    if not all(files[name].exists() for name in ("features", "manifest", "errors", "meta")):
+        return None
+    try:
+        meta = json.loads(files["meta"].read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = isinstance(meta, dict) and meta.get("key") == key and meta.get("dtype") == dtype
+    return meta if same else None
 
 
 def _run_parts(
@@ -267,7 +285,7 @@ def _run_parts(
         batch_sampler=sampler,
         num_workers=workers,
         collate_fn=_collate,
-        pin_memory=settings.device.startswith("cuda"),
+        pin_memory=settings.device != "cpu" and torch.cuda.is_available(),
     )
     todo = sum(len(s) for s in sampler)
     bar = tqdm(total=todo, unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
@@ -331,11 +349,11 @@ def _assemble(
     arrays = [files["parts"] / f"{k:06d}.npy" for k in range(parts)]
     errors = [(paths[i], reason) for r in records for i, reason in r["failed"]]
     rows = [paths[i] for r in records for i in r["rows"]]
-    _write_outputs(files, arrays, rows, errors, dim, dtype)
+    write_outputs(files, arrays, rows, errors, dim, dtype)
     return len(rows), len(errors)
 
 
-def _write_outputs(
+def write_outputs(
     files: dict[str, Path],
     arrays: Sequence[Path],
     rows: Sequence[str],
@@ -367,77 +385,3 @@ def _write_outputs(
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def read_meta(out: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``.meta.json`` of an embed output (InputError when missing or not one)."""
-    path = output_files(out)["meta"]
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"Cannot read {path} ({e}); is {out} the output of mocohub embed?") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise InputError(f"{path} is not a mocohub embed description.")
-    return meta
-
-
-def merge_outputs(
-    parts: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
-) -> dict[str, Any]:
-    """Concatenate the outputs of ``--shard 0/n`` ... ``--shard n-1/n`` into ``out``.
-
-    Every shard must be present once, from the same input list and settings;
-    the result equals one unsharded run. Returns the merged meta.
-
-    Example:
-        >>> merge_outputs(["f0.npy", "f1.npy"], "feats.npy")["rows"]
-        2000
-    """
-    metas = [read_meta(p) for p in parts]
-    if not metas:
-        raise InputError("Name the shard outputs to merge.")
-    count = metas[0]["shard"][1]
-    same = (
-        "inputs_sha256",
-        "model",
-        "backend",
-        "output",
-        "normalized",
-        "dim",
-        "dtype",
-        "batch_size",
-    )
-    for path, meta in zip(parts, metas, strict=True):
-        differing = [k for k in same if meta.get(k) != metas[0].get(k)]
-        if differing or meta["shard"][1] != count:
-            raise InputError(
-                f"{path} was made with other inputs or settings than {parts[0]} "
-                f"({', '.join(differing) or 'shard count'}); merge shards of one run only."
-            )
-    order = sorted(range(len(metas)), key=lambda j: metas[j]["shard"][0])
-    found = [metas[j]["shard"][0] for j in order]
-    if found != list(range(count)):
-        raise InputError(
-            f"The shards given are {found} of {count}; pass each of 0..{count - 1} exactly once."
-        )
-    sources = [output_files(parts[j]) for j in order]
-    rows: list[str] = []
-    errors: list[tuple[str, str]] = []
-    for src in sources:
-        rows.extend(src["manifest"].read_text(encoding="utf-8").splitlines())
-        for line in src["errors"].read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            errors.append((record["path"], record["reason"]))
-    files = output_files(out)
-    _write_outputs(
-        files, [s["features"] for s in sources], rows, errors, metas[0]["dim"], metas[0]["dtype"]
-    )
-    merged = {
-        **metas[0],
-        "rows": len(rows),
-        "skipped": len(errors),
-        "shard": [0, 1],
-        "precision": metas[0]["precision"],
-    }
-    atomic_write_text(files["meta"], json.dumps(merged, indent=2) + "\n")
-    return merged

@@ -155,11 +155,17 @@ def embed_command(
     )
     files = output_files(out)
     skipped = f", skipped {result.skipped} (see {files['errors']})" if result.skipped else ""
-    click.echo(
-        f"embedded {result.rows} images{skipped} in {result.seconds:.1f} s "
-        f"({result.images_per_s:.1f} images/s, precision {result.precision or 'n/a'}) "
-        f"-> {result.out}"
-    )
+    if result.up_to_date:
+        click.echo(
+            f"{result.out} is up to date (same inputs and settings): {result.rows} rows{skipped}; "
+            "add --restart to embed again."
+        )
+    else:
+        click.echo(
+            f"embedded {result.rows} images{skipped} in {result.seconds:.1f} s "
+            f"({result.images_per_s:.1f} images/s, precision {result.precision or 'n/a'}) "
+            f"-> {result.out}"
+        )
     if strict and result.skipped:
         raise InputError(
             f"{result.skipped} files were skipped (--strict); see {files['errors']} for why."
@@ -174,7 +180,7 @@ def merge_command(parts: tuple[str, ...], out: str) -> None:
 
     Example: mocohub embed-merge f0.npy f1.npy f2.npy --out feats.npy
     """
-    from mocohub.embed import merge_outputs
+    from mocohub.embed_merge import merge_outputs
 
     if os.path.abspath(out) in {os.path.abspath(p) for p in parts}:
         raise MocohubError("--out must differ from the shard files being merged.")

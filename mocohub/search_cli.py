@@ -108,7 +108,7 @@ def search_command(
         device=device,
         output=recorded.get("output", "pooled"),
         normalize=True,
-        precision=recorded.get("precision") or "auto",
+        precision="auto",  # a few queries: the check against fp32 costs nothing
     )
     paths, batches = [], []
     for path in scan_inputs(queries):

@@ -170,6 +170,12 @@ def test_embed_writes_one_row_per_good_file_and_lists_the_broken(
     assert "images/s" in summary
     assert not output_files(out)["parts"].exists()
 
+    # the same command again: the output is up to date, nothing is embedded
+    written = out.stat().st_mtime_ns
+    main([*args, "--workers", "2", "--batch-size", "8", "--part-size", "16"])
+    assert "is up to date" in capsys.readouterr().out
+    assert out.stat().st_mtime_ns == written
+
     # float16 output, and --strict turns the skips into a non-zero exit (outputs still written)
     half = tmp_path / "half.npy"
     argv = [*args[:3], str(half), *args[4:], "--workers", "0", "--dtype", "float16", "--strict"]
@@ -264,15 +270,16 @@ def test_interrupted_run_resumes_to_the_same_array(
     assert sum(embedded_again) == len(reference) - rows_done  # finished parts were kept
     assert read_outputs(out)[1:] == read_outputs(tmp_path / "ref.npy")[1:]
 
-    # --restart discards the unfinished run of other settings
+    # --restart discards an unfinished run of other settings
+    other = tmp_path / "other.npy"
     calls.clear()
     monkeypatch.setattr(TorchEmbedder, "embed_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_embed(paths, out, model_dir)
+        run_embed(paths, other, model_dir)
     monkeypatch.setattr(TorchEmbedder, "embed_batch", real)
-    embed_files(paths, tmp_path / "other.npy", settings, opener)
-    embed_files(paths, out, settings, opener, restart=True)
-    np.testing.assert_allclose(np.load(out), reference, atol=1e-5)
+    embed_files(paths, other, settings, opener, restart=True)
+    np.testing.assert_allclose(np.load(other), reference, atol=1e-5)
+    assert not output_files(other)["parts"].exists()
 
 
 def test_shards_merged_equal_one_run(
@@ -294,6 +301,7 @@ def test_shards_merged_equal_one_run(
     assert not (tmp_path / "x.npy").exists()
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_to_the_same_array(tmp_path: Path, model_dir: Path) -> None:
     """SIGKILL a real `mocohub embed` mid-run; the rerun finishes it with the same result."""
     folder = tmp_path / "images"

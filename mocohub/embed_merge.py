@@ -1,0 +1,93 @@
+"""Merging the outputs of ``mocohub embed --shard i/n`` runs into the output of one run.
+
+Example:
+    >>> merge_outputs(["f0.npy", "f1.npy"], "feats.npy")["rows"]
+    2000
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from mocohub.embed import FORMAT, output_files, write_outputs
+from mocohub.errors import InputError
+from mocohub.fileio import atomic_write_text
+
+__all__ = ["merge_outputs", "read_meta"]
+
+
+def read_meta(out: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``.meta.json`` of an embed output (InputError when missing or not one)."""
+    path = output_files(out)["meta"]
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"Cannot read {path} ({e}); is {out} the output of mocohub embed?") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InputError(f"{path} is not a mocohub embed description.")
+    return meta
+
+
+def merge_outputs(
+    parts: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """Concatenate the outputs of ``--shard 0/n`` ... ``--shard n-1/n`` into ``out``.
+
+    Every shard must be present once, from the same input list and settings;
+    the result equals one unsharded run. Returns the merged meta.
+
+    Example:
+        >>> merge_outputs(["f0.npy", "f1.npy"], "feats.npy")["rows"]
+        2000
+    """
+    metas = [read_meta(p) for p in parts]
+    if not metas:
+        raise InputError("Name the shard outputs to merge.")
+    count = metas[0]["shard"][1]
+    same = (
+        "inputs_sha256",
+        "model",
+        "backend",
+        "output",
+        "normalized",
+        "dim",
+        "dtype",
+        "batch_size",
+    )
+    for path, meta in zip(parts, metas, strict=True):
+        differing = [k for k in same if meta.get(k) != metas[0].get(k)]
+        if differing or meta["shard"][1] != count:
+            raise InputError(
+                f"{path} was made with other inputs or settings than {parts[0]} "
+                f"({', '.join(differing) or 'shard count'}); merge shards of one run only."
+            )
+    order = sorted(range(len(metas)), key=lambda j: metas[j]["shard"][0])
+    found = [metas[j]["shard"][0] for j in order]
+    if found != list(range(count)):
+        raise InputError(
+            f"The shards given are {found} of {count}; pass each of 0..{count - 1} exactly once."
+        )
+    sources = [output_files(parts[j]) for j in order]
+    rows: list[str] = []
+    errors: list[tuple[str, str]] = []
+    for src in sources:
+        rows.extend(src["manifest"].read_text(encoding="utf-8").splitlines())
+        for line in src["errors"].read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            errors.append((record["path"], record["reason"]))
+    files = output_files(out)
+    write_outputs(
+        files, [s["features"] for s in sources], rows, errors, metas[0]["dim"], metas[0]["dtype"]
+    )
+    merged = {
+        **metas[0],
+        "rows": len(rows),
+        "skipped": len(errors),
+        "shard": [0, 1],
+        "key": None,
+    }
+    atomic_write_text(files["meta"], json.dumps(merged, indent=2) + "\n")
+    return merged
