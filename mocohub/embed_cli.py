@@ -52,7 +52,13 @@ def _parse_shard(value: str) -> tuple[int, int]:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npy file.")
 @click.option("--model", "-m", required=True, help="Anything mocohub.load takes (folder, file...).")
-@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="torch", show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(sorted(BACKENDS)),
+    default="torch",
+    show_default=True,
+    help="onnxruntime: --model is a folder or .onnx file written by `mocohub export`.",
+)
 @click.option(
     "--output",
     type=click.Choice(["pooled", "head"]),
@@ -76,11 +82,24 @@ def _parse_shard(value: str) -> tuple[int, int]:
     show_default=True,
     help="auto: bf16/fp16 where the hardware runs it fast and it matches fp32, else fp32.",
 )
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True
+)
 @click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2 rows.")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Skip larger images.")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Skip images with more pixels (decompression bombs).  [default: 178956970]",
+)
 @click.option("--shard", default="0/1", show_default=True, help="Do share i of n (i/n).")
-@click.option("--part-size", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option(
+    "--part-size",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Images per saved part: what an interrupted run can lose.",
+)
 @click.option("--strict", is_flag=True, help="Exit non-zero when any file was skipped.")
 @click.option("--restart", is_flag=True, help="Discard an unfinished run with other settings.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

@@ -7,6 +7,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -113,3 +114,22 @@ def write_broken_files(folder: Path) -> dict[str, str]:
         "bomb.png": "too many pixels",
         "dangling.gif": "not found",
     }
+
+
+class ScaledEmbedder:
+    """A non-torch backend stand-in: the torch backend's raw features times 3."""
+
+    def __init__(self, model_path: str) -> None:
+        from mocohub.features import open_torch_embedder
+
+        self.inner = open_torch_embedder(model_path, device="cpu")
+        self.preprocessing = self.inner.preprocessing
+        self.dim = self.inner.dim
+
+    def embed_batch(self, images: torch.Tensor) -> np.ndarray:
+        return self.inner.embed_batch(images) * 3.0
+
+
+def open_scaled_embedder(model_path: str) -> ScaledEmbedder:
+    """Opened as `mocohub.export.onnx_embedder:open_embedder` is: from the path alone."""
+    return ScaledEmbedder(model_path)

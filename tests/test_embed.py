@@ -215,6 +215,35 @@ def test_backend_seam_reports_a_missing_backend(monkeypatch: pytest.MonkeyPatch)
     assert embed_cli.open_backend("torch") is open_torch_embedder
 
 
+def test_another_backend_plugs_into_the_same_pipeline(
+    tmp_path: Path,
+    dataset,
+    model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The backend seam: `--backend onnxruntime` opens its embedder from the model path alone.
+
+    A stand-in for mocohub.export's ONNX embedder (exporting takes longer than
+    this whole file may) returns the torch features times 3: the pipeline's
+    normalisation must give the torch backend's rows.
+    """
+    from mocohub import embed_cli
+
+    monkeypatch.setitem(embed_cli.BACKENDS, "onnxruntime", "embed_helpers:open_scaled_embedder")
+    torch_out, other_out = tmp_path / "torch.npy", tmp_path / "other.npy"
+    common = ["embed", str(dataset[0]), "--workers", "0", "--quiet", "--model", str(model_dir)]
+    main([*common, "--out", str(torch_out)])
+    main([*common, "--out", str(other_out), "--backend", "onnxruntime"])
+    torch_rows, torch_manifest, torch_errors = read_outputs(torch_out)
+    other_rows, other_manifest, other_errors = read_outputs(other_out)
+    assert (other_manifest, other_errors) == (torch_manifest, torch_errors)
+    np.testing.assert_allclose(other_rows, torch_rows, atol=1e-6)
+    assert json.loads(output_files(other_out)["meta"].read_text())["backend"] == "onnxruntime"
+    argv = [*common, "--out", str(tmp_path / "x.npy"), "--backend", "onnxruntime"]
+    assert "apply to the torch backend" in fails([*argv, "--output", "head"], capsys)[1]
+
+
 # --- resume and shards -------------------------------------------------------
 
 
