@@ -7,19 +7,24 @@ is the PyTorch one; ``mocohub.export``'s ONNX embedder has the same interface,
 so the embed pipeline never needs to know which backend runs.
 
 Precision (``precision="auto"``): on a CUDA device, autocast to bf16 (fp16
-where bf16 is unsupported) with channels_last; on a CPU, bf16 autocast with
-channels_last only when the CPU has bf16 matrix units (AMX or AVX512-BF16,
-read from ``/proc/cpuinfo``; elsewhere bf16 is emulated and several times
-slower than fp32), fp32 otherwise. A reduced precision is then checked once,
-on the first batch, against fp32: if any image's cosine similarity to its
-fp32 features falls under ``min_cosine`` (0.999), the embedder falls back to
-fp32 for good and warns.
+where bf16 is unsupported); on a CPU, bf16 autocast only when the CPU has bf16
+matrix units (AMX or AVX512-BF16, read from ``/proc/cpuinfo``; elsewhere bf16
+is emulated and several times slower than fp32), fp32 otherwise. A reduced
+precision is then checked once, on the first batch, against fp32: if any
+image's cosine similarity to its fp32 features falls under ``min_cosine``
+(0.999), the embedder falls back to fp32 for good and warns.
+
+Speed at any precision: BatchNorm is folded into the convolutions
+(:func:`mocohub.fusion.fuse_batchnorm`, on a copy) and the model runs in
+channels_last, which oneDNN serves faster even in fp32 on AVX2 CPUs (ResNet-50,
+1 thread: 5.5 images/s NCHW, 7.9 fused + channels_last).
 
 Example:
     >>> fx = FeatureExtractor("runs/fmnist/model", batch_size=64)
     >>> feats = fx(["a.png", "b.jpg"])          # (2, 512) float32, rows of unit length
-    >>> fx(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), output="spatial").shape
-    (4, 128, 4, 4)
+    >>> maps = FeatureExtractor("runs/fmnist/model", output="spatial")(["a.png"])
+    >>> maps.shape
+    (1, 512, 4, 4)
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from PIL import Image
 from torch import nn
 
 from mocohub.errors import ConfigError, InputError
+from mocohub.fusion import fuse_batchnorm
 from mocohub.imageio import DEFAULT_MAX_PIXELS, DecodeError, decode_image, to_mode
 from mocohub.preprocessing import Preprocessing, ResizeUnlessSize
 
@@ -112,7 +118,8 @@ class TorchEmbedder:
         output: ``"pooled"`` backbone features, ``"head"`` projection-head output
             (the model must have been loaded with ``head=True``) or ``"spatial"``
             (the last stage's feature maps; :meth:`forward` only).
-        channels_last: None chooses (on with reduced precision, off for CPU fp32).
+        channels_last: run in channels_last memory format (faster on CPUs and GPUs).
+        fuse: fold BatchNorm into the convolutions (on a copy of ``model``).
         min_cosine: the lowest cosine to fp32 that ``"auto"`` accepts on the first batch.
 
     Example:
@@ -128,7 +135,8 @@ class TorchEmbedder:
         device: str | torch.device | None = "auto",
         precision: str = "auto",
         output: str = "pooled",
-        channels_last: bool | None = None,
+        channels_last: bool = True,
+        fuse: bool = True,
         min_cosine: float = 0.999,
     ) -> None:
         from mocohub.models import get_config
@@ -154,10 +162,8 @@ class TorchEmbedder:
         # only a reduced precision that "auto" chose is checked against fp32
         self.checked = precision != "auto" or self.precision == "fp32"
         self.min_cosine = min_cosine
-        if channels_last is None:
-            channels_last = self.precision != "fp32" or self.device.type == "cuda"
         self.channels_last = channels_last
-        self.model = model.eval().to(self.device)
+        self.model = (fuse_batchnorm(model) if fuse else model.eval()).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 

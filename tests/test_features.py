@@ -104,7 +104,24 @@ def test_auto_precision_follows_the_hardware() -> None:
     assert auto_precision(cpu) == here
     embedder = TorchEmbedder(_tiny(), device="cpu")
     assert embedder.precision == here
-    assert embedder.channels_last == (here != "fp32")
+    assert embedder.channels_last  # faster in fp32 too, on this AVX2 CPU as on GPUs
+
+
+def test_batchnorm_is_folded_on_a_copy_without_changing_features(rgb_dir: Path) -> None:
+    model = load(rgb_dir, head=True)
+    x = torch.randn(5, 3, 32, 32)
+    fused = TorchEmbedder(model, device="cpu", output="head")
+    plain = TorchEmbedder(model, device="cpu", output="head", fuse=False, channels_last=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.model.modules())
+    assert plain.model is model  # not copied, and the original keeps its BatchNorms
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 20
+    np.testing.assert_allclose(fused.embed_batch(x), plain.embed_batch(x), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(plain.embed_batch(x), model(x).numpy(), rtol=1e-6, atol=1e-6)
+    maps = fused.forward(x, "spatial")
+    with torch.no_grad():
+        trunk = torch.nn.Sequential(*list(model.children())[:-2])  # up to layer4
+        np.testing.assert_allclose(maps.numpy(), trunk(x).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def _tiny() -> torch.nn.Module:
