@@ -15,6 +15,9 @@ The output folder (every file written atomically):
 ``verify.json``                   the parity checks (unless ``--no-verify``)
 ================================  ===============================================
 
+Model files (and ``verify.json``) that an earlier export left in the folder
+and this one did not write are removed, so the folder never mixes two models.
+
 Example:
     >>> result = export_model("runs/fmnist/model", "out/fmnist", fp16=True, int8=True)
     >>> sorted(result.files)
@@ -38,6 +41,7 @@ from mocohub.models import CONFIG_NAME, get_config
 
 from .onnx import add_metadata, export_onnx, save_onnx, to_fp16
 from .onnx import with_preprocessing as pixels_graph
+from .onnx_embedder import MODEL_FILES
 from .quantize import ImageSet, load_image_folder, quantize_int8
 from .verify import VerifyReport, verify_files
 
@@ -149,6 +153,11 @@ def export_model(
                 save_onnx(add_metadata(graph, config, precision=precision), folder / name)
                 result.files[name] = precision
                 log(f"wrote {folder / name}")
+    for name in [*MODEL_FILES, "verify.json"]:  # a folder describes one model, checked once
+        stale = folder / name
+        if name not in result.files and stale.is_file():
+            stale.unlink()
+            log(f"removed {stale}, left by an earlier export")
     if verify and "onnx" in chosen:
         images = calib
         if verify_images is not None:

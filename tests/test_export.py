@@ -219,6 +219,9 @@ def test_safetensors_only_and_option_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     save_pretrained(build_model(gray_config()), tmp_path / "src")
+    (tmp_path / "st").mkdir()
+    for leftover in ("model.int8.onnx", "verify.json", "notes.txt"):  # an earlier export's
+        (tmp_path / "st" / leftover).write_text("old")
     runner = CliRunner()
     ok = runner.invoke(
         cli.cli,
@@ -229,7 +232,9 @@ def test_safetensors_only_and_option_errors(
         "model.safetensors",
         "config.json",
         "README.md",
+        "notes.txt",  # not a file mocohub writes: kept
     }
+    assert "removed" in ok.output and "model.int8.onnx" in ok.output
     for args, message in [
         (["--format", "safetensors", "--int8"], "add onnx to --format"),
         (["--format", "onnx,tiff"], "Unknown export format(s) tiff"),
