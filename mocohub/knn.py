@@ -32,12 +32,17 @@ def knn_scores(
     t: float = 0.1,
     num_classes: int | None = None,
     chunk: int = 1024,
+    leave_one_out: bool = False,
 ) -> torch.Tensor:
     """Per-class vote scores, ``len(query) x num_classes``.
 
     Features must be L2-normalised (rows of unit length); similarity is the dot
     product. ``k`` is capped at the number of training features.
+    ``leave_one_out``: the queries are the training features themselves, and
+    each query's own row does not vote for it.
     """
+    if leave_one_out and query_features.shape != train_features.shape:
+        raise InputError("leave_one_out needs the training features as the queries.")
     if train_features.ndim != 2 or query_features.ndim != 2:
         raise InputError("k-NN features must be 2-D (samples x dims); flatten them first.")
     if train_features.shape[1] != query_features.shape[1]:
@@ -53,12 +58,18 @@ def knn_scores(
     if k < 1 or t <= 0:
         raise InputError(f"k must be >= 1 and t > 0, got k={k}, t={t}.")
     classes = int(num_classes or int(train_labels.max()) + 1)
-    k = min(k, len(train_features))
+    k = min(k, len(train_features) - int(leave_one_out))
+    if k < 1:
+        raise InputError("Leave-one-out k-NN needs at least two training features.")
     train_labels = train_labels.to(train_features.device)
     scores = []
     for start in range(0, len(query_features), chunk):
         queries = query_features[start : start + chunk].to(train_features)
-        similarity, neighbours = (queries @ train_features.T).topk(k, dim=1)
+        similarity = queries @ train_features.T
+        if leave_one_out:
+            own = torch.arange(len(queries), device=similarity.device)
+            similarity[own, own + start] = float("-inf")
+        similarity, neighbours = similarity.topk(k, dim=1)
         votes = torch.zeros(len(queries), classes, device=train_features.device)
         votes.scatter_add_(1, train_labels[neighbours], (similarity / t).exp())
         scores.append(votes)
@@ -90,10 +101,21 @@ def knn_accuracy(
     k: int = 200,
     t: float = 0.1,
     num_classes: int | None = None,
+    leave_one_out: bool = False,
 ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy of the weighted k-NN classifier on labelled queries."""
+    """Top-1 and top-5 accuracy of the weighted k-NN classifier on labelled queries.
+
+    Example (each sample classified by all the others):
+        >>> knn_accuracy(feats, labels, feats, labels, k=20, leave_one_out=True)["top1"]
+    """
     scores = knn_scores(
-        train_features, train_labels, query_features, k=k, t=t, num_classes=num_classes
+        train_features,
+        train_labels,
+        query_features,
+        k=k,
+        t=t,
+        num_classes=num_classes,
+        leave_one_out=leave_one_out,
     )
     ranked = scores.topk(min(5, scores.shape[1]), dim=1).indices.cpu()
     hits = ranked == query_labels.view(-1, 1).cpu()

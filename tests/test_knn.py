@@ -45,3 +45,18 @@ def test_bad_inputs() -> None:
         knn_scores(train, torch.zeros(9, dtype=torch.long), torch.randn(2, 8))
     with pytest.raises(InputError, match="k must be"):
         knn_scores(train, torch.zeros(10, dtype=torch.long), torch.randn(2, 8), k=0)
+
+
+def test_leave_one_out_ignores_each_querys_own_row() -> None:
+    torch.manual_seed(0)
+    features = F.normalize(torch.randn(50, 8), dim=1)
+    labels = torch.randint(0, 3, (50,))
+    # k=1 without leave-one-out finds each sample itself: a perfect, meaningless score.
+    assert knn_accuracy(features, labels, features, labels, k=1)["top1"] == 1.0
+    loo = knn_scores(features, labels, features, k=1, leave_one_out=True, chunk=7)
+    similarity = features @ features.T
+    similarity.fill_diagonal_(float("-inf"))
+    nearest_other = similarity.argmax(1)
+    assert torch.equal(loo.argmax(1), labels[nearest_other])
+    with pytest.raises(InputError, match="leave_one_out needs"):
+        knn_scores(features, labels, features[:10], leave_one_out=True)
