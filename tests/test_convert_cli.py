@@ -11,21 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from cli_helpers import run_cli
 from hub_helpers import backbone_features, reference_checkpoint, reference_encoder
 from torch import nn
 
 import mocohub
-from mocohub import cli
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        cli.main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cli_helpers import run_cli
 
-from mocohub import cli
 from mocohub.backbones import resnet18
 from mocohub.errors import InputError
 from mocohub.training import lincls
@@ -268,16 +268,6 @@ def test_unlabelled_or_mismatched_data_is_refused(run_dir: Path) -> None:
 
 
 # --- the command line ---------------------------------------------------------------------------
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        cli.main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_info:
-        code = int(exit_info.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_lincls_and_knn_commands(

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run_cli
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mocohub
-from mocohub import cli, registry
+from mocohub import registry
 from mocohub.backbones import resnet50
 from mocohub.errors import ConfigError, InputError
 from mocohub.hf import save_pretrained
@@ -32,16 +33,6 @@ PUBLISHED = {  # name: (reference file name, md5 prefix, epochs, ImageNet linear
     "moco_v2_r50_200ep": ("moco_v2_200ep", "59fd9945", 200, 67.7, "mlp"),
     "moco_v2_r50_800ep": ("moco_v2_800ep", "a04e12f8", 800, 71.1, "mlp"),
 }
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        cli.main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
