@@ -159,7 +159,9 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> dict[str, Any
 
 def _open_workdir(parts: Path, key: str, settings: EmbedSettings, restart: bool) -> dict[str, Any]:
     run_file = parts / "run.json"
-    if parts.exists() and restart:
+    # Nothing finished yet (e.g. the model failed to load): nothing to keep, start afresh.
+    nothing_done = parts.exists() and all(p.name == run_file.name for p in parts.iterdir())
+    if parts.exists() and (restart or nothing_done):
         shutil.rmtree(parts)
     if run_file.exists():
         run = json.loads(run_file.read_text())

@@ -356,3 +356,21 @@ def test_killed_process_resumes_to_the_same_array(tmp_path: Path, model_dir: Pat
     main([*args[:3], str(reference), *args[4:-1], "80"])  # the same batches, in one part
     assert np.array_equal(np.load(out), np.load(reference))
     assert read_outputs(out)[1] == read_outputs(reference)[1]
+
+
+def test_a_run_that_failed_before_any_part_does_not_block_the_next(
+    tmp_path: Path, dataset, model_dir: Path
+) -> None:
+    paths = scan_inputs([dataset[0]])
+    out = tmp_path / "feats.npy"
+    typo = EmbedSettings(model=str(tmp_path / "no-such-model"), batch_size=8, device="cpu")
+
+    def no_model(precision: object) -> None:
+        raise InputError("no such model")
+
+    with pytest.raises(InputError, match="no such model"):
+        embed_files(paths, out, typo, no_model)  # type: ignore[arg-type]
+    # Nothing was embedded, so a run with other settings starts without --restart.
+    np.testing.assert_allclose(
+        run_embed(paths, out, model_dir), run_embed(paths, tmp_path / "r.npy", model_dir)
+    )
