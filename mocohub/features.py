@@ -230,7 +230,15 @@ def open_torch_embedder(
     if not isinstance(model, nn.Module):
         from mocohub.hub import load
 
-        model = load(model, head=output == "head")
+        try:
+            model = load(model, head=output == "head")
+        except InputError as e:
+            if output != "head" or "projection head" not in str(e):
+                raise
+            raise InputError(
+                f"{model} has no projection head, so it has no 'head' output; use the pooled "
+                "backbone features (output='pooled', or --output pooled)."
+            ) from e
     return TorchEmbedder(model, device=device, precision=precision, output=output)
 
 

@@ -89,6 +89,8 @@ def test_bad_inputs_raise_one_clear_error(gray_dir: Path, tmp_path: Path) -> Non
         fx([42])  # type: ignore[list-item]
     with pytest.raises(InputError, match="head=True"):
         TorchEmbedder(load(gray_dir), device="cpu", output="head")
+    with pytest.raises(InputError, match=r"no 'head' output.*--output pooled"):
+        FeatureExtractor(gray_dir, device="cpu", output="head")
     with pytest.raises(ConfigError, match="precision"):
         FeatureExtractor(gray_dir, precision="int4")
     with pytest.raises(ConfigError, match="float32 or float16"):
