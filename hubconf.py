@@ -52,11 +52,11 @@ def moco_v1_r50(pretrained: bool = True, **kwargs: Any) -> Any:
 
 
 def moco_r18_fashion_mnist(pretrained: bool = True, **kwargs: Any) -> Any:
-    """MoCo ResNet-18 (width 32, small stem) trained on Fashion-MNIST; ships inside mocohub.
+    """MoCo ResNet-18 (width 16, small stem), 12 epochs on Fashion-MNIST; ships inside mocohub.
 
-    Registry name ``moco_r18_fashion_mnist``: 256-d features of 28x28 gray images, loaded
-    with no network. Its k-NN top-1 on the Fashion-MNIST test split is in
-    ``mocohub info moco_r18_fashion_mnist`` and its model card.
+    Registry name ``moco_r18_fashion_mnist``: 128-d features of 28x28 gray images, loaded
+    with no network. Fashion-MNIST test split: k-NN top-1 81.75% (k=200, T=0.1), linear
+    probe 85.35% (``mocohub info moco_r18_fashion_mnist``, and its model card).
     """
     return _moco("moco_r18_fashion_mnist", pretrained, kwargs)
 

@@ -39,7 +39,7 @@ def test_every_loading_path_gives_the_same_model(monkeypatch: pytest.MonkeyPatch
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         expected = by_name(x)
-        assert expected.shape == (4, 256)
+        assert expected.shape == (4, 128)
         for model in (by_folder, by_hub):
             torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     # The registry row and the shipped folder's config.json (its model card's source) agree.
@@ -63,7 +63,7 @@ def test_its_features_classify_the_samples_far_better_than_initialisation(
         return knn_accuracy(f, labels, f, labels, k=20, t=0.1, leave_one_out=True)["top1"]
 
     trained, random_init = accuracy(features), accuracy(untrained)
-    # Measured: 0.73 against 0.62 (leave-one-out over the 300 samples).
+    # Measured: 0.73 against 0.61 (leave-one-out over the 300 samples).
     assert trained >= 0.68, trained
     assert trained >= random_init + 0.05, (trained, random_init)
 

@@ -36,6 +36,6 @@ def test_quickstart_runs_offline_and_reports_real_results(tmp_path: Path) -> Non
         block = out.split(f"query: {ROOT / 'samples' / 'fashion-mnist' / query}")[1]
         first = block.splitlines()[1].split()
         assert first[0] == "1" and float(first[1]) > 0.999 and first[2].endswith(query)
-    assert np.load(tmp_path / "feats.npy").shape == (300, 256)
+    assert np.load(tmp_path / "feats.npy").shape == (300, 128)
     grid = Image.open(tmp_path / "grid.png")
     assert grid.width > 5 * 28 and grid.height > 3 * 28
