@@ -26,6 +26,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from mocohub.errors import ConfigError, InputError
+from mocohub.preprocessing import IMAGENET_MEAN, IMAGENET_STD, match_channels
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -43,12 +44,9 @@ __all__ = [
     "two_views",
 ]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes before a centre crop
 _MAX_SUPERSAMPLE = 4  # antialiasing averages at most 4 x 4 bilinear samples a pixel
-_LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
 # --- per image: the reference recipes ----------------------------------------------------------
@@ -436,10 +434,10 @@ class BatchAugment(nn.Module):
         if self.brightness != (1.0, 1.0):
             x = (x * brightness).clamp(0, 1)
         if self.contrast != (1.0, 1.0):
-            mean = _luma(x).mean(dim=(1, 2, 3), keepdim=True)
+            mean = match_channels(x, 1).mean(dim=(1, 2, 3), keepdim=True)
             x = (contrast * x + (1 - contrast) * mean).clamp(0, 1)
         if x.shape[1] == 3 and self.saturation != (1.0, 1.0):
-            x = (saturation * x + (1 - saturation) * _luma(x)).clamp(0, 1)
+            x = (saturation * x + (1 - saturation) * match_channels(x, 1)).clamp(0, 1)
         if x.shape[1] == 3 and self.hue != (0.0, 0.0):
             x = torch.where(hue != 0, _shift_hue(x, hue), x)
         return x
@@ -581,16 +579,8 @@ def _resized_crop(
     return F.avg_pool2d(out, k) if k > 1 else out
 
 
-def _luma(x: torch.Tensor) -> torch.Tensor:
-    """(N, 1, H, W) grayscale of RGB ``x`` with torchvision's weights; 1-channel ``x`` itself."""
-    if x.shape[1] == 1:
-        return x
-    r, g, b = x.unbind(1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
-
-
 def _grayscale(x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    return torch.where(chosen.view(-1, 1, 1, 1), _luma(x).expand_as(x), x)
+    return torch.where(chosen.view(-1, 1, 1, 1), match_channels(x, 1).expand_as(x), x)
 
 
 def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mocohub.errors import ConfigError
+from mocohub.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["PRESETS", "TrainConfig", "preset"]
 
@@ -53,8 +54,8 @@ class TrainConfig:
     # data and augmentation
     augmentation: Literal["v1", "v2", "small"] = "v2"
     image_size: int = 224
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     augment_on: Literal["auto", "workers", "device"] = "auto"
     # optimisation
     epochs: int = 200
