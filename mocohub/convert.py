@@ -102,8 +102,8 @@ def find_checkpoint_file(path: str | os.PathLike[str]) -> Path:
     )
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> Any:
-    """The object in a PyTorch checkpoint file, read safely (``weights_only=True``) on the CPU.
+def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Any:
+    """The object in a PyTorch checkpoint file, read safely (``weights_only=True``).
 
     A pickle that names any class or function beyond tensors and plain values
     (and so could run code) is refused with an :class:`~mocohub.errors.InputError`.
@@ -113,7 +113,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
         'resnet50'
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
         if isinstance(e, pickle.UnpicklingError) and unsafe:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import re
 import secrets
@@ -53,7 +52,7 @@ import torch
 from torch import nn
 
 from mocohub import __version__
-from mocohub.convert import is_reference_checkpoint, moco_state_from_reference
+from mocohub.convert import is_reference_checkpoint, moco_state_from_reference, read_checkpoint
 from mocohub.errors import ConfigError, InputError
 from mocohub.fileio import atomic_writer, fsync_dir
 
@@ -339,20 +338,7 @@ def load_checkpoint(
         raise InputError(f"{path} is a folder; pass a checkpoint file such as {path / LAST_NAME}.")
     if not path.is_file():
         raise InputError(f"No checkpoint at {path}; check the path.")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if isinstance(e, pickle.UnpicklingError) and unsafe:
-            raise InputError(
-                f"The checkpoint {path} holds a {unsafe[1]} object, which safe (weights_only) "
-                "loading refuses; re-save it with tensors and plain values only."
-            ) from e
-        detail = "" if isinstance(e, pickle.UnpicklingError) else f" ({_reason(e)})"
-        raise InputError(
-            f"Cannot read the checkpoint {path}{detail}: it is truncated, corrupt or not a "
-            "PyTorch file, so resume from an older checkpoint."
-        ) from e
+    ckpt = read_checkpoint(path, map_location)
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         version = ckpt.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
