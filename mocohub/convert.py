@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from mocohub.backbones import ARCHITECTURES, ResNet
-from mocohub.errors import InputError
+from mocohub.errors import InputError, MissingHeadError
 from mocohub.models import HeadConfig, ModelConfig, build_model
 from mocohub.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
@@ -317,7 +317,7 @@ def model_from_checkpoint(path: str | os.PathLike[str], *, head: bool = False) -
     config = _config_of(arch, encoder, run, file, what)
     stored_head = head_from_state(encoder)
     if head and stored_head is None:
-        raise InputError(
+        raise MissingHeadError(
             f"{file} holds no projection head (fc.weight or fc.0/fc.2) in its query encoder; "
             "load it with head=False."
         )

@@ -26,5 +26,9 @@ class InputError(MocohubError, ValueError):
     exit_code = 2
 
 
+class MissingHeadError(InputError):
+    """The projection head was asked for (``head=True``) but the weights hold none."""
+
+
 class DistributedError(MocohubError, RuntimeError):
     """The processes of a distributed run disagree, or cannot be set up."""

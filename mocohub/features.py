@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from mocohub.errors import ConfigError, InputError
+from mocohub.errors import ConfigError, InputError, MissingHeadError
 from mocohub.fusion import fuse_batchnorm
 from mocohub.imageio import DEFAULT_MAX_PIXELS, DecodeError, decode_image, to_mode
 from mocohub.preprocessing import Preprocessing, ResizeUnlessSize
@@ -232,10 +232,8 @@ def open_torch_embedder(
 
         try:
             model = load(model, head=output == "head")
-        except InputError as e:
-            if output != "head" or "projection head" not in str(e):
-                raise
-            raise InputError(
+        except MissingHeadError as e:
+            raise MissingHeadError(
                 f"{model} has no projection head, so it has no 'head' output; use the pooled "
                 "backbone features (output='pooled', or --output pooled)."
             ) from e

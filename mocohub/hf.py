@@ -31,7 +31,7 @@ from torch import nn
 from mocohub.backbones import ResNet
 from mocohub.card import model_card
 from mocohub.download import NotAvailableError, offline
-from mocohub.errors import InputError
+from mocohub.errors import InputError, MissingHeadError
 from mocohub.fileio import atomic_write_text
 from mocohub.models import (
     CONFIG_NAME,
@@ -178,7 +178,7 @@ def from_pretrained(
     if not pretrained:
         config = read_config(folder)
         if head and config.head is None:
-            raise InputError(f"{where} holds no projection head; load it with head=False.")
+            raise MissingHeadError(f"{where} holds no projection head; load it with head=False.")
         return build_model(config if head else config.without_head())
     model = load_pretrained(folder, head=head)
     config = model.mocohub_config

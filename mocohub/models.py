@@ -36,7 +36,7 @@ from typing import Any
 from torch import nn
 
 from mocohub.backbones import ARCHITECTURES, ResNet, build_backbone
-from mocohub.errors import ConfigError, InputError
+from mocohub.errors import ConfigError, InputError, MissingHeadError
 from mocohub.preprocessing import Preprocessing
 
 __all__ = [
@@ -286,7 +286,7 @@ def load_pretrained(
 
     config = read_config(directory)
     if head and config.head is None:
-        raise InputError(
+        raise MissingHeadError(
             f"{directory} holds no projection head; load it with head=False "
             "(or convert the original checkpoint with its head kept)."
         )

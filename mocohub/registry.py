@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mocohub.errors import ConfigError, InputError
+from mocohub.errors import ConfigError, InputError, MissingHeadError
 from mocohub.models import HeadConfig, ModelConfig
 from mocohub.preprocessing import Preprocessing
 
@@ -147,7 +147,7 @@ class Weights:
             2048
         """
         if head and self.head is None:
-            raise InputError(
+            raise MissingHeadError(
                 f"The weights {self.name} hold no projection head; load them with head=False."
             )
         return ModelConfig(

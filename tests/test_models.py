@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mocohub.errors import ConfigError, InputError
+from mocohub.errors import ConfigError, InputError, MissingHeadError
 from mocohub.models import (
     HeadConfig,
     ModelConfig,
@@ -87,7 +87,7 @@ def test_damaged_folders_give_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="does not exist"):
         load_pretrained(tmp_path)
     save_pretrained(build_model(tiny_config()), tmp_path)
-    with pytest.raises(InputError, match="holds no projection head"):
+    with pytest.raises(MissingHeadError, match="holds no projection head"):
         load_pretrained(tmp_path, head=True)
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(InputError, match="not a readable safetensors file"):
