@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -101,11 +103,16 @@ def detectron2_state(model: nn.Module) -> dict[str, object]:
     return {"model": weights, "__author__": _AUTHOR, "matching_heuristics": True}
 
 
-def _output(path: str | os.PathLike[str], target: str) -> Path:
-    path = Path(path)
-    if path.is_dir() or not path.suffix:
-        path = path / f"model{FORMATS[target]}"
-    return path
+def _write(path: str | os.PathLike[str], target: str, dump: Callable[[BinaryIO], None]) -> Path:
+    """``dump`` into ``path`` atomically (a folder, or a path without suffix, gets
+    ``model<suffix of target>`` inside it); return the file."""
+    file = Path(path)
+    if file.is_dir() or not file.suffix:
+        file = file / f"model{FORMATS[target]}"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(file) as f:
+        dump(f)
+    return file
 
 
 def save_torchvision(model: nn.Module, path: str | os.PathLike[str]) -> Path:
@@ -117,12 +124,7 @@ def save_torchvision(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         >>> save_torchvision(mocohub.load("moco_v1_r50_200ep"), "out/")
         PosixPath('out/model.pth')
     """
-    file = _output(path, "torchvision")
-    state = torchvision_state(model)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_writer(file) as f:
-        torch.save(state, f)
-    return file
+    return _write(path, "torchvision", lambda f: torch.save(torchvision_state(model), f))
 
 
 def save_detectron2(model: nn.Module, path: str | os.PathLike[str]) -> Path:
@@ -134,9 +136,4 @@ def save_detectron2(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         >>> save_detectron2(mocohub.load("moco_v2_r50_800ep"), "out/moco_v2_800ep.pkl")
         PosixPath('out/moco_v2_800ep.pkl')
     """
-    file = _output(path, "detectron2")
-    state = detectron2_state(model)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_writer(file) as f:
-        pickle.dump(state, f)
-    return file
+    return _write(path, "detectron2", lambda f: pickle.dump(detectron2_state(model), f))
