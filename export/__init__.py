@@ -21,8 +21,9 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mocohub._lazy import lazy_exports
 
 __all__ = ["OnnxEmbedder", "VerificationError", "export_model", "open_embedder"]
 
@@ -39,14 +40,4 @@ if TYPE_CHECKING:
     from .verify import VerificationError
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mocohub.export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -12,9 +12,9 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from mocohub._lazy import lazy_exports
 from mocohub.errors import ConfigError, DistributedError, InputError, MocohubError
 
 __version__ = "0.1.0"
@@ -87,14 +87,4 @@ if TYPE_CHECKING:
     from mocohub.registry import Weights, WeightsFile, get_weights, list_models, register_weights
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mocohub' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
