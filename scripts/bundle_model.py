@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -70,7 +71,7 @@ def main() -> None:
         meta["metrics_protocol"] += (
             f"; a linear classifier on the frozen features ({quality['linear_protocol']})"
         )
-    config = type(config)(**{**config.__dict__, "meta": meta})
+    config = dataclasses.replace(config, meta=meta)
     if args.half:
         model = model.half()
     num_params = sum(p.numel() for p in model.parameters())

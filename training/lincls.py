@@ -461,11 +461,9 @@ def _resumable_state(
     def comparable(settings: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in settings.items() if k not in _FREE_SETTINGS}
 
-    saved = state.get("config", {})
-    if state.get("model") != described or comparable(saved) != comparable(config.to_dict()):
-        differs = sorted(
-            k for k in comparable(config.to_dict()) if saved.get(k) != config.to_dict()[k]
-        )
+    saved, wanted = comparable(state.get("config", {})), comparable(config.to_dict())
+    differs = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    if state.get("model") != described or differs:
         what = "with other settings (" + ", ".join(differs) + ")"
         if state.get("model") != described:
             what = "of another model"
