@@ -66,7 +66,8 @@ def index_command(
         meta["embeddings"] = json.loads(files["meta"].read_text())
     index = Index.build(vectors, ids, kind=kind, nlist=nlist, nprobe=nprobe, meta=meta)
     index.save(out)
-    click.echo(f"built a {index.kind} index of {len(index)} vectors ({index.dim}-d) -> {out}")
+    size = f"{len(index)} vectors ({index.dim}-d, {index.kind})"
+    click.echo(f"built a search index of {size} -> {out}")
 
 
 @click.command("search")
