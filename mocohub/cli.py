@@ -48,13 +48,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("mocohub.export.cli:serve_command", "Serve an exported model's embeddings (HTTP)."),
 }
 
-_invocation: list[str] = []
-
-
-def invocation_args() -> list[str]:
-    """The arguments this ``mocohub`` invocation was started with (for relaunching)."""
-    return list(_invocation)
-
 
 class LazyGroup(click.Group):
     """A click group that imports a command's module only to run it."""
@@ -89,7 +82,6 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> Any:
     """Entry point of the ``mocohub`` script and ``python -m mocohub``."""
-    _invocation[:] = sys.argv[1:] if argv is None else argv
     try:
         return cli.main(args=argv, prog_name="mocohub", standalone_mode=False)
     except click.exceptions.Abort:

@@ -263,6 +263,49 @@ def test_image_folder_split_tree_and_resolve(tmp_path: Path) -> None:
         load_image_folder(tmp_path, "val")
 
 
+def exif_rotated_jpeg(path: Path) -> Path:
+    """A 20 x 10 JPEG whose EXIF says: rotate 90 degrees clockwise to view (10 x 20)."""
+    pixels = np.zeros((10, 20, 3), dtype=np.uint8)
+    pixels[:, :10] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), quality=95)
+    return path
+
+
+def sixteen_bit_png(path: Path, value: int = 40000) -> Path:
+    Image.fromarray(np.full((6, 6), value, dtype=np.uint16)).save(path)
+    assert Image.open(path).mode.startswith("I")
+    return path
+
+
+def test_image_folders_and_labelled_folders_decode_as_mocohub_decodes(tmp_path: Path) -> None:
+    """EXIF orientation and 16-bit scaling (a plain convert("RGB") ignores the one and clips
+    the other), the same pixels as decode_image, for both file-based data kinds."""
+    from mocohub.imageio import decode_image
+
+    (tmp_path / "tree" / "a").mkdir(parents=True)
+    photo = exif_rotated_jpeg(tmp_path / "tree" / "a" / "photo.jpg")
+    sixteen_bit_png(tmp_path / "tree" / "a" / "scan.png")
+    tree = load_image_folder(tmp_path / "tree")
+    image, _ = tree[0]
+    assert image.shape == (3, 20, 10)  # upright
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), np.asarray(decode_image(photo)))
+    assert tree[1][0].unique().tolist() == [round(40000 / 257)]  # scaled to 8 bits, not 255
+    tree.transform = None  # the PIL images the per-image training recipes take
+    assert tree[0][0].mode == "RGB" and tree[0][0].size == (10, 20)
+
+    (tmp_path / "listed").mkdir()
+    shutil.copy(photo, tmp_path / "listed" / "photo.jpg")
+    (tmp_path / "listed" / "labels.csv").write_text("file,label\nphoto.jpg,0\n")
+    listed = load_labelled_folder(tmp_path / "listed")
+    assert torch.equal(listed.images[0], image)
+
+    (tmp_path / "tree" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 20)
+    with pytest.raises(InputError, match=r"broken\.png cannot be used as an image \("):
+        load_image_folder(tmp_path / "tree")[0]
+
+
 def test_image_folder_errors(tmp_path: Path) -> None:
     image_tree(tmp_path, {"shirt": 1})
     (tmp_path / "dress").mkdir()

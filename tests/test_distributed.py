@@ -12,12 +12,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from mocohub.backbones import resnet18
 from mocohub.errors import InputError
 from mocohub.training import MoCo
-from mocohub.training.distributed import all_gather_no_grad, shared_generator, shuffle_batch
+from mocohub.training.distributed import (
+    all_gather_no_grad,
+    any_rank,
+    shared_generator,
+    shuffle_batch,
+    wrap_ddp,
+)
 
 WORLD = 2
 LOCAL_BATCH = 6
@@ -62,11 +67,9 @@ def _check_moco(rank: int) -> None:
     model.encoder_k.register_forward_pre_hook(
         lambda _mod, args: seen_by_key_encoder.append(args[0].detach().clone())
     )
-    # broadcast_buffers=False: queues must agree because every rank enqueues the
-    # same gathered keys, not because DDP copies rank 0's buffers.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # renamed in newer torch
-        ddp = DistributedDataParallel(model, broadcast_buffers=False)
+    # DDP as training wraps it, no buffer sync per step: queues must agree because
+    # every rank enqueues the same gathered keys, not because DDP copies rank 0's buffers.
+    ddp = wrap_ddp(model, torch.device("cpu"))
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.5, momentum=0.9)
     torch.manual_seed(100 + rank)  # different data on each rank
     assert STEPS * WORLD * LOCAL_BATCH > K  # the pointer wraps around
@@ -157,3 +160,21 @@ def _worker(rank: int, port: int) -> None:
 
 def test_two_process_moco(free_port: int) -> None:
     mp.spawn(functools.partial(_worker), args=(free_port,), nprocs=WORLD, join=True)
+
+
+def test_wrap_ddp_turns_off_per_step_buffer_sync_without_a_deprecation_warning(
+    free_port: int,
+) -> None:
+    """torch >= 2.13 deprecates broadcast_buffers (a FutureWarning printed by every rank)."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port}", rank=0, world_size=1
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            warnings.simplefilter("error", DeprecationWarning)
+            ddp = wrap_ddp(torch.nn.BatchNorm1d(2), torch.device("cpu"))
+        assert not ddp.broadcast_buffers
+        assert any_rank(True, torch.device("cpu")) and not any_rank(False, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()

@@ -3,8 +3,10 @@
 One process: ``mocohub train DATA --out RUN``. Several GPUs or machines:
 ``--nproc-per-node M`` (and ``--nodes N --node-rank R --master-addr HOST``
 on each machine) starts the workers through torch.distributed.run (torchrun,
-elastic, ``--max-restarts``). The same command also runs as a worker started
-by torchrun or srun directly: it reads their environment and launches nothing.
+elastic, ``--max-restarts``), each running this command with the options it
+was given, less the launch options. The same command also runs as a worker
+started by torchrun or srun directly: it reads their environment and
+launches nothing.
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from mocohub.errors import ConfigError, MocohubError
 
-__all__ = ["train_command"]
+__all__ = ["train_command", "worker_args"]
 
-_LAUNCH_FLAGS = {
-    "--nodes",
-    "--nproc-per-node",
-    "--node-rank",
-    "--master-addr",
-    "--master-port",
-    "--max-restarts",
+# The options that start the workers; the workers themselves do not get them.
+_LAUNCH_PARAMS = {
+    "nodes",
+    "nproc_per_node",
+    "node_rank",
+    "master_addr",
+    "master_port",
+    "max_restarts",
 }
 
 
@@ -35,24 +39,55 @@ def _inside_launcher() -> bool:
     return "LOCAL_RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
+def _elastic_retry() -> bool:
+    """True in workers that torchrun started again after a failure (``--max-restarts``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def worker_args(ctx: click.Context) -> list[str]:
+    """The ``mocohub`` arguments that repeat this ``train`` command in each worker.
+
+    Built from the parsed parameters (whatever way the command was called):
+    every option given is written back, the launch options left out.
+
+    Example:
+        >>> ctx = train_command.make_context("train", ["data", "--out", "run", "--nodes", "2"])
+        >>> worker_args(ctx)
+        ['train', 'data', '--out', 'run']
+    """
+    args = ["train"]
+    for param in ctx.command.params:
+        name = param.name
+        if name is None or name in _LAUNCH_PARAMS:
+            continue
+        value = ctx.params.get(name)
+        if value is None or ctx.get_parameter_source(name) in (None, ParameterSource.DEFAULT):
+            continue
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif isinstance(param, click.Option) and param.is_flag:
+            if value:
+                args.append(param.opts[0])
+            elif param.secondary_opts:
+                args.append(param.secondary_opts[0])
+        elif isinstance(param, click.Option):
+            args += [param.opts[0], str(value)]
+    return args
+
+
 def _launch(
     args: list[str], nodes: int, nproc: int, node_rank: int, addr: str, port: int, max_restarts: int
 ) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    worker_args = []
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in _LAUNCH_FLAGS:
-            skip = "=" not in arg
-            continue
-        worker_args.append(arg)
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
+    if nodes > 1 and node_rank == 0:
+        others = "--node-rank 1" if nodes == 2 else f"--node-rank 1 ... {nodes - 1}"
+        click.echo(
+            f"node 0: waiting for {nodes} nodes at {addr}:{port} "
+            f"(run the same command with {others} on the other machines)",
+            err=True,
+        )
     try:
         torchrun(
             [
@@ -64,7 +99,7 @@ def _launch(
                 f"--max-restarts={max_restarts}",
                 "-m",
                 "mocohub",
-                *worker_args,
+                *args,
             ]
         )
     except ChildFailedError as failed:
@@ -135,8 +170,19 @@ def _launch(
 @click.option("--knn-val", help="Labelled data to classify with k-NN (enables the monitor).")
 @click.option(
     "--resume",
-    help="'auto' (newest checkpoint in --out) or a checkpoint path, "
-    "also a reference MoCo .pth.tar.",
+    help="'auto' (the newest intact checkpoint in --out; damaged ones are skipped) "
+    "or a checkpoint path, also a reference MoCo .pth.tar.",
+)
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Delete the run already in --out and start again (with --resume CHECKPOINT "
+    "of that run: delete the checkpoints after it).",
+)
+@click.option(
+    "--weights",
+    help="Start from these encoder weights (fine-tuning from epoch 0): a reference MoCo "
+    "v1/v2 .pth.tar, a mocohub checkpoint or run folder.",
 )
 @click.option("--nodes", type=int, default=1, show_default=True)
 @click.option("--nproc-per-node", type=int, default=1, show_default=True)
@@ -151,13 +197,17 @@ def _launch(
     help="Elastic restarts of failed workers.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
 def train_command(
+    ctx: click.Context,
     data: str,
     run_dir: Path,
     preset: str,
     knn_train: str | None,
     knn_val: str | None,
     resume: str | None,
+    restart: bool,
+    weights: str | None,
     nodes: int,
     nproc_per_node: int,
     node_rank: int,
@@ -173,10 +223,8 @@ def train_command(
     if nodes < 1 or nproc_per_node < 1:
         raise ConfigError("--nodes and --nproc-per-node must be at least 1.")
     if nodes * nproc_per_node > 1 and not _inside_launcher():
-        from mocohub.cli import invocation_args
-
         _launch(
-            invocation_args(),
+            worker_args(ctx),
             nodes,
             nproc_per_node,
             node_rank,
@@ -186,19 +234,38 @@ def train_command(
         )
         return
 
+    from .checkpoint import find_latest_checkpoint
     from .config import preset as make_config
+    from .distributed import get_rank
     from .train import train
 
     config = make_config(preset, compile=compile_, **overrides)
+    if _elastic_retry() and find_latest_checkpoint(run_dir) is not None:
+        # torchrun restarted the workers (--max-restarts): continue this run where
+        # it stopped, neither refusing its folder nor discarding it (--restart) again.
+        resume, restart = "auto", False
     knn_data = (knn_train or data, knn_val) if knn_val else None
     metrics = train(
         config,
         data,
         run_dir,
         resume=resume,
+        restart=restart,
+        weights=weights,
         knn_data=knn_data,
         progress=not quiet and sys.stderr.isatty(),
     )
-    if int(os.environ.get("RANK", "0")) == 0:
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        click.echo(f"done: {summary}; run folder {run_dir}")
+    if get_rank() != 0:  # the process group train() joined (torchrun or srun)
+        return
+    if metrics.get("already_complete"):
+        done = metrics["epoch"]
+        where = f"epoch {done} of {config.epochs}"
+        if done != config.epochs:
+            where = f"epoch {done}, past --epochs {config.epochs}"
+        click.echo(
+            f"{run_dir} is already complete ({where}): nothing to do. "
+            f"To train longer, rerun with --resume auto --epochs N (N above {done})."
+        )
+        return
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    click.echo(f"done: {summary}; run folder {run_dir}")

@@ -4,7 +4,8 @@
 ``lincls``. It accepts
 
 - an ImageFolder tree: ``DATA/`` with one subfolder per class, or ``DATA/train``
-  and ``DATA/val`` like ImageNet (decoded per sample, in DataLoader workers);
+  and ``DATA/val`` like ImageNet (decoded per sample, in DataLoader workers, by
+  :func:`mocohub.imageio.decode_image`: EXIF orientation, mode conversion, pixel limit);
 - a folder of MNIST-format IDX files (``train-images-idx3-ubyte.gz`` ...), or
   ``"fashion-mnist"`` for the files of Debian's ``dataset-fashion-mnist``;
 - a flat folder of images with a ``labels.csv`` (columns ``file,label`` and
@@ -45,12 +46,14 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from mocohub.errors import ConfigError, InputError
+from mocohub.imageio import DecodeError, decode_image
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
     "DatasetInfo",
     "TensorImageDataset",
+    "decode_file",
     "load_idx_folder",
     "load_image_folder",
     "load_labelled_folder",
@@ -98,7 +101,6 @@ _SPLIT_FOLDERS: dict[Split, tuple[str, ...]] = {
 }
 _IDX_PREFIXES: dict[Split, tuple[str, ...]] = {"train": ("train",), "val": ("t10k", "test")}
 _IDX_NAME = re.compile(r"idx\d-ubyte(\.gz)?$")
-_GREY_MODES = {"1", "L", "LA"}
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
@@ -407,31 +409,27 @@ def load_labelled_folder(
                 "give each label one class name."
             )
     paths = [folder / row["file"] for row in rows]
-    modes, sizes = set(), set()
-    for path in paths:
+    modes = set()
+    for path in paths:  # headers only: gray data stay 1 channel
         with _open_image(path) as im:
             modes.add(im.mode)
-            sizes.add(im.size)
+    mode = "L" if all(_is_gray(m) for m in modes) else "RGB"
+    arrays = [np.asarray(_decode_listed(path, mode)) for path in paths]
+    sizes = {(a.shape[1], a.shape[0]) for a in arrays}  # after EXIF orientation
     if len(sizes) > 1:
         shown = [f"{w}x{h}" for w, h in sorted(sizes)[:3]]
         raise InputError(
             f"the images in {folder} differ in size ({', '.join(shown)}); resize them to one "
             "size, or arrange them as an ImageFolder tree (one subfolder per class)."
         )
-    mode = "L" if modes <= _GREY_MODES else "RGB"
-    arrays = []
-    for path in paths:
-        with _open_image(path) as im:
-            try:
-                arrays.append(np.asarray(im.convert(mode)))
-            except OSError as e:  # a damaged file shows only when decoded
-                raise InputError(
-                    f"{path} is not a readable image ({e}); replace it or remove its row."
-                ) from None
     images = torch.from_numpy(np.stack(arrays))
     images = images.unsqueeze(1) if mode == "L" else images.permute(0, 3, 1, 2).contiguous()
     classes = [names.get(i, str(i)) for i in range(max(labels) + 1)]
     return TensorImageDataset(images, torch.tensor(labels), classes=classes)
+
+
+def _is_gray(mode: str) -> bool:
+    return mode in ("1", "L", "LA", "I", "F") or mode.startswith("I;16")
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -447,7 +445,16 @@ def _open_image(path: Path) -> Image.Image:
         ) from None
 
 
-class _RGBImageFolder(ImageFolder):
+def _decode_listed(path: Path, mode: str) -> Image.Image:
+    try:
+        return decode_image(path, mode=mode)
+    except DecodeError as error:  # a damaged file shows only when decoded
+        raise InputError(
+            f"{path} is not a readable image ({error.reason}); replace it or remove its row."
+        ) from None
+
+
+class _ImageFolder(ImageFolder):
     """torchvision's ImageFolder, ignoring hidden folders (.ipynb_checkpoints, ...)."""
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
@@ -455,9 +462,24 @@ class _RGBImageFolder(ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
 
-def _load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as f, Image.open(f) as im:
-        return im.convert("RGB")
+def decode_file(path: str, mode: str = "RGB") -> Image.Image:
+    """One image file of a data set, decoded as mocohub decodes every image.
+
+    :func:`mocohub.imageio.decode_image` at full size: EXIF orientation applied,
+    any mode converted to ``mode`` (``"RGB"`` or ``"L"``), decompression bombs
+    refused. A file that cannot be used raises :class:`InputError` naming it.
+
+    Example:
+        >>> decode_file("imagenet/train/n01440764/a.JPEG").mode
+        'RGB'
+    """
+    try:
+        return decode_image(path, mode=mode)
+    except DecodeError as error:
+        raise InputError(
+            f"{path} cannot be used as an image ({error.reason}); replace it or remove it "
+            "from the data set."
+        ) from None
 
 
 def load_image_folder(
@@ -467,9 +489,11 @@ def load_image_folder(
 ) -> ImageFolder:
     """Load an ImageFolder tree: ``root/<class>/<image>``, or ``root/train|val/<class>/<image>``.
 
-    Images are decoded to RGB when an item is read (in DataLoader workers) and
-    passed to ``transform`` as PIL images; without a transform an item is a
-    3 x H x W uint8 tensor. A tree without ``train``/``val`` folders serves every split.
+    Images are decoded to RGB by :func:`decode_file` when an item is read (in
+    DataLoader workers) and passed to ``transform`` as PIL images; without a
+    transform an item is a 3 x H x W uint8 tensor (set ``dataset.transform =
+    None`` for the PIL image). A tree without ``train``/``val`` folders serves
+    every split.
 
     Example:
         >>> ds = load_image_folder("imagenet", "val")  # imagenet/val/n01440764/...
@@ -484,7 +508,11 @@ def load_image_folder(
             f"(e.g. {folder / 'cat' / '0001.jpg'})."
         )
     try:
-        return _RGBImageFolder(str(folder), transform=transform or pil_to_tensor, loader=_load_rgb)
+        return _ImageFolder(
+            str(folder),
+            transform=transform or pil_to_tensor,
+            loader=decode_file,
+        )
     except FileNotFoundError:
         empty = [d.name for d in class_dirs if not any(_is_image(p) for p in d.rglob("*"))]
         raise InputError(
@@ -511,7 +539,9 @@ def _split_folder(root: Path, split: Split) -> Path:
 
 
 def resolve_dataset(
-    source: Source, split: str = "train", transform: Transform | None = None
+    source: Source,
+    split: str = "train",
+    transform: Transform | None = None,
 ) -> tuple[TensorImageDataset | ImageFolder, DatasetInfo]:
     """The data set that ``source`` names, and a :class:`DatasetInfo` describing it.
 

@@ -17,11 +17,16 @@ the same way, so each sample gets its own key.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from mocohub.errors import DistributedError, InputError
 
@@ -29,6 +34,7 @@ __all__ = [
     "BatchShuffle",
     "DistributedEnv",
     "all_gather_no_grad",
+    "any_rank",
     "check_same_batch_size",
     "get_rank",
     "get_world_size",
@@ -36,6 +42,7 @@ __all__ = [
     "is_distributed",
     "shared_generator",
     "shuffle_batch",
+    "wrap_ddp",
 ]
 
 
@@ -56,6 +63,43 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """The number of processes, 1 without a process group."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one tiny all-reduce).
+
+    Example:
+        >>> any_rank(False, torch.device("cpu"))  # one process: the flag itself
+        False
+    """
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+# torch 2.13 deprecated broadcast_buffers (a FutureWarning on every rank) for
+# forward_sync_buffers, which still syncs the buffers once at start: harmless here.
+_NO_BUFFER_SYNC: dict[str, Any] = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+def wrap_ddp(module: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``module`` in DistributedDataParallel, without syncing buffers at each forward.
+
+    MoCo needs no per-step buffer broadcast: the queues agree by construction
+    and rank 0's BatchNorm statistics are the ones saved. Needs a process group.
+
+    Example:
+        >>> net = wrap_ddp(model, env.device)
+    """
+    return DistributedDataParallel(
+        module, device_ids=[device] if device.type == "cuda" else None, **_NO_BUFFER_SYNC
+    )
 
 
 @torch.no_grad()
@@ -215,6 +259,16 @@ def init_from_env(timeout_s: float = 1800.0) -> DistributedEnv:
                 f"A distributed run of {world} processes needs {' and '.join(missing)} in "
                 "the environment; launch with `mocohub train --nodes ... --nproc-per-node "
                 "...` or torchrun, or export them in the SLURM job script."
+            )
+        nodes = _env_int("SLURM_NNODES", "SLURM_JOB_NUM_NODES") or 1
+        if rank == 0 and nodes > 1 and "LOCAL_RANK" not in os.environ:
+            # Under srun the processes meet here (torchrun's agents meet before they
+            # start the workers, and `mocohub train --nodes` says so itself).
+            print(
+                f"rank 0: waiting for {nodes} nodes ({world} processes) at "
+                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+                file=sys.stderr,
+                flush=True,
             )
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",

@@ -7,8 +7,10 @@ Two paths, chosen by where the images are:
   the whole batch there with per-sample random parameters. A GPU is never
   waiting on a 2-core CPU, and small images need no worker processes at all.
 - **workers** (ImageFolder trees of JPEG/PNG files): DataLoader worker
-  processes decode each image and apply the reference's per-sample
-  torchvision transforms, twice.
+  processes decode each image (:func:`~mocohub.training.data.decode_file`) and
+  apply the reference's per-sample transforms to the PIL image, twice, as the
+  reference ``main_moco.py`` does (``--augment-on workers`` takes in-memory
+  images this way too, as PIL images).
 
 Either way the randomness derives from (seed, epoch, step or sample), never
 from a generator's history: the batch order is one permutation per epoch, and
@@ -18,16 +20,21 @@ step therefore sees exactly the batches and views it would have seen.
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, default_collate
+from torchvision.transforms.v2.functional import to_pil_image
 
-from mocohub.errors import ConfigError
+from mocohub.errors import ConfigError, InputError
+from mocohub.sysinfo import usable_cpus
 
 from .config import TrainConfig
+from .data import TensorImageDataset
 from .distributed import DistributedEnv
 
 __all__ = [
@@ -94,26 +101,52 @@ def per_sample_transform(config: TrainConfig, channels: int) -> Any:
     return builder[config.augmentation](config.image_size, mean, std)
 
 
-class _SeededTwoViews(Dataset[Views]):
-    """Two per-sample views, with the RNG seeded from (seed, epoch, index).
+class _SeededTwoViews(Dataset[Views | str]):
+    """Two per-sample views of PIL images, with the RNG seeded from (seed, epoch, index).
 
     Items are addressed by ``(epoch, index)`` so that worker processes, which
-    keep their own RNG, still draw exactly what a resumed run would.
+    keep their own RNG, still draw exactly what a resumed run would. A file
+    that cannot be decoded gives its error message instead of views: raised in
+    a worker, the error would reach the main process wrapped in a traceback.
     """
 
     def __init__(self, dataset: Any, transform: Any, seed: int) -> None:
-        self.dataset, self.transform, self.seed = dataset, transform, seed
+        self.transform, self.seed = transform, seed
+        self.images: torch.Tensor | None = None
+        if isinstance(dataset, TensorImageDataset):
+            self.images = dataset.images
+        else:  # an ImageFolder: items as its loader decodes them (PIL), untransformed
+            self.dataset = copy.copy(dataset)
+            self.dataset.transform = None
+        self.length = len(dataset)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self.length
 
-    def __getitem__(self, key: tuple[int, int]) -> Views:
-        epoch, index = key
+    def _image(self, index: int) -> Image.Image:
+        if self.images is not None:
+            return to_pil_image(self.images[index])
         image, _ = self.dataset[index]
+        return image
+
+    def __getitem__(self, key: tuple[int, int]) -> Views | str:
+        epoch, index = key
+        try:
+            image = self._image(index)
+        except InputError as error:
+            return str(error)
         seed = step_seed(self.seed, epoch, index, -2)
         torch.manual_seed(seed)
         random.seed(seed)
         return self.transform(image), self.transform(image)
+
+
+def _collate(items: list[Views | str]) -> list[torch.Tensor] | str:
+    """Stack the views of a batch, or pass on the first decoding error in it."""
+    for item in items:
+        if isinstance(item, str):
+            return item
+    return default_collate(items)
 
 
 class _Plan:
@@ -157,13 +190,17 @@ class ViewPipeline:
         else:
             self.plan = _Plan()
             cuda = env.device.type == "cuda"
+            # More workers than usable CPUs only adds contention (and PyTorch's warning);
+            # the views do not depend on the number of workers (each sample is seeded).
+            workers = min(config.workers, usable_cpus())
             self.loader = DataLoader(
                 _SeededTwoViews(dataset, per_sample_transform(config, info.channels), config.seed),
                 batch_sampler=self.plan,
-                num_workers=config.workers,
+                collate_fn=_collate,
+                num_workers=workers,
                 pin_memory=cuda,
-                persistent_workers=config.workers > 0,
-                prefetch_factor=4 if config.workers > 0 else None,
+                persistent_workers=workers > 0,
+                prefetch_factor=4 if workers > 0 else None,
             )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, Views]]:
@@ -177,7 +214,10 @@ class ViewPipeline:
                 yield step, (self.augment(images), self.augment(images))
             return
         self.plan.batches = _keys(epoch, plan[start_step:].tolist())
-        for offset, (view_q, view_k) in enumerate(self.loader):
+        for offset, batch in enumerate(self.loader):
+            if isinstance(batch, str):
+                raise InputError(batch)
+            view_q, view_k = batch
             yield (
                 start_step + offset,
                 (
