@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,14 +23,50 @@ from typing import BinaryIO
 
 from mocohub.errors import InputError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_writer", "fsync_dir"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_writer",
+    "fsync_dir",
+    "temporary_name",
+    "temporary_owner",
+]
+
+# ".<name>.<pid>.<random>.tmp": the pid says whose it is, so leftovers can be cleaned.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp")
+
+
+def temporary_name(path: str | os.PathLike[str]) -> Path:
+    """The hidden temporary file next to ``path`` that this process writes before renaming.
+
+    It names the writing process (``.<name>.<pid>.<random>.tmp``), so that a
+    later start can tell a crashed writer's leftover from a live writer's
+    file (see :func:`temporary_owner`).
+
+    Example:
+        >>> temporary_name("runs/a/checkpoint_last.pt").name  # doctest: +SKIP
+        '.checkpoint_last.pt.4242.9f3a1c0d.tmp'
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def temporary_owner(path: str | os.PathLike[str]) -> tuple[str, int] | None:
+    """``(target name, pid)`` of a :func:`temporary_name` file, or None for other names.
+
+    Example:
+        >>> temporary_owner("runs/a/.checkpoint_last.pt.4242.9f3a1c0d.tmp")
+        ('checkpoint_last.pt', 4242)
+    """
+    match = _TEMPORARY.fullmatch(Path(path).name)
+    return (match["name"], int(match["pid"])) if match else None
 
 
 @contextmanager
 def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """A binary file object whose content replaces ``path`` when the block ends without error."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = temporary_name(path)
     try:
         # os.open with 0o666 honours the umask, unlike tempfile's private 0o600.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

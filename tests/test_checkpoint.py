@@ -133,18 +133,16 @@ def test_keep_last_prunes_older_and_points_last_at_newest(tmp_path: Path) -> Non
         save_checkpoint(tmp_path, {}, epoch=4, step=70, keep_last=0)
 
 
-def test_saving_an_earlier_checkpoint_drops_the_abandoned_later_ones(tmp_path: Path) -> None:
+def test_saving_before_later_checkpoints_is_refused_and_deletes_nothing(tmp_path: Path) -> None:
     for epoch in range(4):
         save_checkpoint(tmp_path, {"i": torch.tensor(epoch)}, epoch=epoch, step=0, keep_last=4)
-    # Resumed from epoch 1 and saved again: epochs 2 and 3 belong to another history.
-    save_checkpoint(tmp_path, {"i": torch.tensor(9)}, epoch=1, step=5, keep_last=3)
-    assert numbered(tmp_path) == [
-        "checkpoint_0000_00000000.pt",
-        "checkpoint_0001_00000000.pt",
-        "checkpoint_0001_00000005.pt",
-    ]
-    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint_0001_00000005.pt"
-    assert int(torch.load(tmp_path / LAST_NAME, weights_only=True)["i"]) == 9
+    before = numbered(tmp_path)
+    # Epochs 2 and 3 belong to another history: never deleted behind the user's back.
+    with pytest.raises(ConfigError, match=r"checkpoints after epoch 1 step 5 \(checkpoint_0002"):
+        save_checkpoint(tmp_path, {"i": torch.tensor(9)}, epoch=1, step=5, keep_last=3)
+    assert numbered(tmp_path) == before
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint_0003_00000000.pt"
+    assert int(torch.load(tmp_path / LAST_NAME, weights_only=True)["i"]) == 3
 
 
 def test_last_is_a_copy_where_hard_links_fail(
@@ -343,7 +341,7 @@ def write_truncated(path: Path) -> None:
     [
         (lambda p: None, "No checkpoint at"),
         (lambda p: p.mkdir(), "is a folder"),
-        (write_truncated, "Cannot read"),
+        (write_truncated, "is damaged \\(it is truncated"),
         (lambda p: p.write_bytes(bytes(range(256))), "Cannot read"),
         (lambda p: torch.save({"weights": np.zeros(3)}, p), "holds a numpy"),
         (lambda p: torch.save({"fc.weight": torch.zeros(2)}, p), "neither"),

@@ -22,6 +22,15 @@ highest (epoch, step)) and ``checkpoint_last.pt``, a hard link to (or, where
 links are not supported, a copy of) the newest, for a fixed name to resume
 from. Every file is written to a hidden temporary file and renamed into place,
 so a crash leaves either the old file or the new one, never half of one.
+The temporary names carry the writer's pid (:func:`mocohub.fileio.temporary_name`):
+:func:`remove_orphan_temporaries` deletes those whose writer is gone.
+
+Bytes damaged after the write are caught on load: ``torch.load`` does not
+check the zip archive's CRCs, so :func:`load_checkpoint` first runs
+:func:`verify_checkpoint` (every entry's CRC, or a truncated archive), and
+:func:`find_resumable_checkpoint` skips damaged checkpoints for the newest
+intact one. ``checkpoint_last.pt`` shares its target's bytes, so it is
+verified the same way.
 
 The reference code's ``.pth.tar`` (facebookresearch/moco ``main_moco.py``) is
 understood too: see :func:`is_reference_checkpoint`.
@@ -41,8 +50,9 @@ import json
 import os
 import random
 import re
-import secrets
 import shutil
+import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -54,7 +64,7 @@ from torch import nn
 from mocohub import __version__
 from mocohub.convert import is_reference_checkpoint, moco_state_from_reference, read_checkpoint
 from mocohub.errors import ConfigError, InputError
-from mocohub.fileio import atomic_writer, fsync_dir
+from mocohub.fileio import atomic_writer, fsync_dir, temporary_name, temporary_owner
 
 from .moco import MoCo
 
@@ -64,14 +74,20 @@ __all__ = [
     "LAST_NAME",
     "atomic_save",
     "capture_rng_state",
+    "checkpoint_point",
     "find_latest_checkpoint",
+    "find_resumable_checkpoint",
     "is_reference_checkpoint",
     "load_checkpoint",
     "moco_state_from_reference",
+    "numbered_checkpoints",
+    "remove_orphan_temporaries",
     "restore_rng_state",
     "restore_training_state",
     "save_checkpoint",
+    "set_aside_damaged",
     "training_state",
+    "verify_checkpoint",
 ]
 
 FORMAT = "mocohub.training-checkpoint"
@@ -79,6 +95,8 @@ FORMAT_VERSION = 1
 LAST_NAME = "checkpoint_last.pt"
 _NAME = re.compile(r"checkpoint_(\d+)_(\d+)\.pt")  # temp files start with "." and end ".tmp"
 _NATIVE_KEYS = {"epoch", "step", "model", "optimizer", "rng"}
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+DAMAGED_SUFFIX = ".damaged"
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -219,8 +237,13 @@ def training_state(
     }
 
 
-def _numbered_checkpoints(run_dir: Path) -> list[tuple[tuple[int, int], Path]]:
-    """``((epoch, step), path)`` of the finished checkpoints in ``run_dir``, oldest first."""
+def numbered_checkpoints(run_dir: Path) -> list[tuple[tuple[int, int], Path]]:
+    """``((epoch, step), path)`` of the finished checkpoints in ``run_dir``, oldest first.
+
+    Example:
+        >>> numbered_checkpoints(Path("runs/a"))[-1]
+        ((3, 0), PosixPath('runs/a/checkpoint_0003_00000000.pt'))
+    """
     found = []
     for path in run_dir.iterdir():
         match = _NAME.fullmatch(path.name)
@@ -241,10 +264,10 @@ def save_checkpoint(
 
     Each file is written atomically, then ``checkpoint_last.pt`` is pointed at
     it, then older checkpoints beyond ``keep_last`` are deleted (the new one
-    always stays). Checkpoints numbered *after* the new one are deleted too:
-    they belong to a history abandoned by resuming from an earlier checkpoint,
-    and a later resume must not jump back into it. Under DDP call it on rank 0
-    only.
+    always stays). Checkpoints numbered *after* the new one belong to another
+    history (a later resume would jump back into it): they are never deleted
+    here, the save is refused instead (``mocohub train --restart`` discards
+    them knowingly). Under DDP call it on rank 0 only.
 
     Example:
         >>> save_checkpoint("runs/a", state, epoch=3, step=1200, keep_last=2).name
@@ -267,14 +290,18 @@ def save_checkpoint(
         raise InputError(
             f"Cannot create the run folder {run_dir} ({e.strerror}); choose a folder you can write."
         ) from e
+    later = [p.name for number, p in numbered_checkpoints(run_dir) if number > (epoch, step)]
+    if later:
+        raise ConfigError(
+            f"{run_dir} holds checkpoints after epoch {epoch} step {step} ({', '.join(later[:3])}) "
+            "from another history; move them away or save into another folder."
+        )
     path = run_dir / f"checkpoint_{epoch:04d}_{step:08d}.pt"
     atomic_save(dict(state), path)
     _point_last_at(path)
 
-    found = _numbered_checkpoints(run_dir)
-    older = [p for number, p in found if number < (epoch, step)]
-    abandoned = [p for number, p in found if number > (epoch, step)]
-    for stale in older[: max(len(older) - (keep_last - 1), 0)] + abandoned:
+    older = [p for number, p in numbered_checkpoints(run_dir) if number < (epoch, step)]
+    for stale in older[: max(len(older) - (keep_last - 1), 0)]:
         stale.unlink(missing_ok=True)
     return path
 
@@ -282,7 +309,7 @@ def save_checkpoint(
 def _point_last_at(path: Path) -> None:
     """Atomically make ``checkpoint_last.pt`` a hard link to ``path`` (a copy if links fail)."""
     last = path.with_name(LAST_NAME)
-    tmp = path.with_name(f".{LAST_NAME}.{secrets.token_hex(4)}.tmp")
+    tmp = temporary_name(last)
     try:
         try:
             os.link(path, tmp)
@@ -313,11 +340,142 @@ def find_latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
         return None
     if not run_dir.is_dir():
         raise InputError(f"{run_dir} is a file, not a run folder; pass the folder of the run.")
-    found = _numbered_checkpoints(run_dir)
+    found = numbered_checkpoints(run_dir)
     if found:
         return found[-1][1]
     last = run_dir / LAST_NAME
     return last if last.is_file() else None
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with the bytes of checkpoint ``path``, or None when they are intact.
+
+    A zip checkpoint (what ``torch.save`` writes) must have its end record
+    (else it is truncated) and every entry must match the CRC stored for it
+    (else bytes inside it were damaged). Other formats (PyTorch's legacy
+    pickle files) have no checksums and pass. Reads the whole file once.
+
+    Example:
+        >>> verify_checkpoint("runs/a/checkpoint_0003_00000000.pt") is None
+        True
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            if f.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+                return None
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile as e:
+        if "not a zip file" in str(e):
+            return "it is truncated: its zip archive has no end record"
+        return f"its zip archive is damaged ({e})"
+    except (EOFError, zlib.error) as e:
+        return f"its zip archive is damaged ({type(e).__name__}: {e})"
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or e})"
+    if bad is not None:
+        return f"the entry {bad} fails its CRC check, so bytes inside it are damaged"
+    return None
+
+
+def find_resumable_checkpoint(
+    run_dir: str | os.PathLike[str],
+) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest *intact* checkpoint in ``run_dir``, and the damaged ones newer than it.
+
+    Checkpoints are verified newest first (:func:`verify_checkpoint`); each
+    damaged one is skipped. Returns
+    ``(path or None, [(damaged path, what is wrong), ...])``.
+
+    Example:
+        >>> path, damaged = find_resumable_checkpoint("runs/a")
+        >>> path.name, [p.name for p, _ in damaged]
+        ('checkpoint_0002_00000000.pt', ['checkpoint_0003_00000000.pt'])
+    """
+    run_dir = Path(run_dir)
+    if find_latest_checkpoint(run_dir) is None:  # also refuses a file for a folder
+        return None, []
+    candidates = [path for _, path in numbered_checkpoints(run_dir)][::-1]
+    if not candidates:
+        candidates = [run_dir / LAST_NAME]
+    damaged: list[tuple[Path, str]] = []
+    for path in candidates:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
+
+
+def set_aside_damaged(paths: list[Path]) -> list[Path]:
+    """Rename damaged checkpoints to ``<name>.damaged`` so that the run can go on past them.
+
+    They are kept (not deleted) for inspection; a renamed file is no longer a
+    checkpoint of the run. ``checkpoint_last.pt`` is left alone: the next save
+    points it at the new checkpoint. Returns the new paths.
+
+    Example:
+        >>> set_aside_damaged([Path("runs/a/checkpoint_0003_00000000.pt")])
+        [PosixPath('runs/a/checkpoint_0003_00000000.pt.damaged')]
+    """
+    moved = []
+    for path in paths:
+        if path.name == LAST_NAME or not path.exists():
+            continue
+        target = path.with_name(path.name + DAMAGED_SUFFIX)
+        os.replace(path, target)
+        moved.append(target)
+    if moved:
+        fsync_dir(moved[0].parent)
+    return moved
+
+
+def _process_is_gone(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError):
+        return False  # alive under another user, or cannot tell: keep its file
+    return False
+
+
+def remove_orphan_temporaries(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete the checkpoint temporaries in ``run_dir`` whose writing process is gone.
+
+    Only ``.checkpoint_*.<pid>.<random>.tmp`` files (see
+    :func:`mocohub.fileio.temporary_name`) on this machine: a file of a live
+    process, or one whose name does not say its writer, is kept. Returns the
+    deleted paths.
+
+    Example:
+        >>> remove_orphan_temporaries("runs/a")
+        [PosixPath('runs/a/.checkpoint_0003_00000000.pt.4242.9f3a1c0d.tmp')]
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    removed = []
+    for path in sorted(run_dir.glob(".checkpoint_*.tmp")):
+        owner = temporary_owner(path)
+        if owner is None or not path.is_file() or not _process_is_gone(owner[1]):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def checkpoint_point(checkpoint: Mapping[str, Any]) -> tuple[int, int]:
+    """Where a loaded checkpoint continues: ``(epoch, step)`` (a reference one records no step).
+
+    Example:
+        >>> checkpoint_point(load_checkpoint("runs/a/checkpoint_0003_00000000.pt"))
+        (3, 0)
+    """
+    return int(checkpoint.get("epoch", 0)), int(checkpoint.get("step", 0))
 
 
 def load_checkpoint(
@@ -326,7 +484,8 @@ def load_checkpoint(
     """Load a mocohub or reference MoCo checkpoint safely (``weights_only=True``).
 
     Raises :class:`~mocohub.errors.InputError` for a missing, truncated,
-    unsafe or unrecognised file, or one written by a newer mocohub.
+    damaged (:func:`verify_checkpoint`), unsafe or unrecognised file, or one
+    written by a newer mocohub.
 
     Example:
         >>> ckpt = load_checkpoint("runs/a/checkpoint_last.pt")
@@ -338,6 +497,12 @@ def load_checkpoint(
         raise InputError(f"{path} is a folder; pass a checkpoint file such as {path / LAST_NAME}.")
     if not path.is_file():
         raise InputError(f"No checkpoint at {path}; check the path.")
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise InputError(
+            f"The checkpoint {path} is damaged ({problem}); pass an intact checkpoint, "
+            "or resume with --resume auto, which continues from the newest intact one."
+        )
     ckpt = read_checkpoint(path, map_location)
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         version = ckpt.get("format_version")

@@ -22,11 +22,66 @@ from mocohub.knn import knn_accuracy
 from .config import TrainConfig
 from .distributed import DistributedEnv
 
-__all__ = ["KnnMonitor", "MetricsLog", "plot_curves", "pooled_features"]
+__all__ = ["KnnMonitor", "MetricsLog", "plot_curves", "pooled_features", "truncate_metrics"]
+
+
+def _position(record: dict[str, Any]) -> tuple[int, int] | None:
+    """Where a record was written, as a checkpoint's ``(epoch, step)`` (None: unknown).
+
+    A step record ``{"epoch": e, "step": s}`` comes after step ``s`` of epoch
+    ``e`` (1-based), i.e. at ``(e - 1, s)``; an epoch summary of epoch ``e``
+    is written before the checkpoint ``(e, 0)`` that follows it.
+    """
+    try:
+        epoch = int(record["epoch"])
+        if record.get("event") == "epoch":
+            return epoch, 0
+        return epoch - 1, int(record["step"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def truncate_metrics(path: Path, point: tuple[int, int]) -> int:
+    """Cut ``metrics.jsonl`` back to what a run had written when it saved checkpoint ``point``.
+
+    On resume from ``point`` (``(epoch, step)``, see
+    :func:`mocohub.training.checkpoint.checkpoint_point`) the records written
+    after that checkpoint are written again, so they are dropped here, and so
+    is a line torn by a kill: the log then equals an uninterrupted run's.
+    The file is replaced atomically. Returns the number of lines dropped.
+
+    Example:
+        >>> truncate_metrics(Path("runs/a/metrics.jsonl"), (1, 0))
+        3
+    """
+    from mocohub.fileio import atomic_write_text
+
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += bool(line.strip())  # torn by a kill, or not ours: it cannot be placed
+            continue
+        position = _position(record) if isinstance(record, dict) else None
+        if position is not None and position > point:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return dropped
 
 
 class MetricsLog:
-    """Appends records to ``metrics.jsonl`` (and TensorBoard, when installed)."""
+    """Appends records to ``metrics.jsonl`` (and TensorBoard, when installed).
+
+    Example:
+        >>> log = MetricsLog(Path("runs/a"))
+        >>> log.write({"epoch": 1, "step": 10, "loss": 7.2}); log.close()
+    """
 
     def __init__(self, run_dir: Path, *, enabled: bool = True) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -29,17 +31,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from mocohub.backbones import build_backbone
-from mocohub.errors import ConfigError, MocohubError
+from mocohub.errors import ConfigError, InputError, MocohubError
 
 from .config import TrainConfig
-from .distributed import init_from_env
+from .distributed import init_from_env, wrap_ddp
 from .moco import MoCo
-from .monitor import KnnMonitor, MetricsLog
+from .monitor import KnnMonitor
+from .run_folder import FailedStartCleanup, claim_run_folder, discard_files, open_run
 from .views import ViewPipeline, step_seed
+
+logger = logging.getLogger(__name__)
 
 # Steps between the ranks' agreement on stop signals and NaN losses (and logs).
 SYNC_EVERY = 10
@@ -113,6 +117,27 @@ def load_encoders(model: MoCo, checkpoint: dict[str, Any]) -> None:
         )
 
 
+def load_weights(source: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checkpoint to fine-tune from: a checkpoint file (mocohub's or the reference
+    code's ``.pth.tar``) or a mocohub run folder (its newest checkpoint).
+
+    Example:
+        >>> load_encoders(model, load_weights("moco_v2_800ep_pretrain.pth.tar"))
+    """
+    from .checkpoint import find_latest_checkpoint, load_checkpoint
+
+    path = Path(source)
+    if path.is_dir():
+        latest = find_latest_checkpoint(path)
+        if latest is None:
+            raise InputError(
+                f"{path} holds no checkpoint; pass a checkpoint file (a reference MoCo "
+                ".pth.tar or a mocohub checkpoint) or a mocohub run folder."
+            )
+        path = latest
+    return load_checkpoint(path)
+
+
 def lr_at(config: TrainConfig, epoch: int) -> float:
     """The reference's per-epoch learning rate: cosine, or x0.1 at each milestone."""
     lr = config.scaled_lr()
@@ -122,19 +147,10 @@ def lr_at(config: TrainConfig, epoch: int) -> float:
 
 
 def choose_precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: float32). ``auto``: bf16 where it is fast and safe."""
-    if config.precision == "fp32":
-        return None
-    if config.precision == "fp16":
-        return torch.float16
-    if config.precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    from mocohub.sysinfo import cpu_flags
+    """The autocast dtype (None: float32), by mocohub's one precision policy."""
+    from mocohub.precision import autocast_dtype
 
-    # bf16 on a CPU pays off only with bf16 matrix units (AMX, AVX512-BF16).
-    return torch.bfloat16 if cpu_flags() & {"amx_bf16", "avx512_bf16"} else None
+    return autocast_dtype(config.precision, device)
 
 
 class _StopSignal:
@@ -161,15 +177,21 @@ class _StopSignal:
 def train(
     config: TrainConfig,
     data: Any,
-    run_dir: Path,
+    run_dir: str | os.PathLike[str],
     *,
     resume: str | Path | None = None,
+    restart: bool = False,
     knn_data: tuple[Any, Any] | None = None,
     progress: bool = True,
     stop_after_steps: int | None = None,
     weights: str | Path | None = None,
 ) -> dict[str, Any]:
     """Pre-train MoCo on ``data`` and write checkpoints and metrics to ``run_dir``.
+
+    A ``run_dir`` that already holds a run is refused unless ``resume``
+    continues it or ``restart`` discards it (see
+    :mod:`mocohub.training.run_folder`); a start that fails before its first
+    checkpoint leaves no run files behind.
 
     Args:
         config: the run's settings (see :mod:`mocohub.training.config`).
@@ -178,18 +200,28 @@ def train(
             checkpoints).
         resume: ``"auto"`` (the newest checkpoint in ``run_dir``, if any), a
             checkpoint path (mocohub's or the reference code's), or None.
+        restart: discard the run already in ``run_dir`` (resuming from one of
+            its checkpoints: the checkpoints after it) instead of refusing.
         knn_data: (train, val) labelled data for the k-NN monitor.
         progress: show a progress bar (rank 0 only).
         weights: start a new run (epoch 0, fresh optimiser and queue) from the
-            encoders of a checkpoint, mocohub's or the reference code's: fine-tuning.
-            Ignored when ``resume`` finds a checkpoint.
+            encoders of a checkpoint, mocohub's or the reference code's, or of a
+            mocohub run folder's newest checkpoint: fine-tuning. Ignored when
+            ``resume`` finds a checkpoint.
         stop_after_steps: stop after this many steps of this call, as if
             SIGTERM had arrived (a checkpoint, then :class:`TrainingInterrupted`),
             for time-boxed jobs. The ranks agree on stopping every 10 steps and at
             the end of each epoch, so the stop comes at the first such point.
 
     Returns:
-        The last epoch's metrics.
+        The last epoch's metrics and ``"epoch"``, the epochs done. When the
+        checkpoint resumed from is already at ``config.epochs`` or beyond,
+        nothing runs and nothing is written: ``{"epoch": E, "already_complete": True}``.
+
+    Example:
+        >>> metrics = train(preset("fashion_mnist", epochs=1), "samples/fashion-mnist", "runs/demo")
+        >>> metrics["epoch"]
+        1
     """
     from . import checkpoint as ckpt
     from .data import resolve_dataset
@@ -202,10 +234,22 @@ def train(
             f"The global batch size {config.batch_size} must divide evenly over {world} "
             "processes; change --batch-size."
         )
-    dataset, info = resolve_dataset(data, "train")  # bad data fails before anything is written
+    # Bad data, checkpoints or run folders fail before anything is written.
+    dataset, info = resolve_dataset(data, "train")
     run_dir = Path(run_dir)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    source, damaged = ckpt.find_resumable_checkpoint(run_dir) if resume == "auto" else (resume, [])
+    if damaged and source is None:
+        raise InputError(
+            f"Every checkpoint in {run_dir} is damaged ({damaged[0][0].name}: {damaged[0][1]}); "
+            "start the run again with --restart instead of --resume auto."
+        )
+    checkpoint = ckpt.load_checkpoint(Path(source)) if source is not None else None
+    point = ckpt.checkpoint_point(checkpoint) if checkpoint is not None else None
+    discard = claim_run_folder(run_dir, env, resume, source, point, restart)
+    if point is not None and point >= (config.epochs, 0):
+        return {"epoch": point[0], "already_complete": True}
+    initial = load_weights(weights) if weights is not None and checkpoint is None else None
+
     torch.manual_seed(config.seed)  # identical initial weights and queue on every rank
     model = build_moco(config, info.channels, world).to(env.device)
     dtype = choose_precision(config, env.device)
@@ -224,43 +268,52 @@ def train(
     scaler = torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None
 
     start_epoch, start_step = 0, 0
-    source = ckpt.find_latest_checkpoint(run_dir) if resume == "auto" else resume
-    if source is not None:
+    if checkpoint is not None:
         # mocohub's own checkpoints, or the reference code's (model + optimizer).
-        checkpoint = ckpt.load_checkpoint(Path(source))
         start_epoch, start_step = ckpt.restore_training_state(checkpoint, model, optimizer, scaler)
-    elif weights is not None:
-        load_encoders(model, ckpt.load_checkpoint(Path(weights)))
-    if env.is_main:
-        config.save(run_dir / "config.json")
+    elif initial is not None:
+        load_encoders(model, initial)
     if config.compile:
         model.encoder_q.compile()
         model.encoder_k.compile()
-    net: torch.nn.Module = model
-    if world > 1:
-        # No buffer broadcast per step: the queues agree by construction, and
-        # rank 0's BN statistics are the ones saved.
-        net = DistributedDataParallel(
-            model,
-            device_ids=[env.device] if env.device.type == "cuda" else None,
-            broadcast_buffers=False,
-        )
+    net: torch.nn.Module = wrap_ddp(model, env.device) if world > 1 else model
 
     pipeline = ViewPipeline(dataset, info, config, env)
     steps_per_epoch = pipeline.steps_per_epoch
     knn = KnnMonitor(knn_data, config, info, env) if knn_data is not None else None
-    log = MetricsLog(run_dir, enabled=env.is_main)
+    if env.is_main:
+        discard_files(discard)
+        ckpt.remove_orphan_temporaries(run_dir)
+        for bad, problem in damaged:
+            # Renamed, so that the run can save past it; kept for inspection.
+            aside = ckpt.set_aside_damaged([bad])
+            logger.warning(
+                "mocohub: %s is damaged (%s); resuming from %s instead%s.",
+                bad,
+                problem,
+                Path(str(source)).name,
+                f" (the damaged file is kept as {aside[0].name})" if aside else "",
+            )
+    # From here on files are written; a failure before the first checkpoint removes them.
+    cleanup = FailedStartCleanup(run_dir, enabled=env.is_main)
+    have_checkpoint = checkpoint is not None
 
     def save(epoch: int, step: int) -> Path | None:
         """Rank 0 writes the checkpoint that continues at (epoch, step)."""
-        if not env.is_main:
-            return None
-        state = ckpt.training_state(model, optimizer, scaler, None, epoch, step, config.to_dict())
-        return ckpt.save_checkpoint(run_dir, state, epoch=epoch, step=step)
+        nonlocal have_checkpoint
+        path = None
+        if env.is_main:
+            state = ckpt.training_state(
+                model, optimizer, scaler, None, epoch, step, config.to_dict()
+            )
+            path = ckpt.save_checkpoint(run_dir, state, epoch=epoch, step=step)
+            cleanup.checkpoint_saved()
+        have_checkpoint = True
+        return path
 
     metrics: dict[str, Any] = {}
     steps_run = 0
-    with _StopSignal() as stop, contextlib.closing(log):
+    with cleanup, _StopSignal() as stop, open_run(run_dir, config, env, point) as log:
         for epoch in range(start_epoch, config.epochs):
             lr = lr_at(config, epoch)
             for group in optimizer.param_groups:
@@ -311,10 +364,14 @@ def train(
                 if world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 if bool(flags[0]):
+                    kept = (
+                        f"keeping the last good checkpoint in {run_dir}"
+                        if have_checkpoint
+                        else "before its first checkpoint (nothing was kept)"
+                    )
                     raise TrainingDivergedError(
                         f"The loss became NaN or infinite in epoch {epoch + 1} (by step {done}); "
-                        f"the run stopped, keeping the last good checkpoint in {run_dir}. Lower "
-                        "--lr, or try --precision fp32."
+                        f"the run stopped, {kept}. Lower --lr, or try --precision fp32."
                     )
                 elapsed = time.perf_counter() - tick
                 window = {
@@ -339,15 +396,21 @@ def train(
                 if bool(flags[1]) and done < steps_per_epoch:
                     raise _interrupted(stop.signum, epoch, done, save(epoch, done))
             bar.close()
-            metrics = {"loss": float(epoch_loss) / (steps_per_epoch - start_step), "lr": lr}
+            metrics = {
+                "loss": float(epoch_loss) / (steps_per_epoch - start_step),
+                "lr": lr,
+                "epoch": epoch + 1,
+            }
             start_step = 0
-            path = save(epoch + 1, 0)
             last_epoch = epoch + 1 == config.epochs
             if knn is not None and (
                 last_epoch or (config.knn_every and (epoch + 1) % config.knn_every == 0)
             ):
                 metrics.update(knn(model.encoder_q))
-            log.write({"event": "epoch", "epoch": epoch + 1, **metrics})
+            # The summary before the checkpoint: a stop between the two redoes the
+            # epoch on resume (its records are cut back to the last checkpoint).
+            log.write({"event": "epoch", **metrics})
+            path = save(epoch + 1, 0)
             if stop.signum and not last_epoch:
                 raise _interrupted(stop.signum, epoch + 1, 0, path)
     return metrics
