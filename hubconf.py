@@ -16,7 +16,10 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch.hub lists every public callable here as an entry point
+    from typing import Any
 
 # What the entry points import (torch.hub checks that each is installed).
 dependencies = ["torch", "torchvision", "PIL", "tqdm"]

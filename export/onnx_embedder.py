@@ -120,7 +120,9 @@ class OnnxEmbedder:
     """An exported mocohub graph in an onnxruntime session.
 
     Args:
-        path: an ``.onnx`` file written by ``mocohub export``.
+        path: an ``.onnx`` file written by ``mocohub export``, or its export
+            folder: then ``model.onnx`` (or the folder's only graph; with
+            several and no ``model.onnx``, name one).
         providers: ``"auto"`` (see the module docstring), ``"cpu"``, ``"cuda"``,
             ``"tensorrt"`` or a list of onnxruntime provider names.
         threads: CPU intra-op threads (default: the physical cores).
@@ -146,9 +148,12 @@ class OnnxEmbedder:
         threads: int | None = None,
         io_binding: bool | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.path = _graph_in(Path(path)) if Path(path).is_dir() else Path(path)
         if not self.path.is_file():
-            raise InputError(f"{self.path} does not exist; pass an .onnx file from mocohub export.")
+            raise InputError(
+                f"{self.path} does not exist; pass an .onnx file or an export folder written "
+                "by `mocohub export`."
+            )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or physical_cores()
@@ -270,6 +275,24 @@ class OnnxEmbedder:
         }
 
 
+def _graph_in(folder: Path) -> Path:
+    """The graph :class:`OnnxEmbedder` runs in an export folder: model.onnx, else its only one."""
+    present = [folder / name for name in MODEL_FILES if (folder / name).is_file()]
+    if (folder / "model.onnx").is_file():
+        return folder / "model.onnx"
+    if len(present) == 1:
+        return present[0]
+    if not present:
+        raise InputError(
+            f"{folder} holds no mocohub ONNX graph ({', '.join(MODEL_FILES)}); export one with "
+            "`mocohub export MODEL --out DIR`, or pass the .onnx file itself."
+        )
+    raise InputError(
+        f"{folder} holds several graphs and no model.onnx ({', '.join(p.name for p in present)}); "
+        "pass the one to run."
+    )
+
+
 def find_model_file(
     folder: str | os.PathLike[str],
     *,
@@ -311,6 +334,9 @@ def open_embedder(
 ) -> OnnxEmbedder:
     """An :class:`OnnxEmbedder` for an ``.onnx`` file or an export folder (plain graph).
 
+    A graph with the preprocessing inside (``model.preprocess*.onnx``, uint8
+    pixels in) is refused: it is for ``mocohub serve``.
+
     Example:
         >>> open_embedder("out/onnx").path.name
         'model.onnx'
@@ -326,4 +352,18 @@ def open_embedder(
             f"{path} is not an .onnx file or an export folder; create one with "
             "`mocohub export MODEL --out DIR`."
         )
-    return OnnxEmbedder(source, providers, threads=threads)
+    embedder = OnnxEmbedder(source, providers, threads=threads)
+    if embedder.input == PIXELS:
+        size = embedder.preprocessing.image_size
+        raise InputError(
+            f"{source.name} has the preprocessing inside: it takes uint8 images (N, {size}, "
+            f"{size}, 3) and is for `mocohub serve` (or OnnxEmbedder.embed_images), while "
+            "embedding feeds preprocessed float images; pass the plain graph "
+            f"({_plain_name(source.name)}) or the export folder."
+        )
+    return embedder
+
+
+def _plain_name(name: str) -> str:
+    """``model.preprocess.int8.onnx`` -> ``model.int8.onnx``: the graph without preprocessing."""
+    return name.replace(".preprocess", "", 1)

@@ -51,7 +51,6 @@ from mocohub.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "backbone_from_checkpoint",
     "backbone_state_from_moco",
     "find_checkpoint_file",
     "head_from_state",
@@ -97,8 +96,9 @@ def find_checkpoint_file(path: str | os.PathLike[str]) -> Path:
     if (path / _LAST).is_file():
         return path / _LAST
     raise InputError(
-        f"The folder {path} holds no checkpoint_*.pt; pass the run folder of a "
-        "`mocohub train` run, or a checkpoint file."
+        f"The folder {path} holds no checkpoint_*.pt and no model (config.json + "
+        "model.safetensors); pass the run folder of a `mocohub train` run, a checkpoint "
+        "file, or an artifact folder."
     )
 
 
@@ -333,38 +333,3 @@ def model_from_checkpoint(path: str | os.PathLike[str], *, head: bool = False) -
     model = build_model(config)
     _load_into(model, encoder, file)
     return model
-
-
-def backbone_from_checkpoint(path: str | os.PathLike[str]) -> tuple[ResNet, dict[str, Any]]:
-    """The pre-trained backbone in a MoCo checkpoint, and how to feed it, as a flat dict.
-
-    Like :func:`model_from_checkpoint` (``fc`` is ``nn.Identity()``), with the
-    facts the evaluation code reads: ``arch``, ``feature_dim``, ``channels``,
-    ``small_stem``, ``width``, ``image_size`` (the crop the encoder was
-    trained on), ``resize_size`` (``image_size * 256 / 224`` rounded),
-    ``mean`` and ``std`` (one value per channel), ``format`` (``"mocohub"`` or
-    ``"reference"``), ``checkpoint`` (the file read) and ``epoch``.
-
-    Example:
-        >>> backbone, info = backbone_from_checkpoint("moco_v2_800ep_pretrain.pth.tar")
-        >>> info["arch"], info["feature_dim"], info["image_size"], info["resize_size"]
-        ('resnet50', 2048, 224, 256)
-    """
-    model = model_from_checkpoint(path)
-    config: ModelConfig = model.mocohub_config
-    prep = config.preprocessing
-    info = {
-        "arch": config.arch,
-        "feature_dim": config.feature_dim,
-        "channels": config.in_channels,
-        "small_stem": config.small_stem,
-        "width": config.width,
-        "image_size": prep.image_size,
-        "resize_size": prep.resize_size,
-        "mean": prep.mean,
-        "std": prep.std,
-        "format": config.meta["format"],
-        "checkpoint": config.meta["source"],
-        "epoch": config.meta["epochs"],
-    }
-    return model, info

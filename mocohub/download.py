@@ -8,7 +8,9 @@ and matching the expected hash: the cache never holds a partial or tampered
 file under the real name. A cached file is verified again on every use.
 
 Offline (``MOCOHUB_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``) nothing is downloaded:
-a cached file is used, a missing one is one clear error.
+a cached file is used, a missing one is one clear error. Without a network a
+download fails fast (a connection or a read that stalls for :data:`TIMEOUT`
+seconds, no retries) with one error that says where to put the file by hand.
 
 Example:
     >>> path = fetch_url("https://dl.fbaipublicfiles.com/moco/moco_checkpoints/"
@@ -33,6 +35,7 @@ from mocohub.fileio import atomic_writer
 
 __all__ = [
     "OFFLINE_VARIABLES",
+    "TIMEOUT",
     "NotAvailableError",
     "cache_dir",
     "check_hash",
@@ -43,6 +46,8 @@ __all__ = [
 
 #: environment variables that forbid downloads when set to 1/true/yes/on
 OFFLINE_VARIABLES = ("MOCOHUB_OFFLINE", "HF_HUB_OFFLINE")
+#: seconds a connection (or a read during a download) may stall before it fails
+TIMEOUT = 10.0
 _CHUNK = 1 << 20
 
 
@@ -168,7 +173,7 @@ def _download(url: str, target: Path, expected: str | None, progress: bool) -> N
     request = urllib.request.Request(url, headers={"User-Agent": f"mocohub/{__version__}"})
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             bar = (
                 tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name)
@@ -202,11 +207,14 @@ def _download(url: str, target: Path, expected: str | None, progress: bool) -> N
                     bar.close()
     except urllib.error.HTTPError as e:
         raise NotAvailableError(
-            f"Cannot download {url}: the server answered {e.code} {e.reason}; check the URL."
-        ) from e
+            f"Cannot download {url}: the server answered {e.code} {e.reason}; check the URL, "
+            f"or fetch the file yourself and put it at {target} (or pass its local path)."
+        ) from None
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
-        reason = getattr(e, "reason", e)
+        reason = getattr(e, "reason", None) or e
         raise NotAvailableError(
-            f"Cannot download {url} ({reason}); check the network, or fetch the file yourself "
-            "and pass its local path."
-        ) from e
+            f"Cannot download {url} ({reason}). Check the network; or download the file on a "
+            f"machine that has one and put it at {target} (the cache mocohub reads first), or "
+            "pass its local path instead. MOCOHUB_OFFLINE=1 (or HF_HUB_OFFLINE=1) uses cached "
+            "files only, without trying the network."
+        ) from None

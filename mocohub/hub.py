@@ -17,6 +17,9 @@
 Pickled checkpoints are read with ``torch.load(weights_only=True)``; where a
 weight set exists as safetensors and as a pickle, safetensors is used. Offline
 (``MOCOHUB_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``) only cached files are used.
+Without a network a download fails at once (a short timeout, no retries) with
+one :class:`~mocohub.download.NotAvailableError` that names the cache file and
+how to supply it by hand.
 
 Example:
     >>> model = mocohub.load("moco_v2_r50_800ep")

@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -167,17 +166,10 @@ def convert_command(
             f"--to {target} writes the backbone only; drop --head, or convert to a mocohub "
             "folder to keep the head."
         )
-    model = load(source, head=head, progress=not no_progress)
+    from mocohub.hf import for_publishing
+
+    model = for_publishing(load(source, head=head, progress=not no_progress), source, name)
     config = model.mocohub_config
-    meta = dict(config.meta)
-    local = Path(source).exists()
-    stated = meta.get("source")
-    if isinstance(stated, str) and Path(stated).exists():
-        meta["source"] = Path(stated).name  # a local path means nothing on another machine
-    meta.setdefault("converted_from", Path(source).name if local else source)
-    if name:
-        meta["name"] = name
-    model.mocohub_config = replace(config, meta=meta)
     if target == "torchvision":
         from mocohub.foreign import save_torchvision
 
@@ -207,8 +199,15 @@ def convert_command(
 def push_command(
     folder: Path, repo_id: str, private: bool | None, revision: str | None, message: str | None
 ) -> None:
-    """Publish an artifact FOLDER (from `mocohub convert`) as the Hub repo REPO_ID."""
-    from mocohub.hf import push_to_hub
+    """Publish an artifact FOLDER (from `mocohub convert`) as the Hub repo REPO_ID.
 
+    A `mocohub train` run folder or checkpoint, or a reference MoCo .pth.tar,
+    is converted on the fly (the backbone; `mocohub convert --head` first to
+    publish the projection head too).
+    """
+    from mocohub.hf import is_artifact_folder, push_to_hub
+
+    if folder.exists() and not is_artifact_folder(folder):
+        click.echo(f"{folder} is not an artifact folder: converting it to one first.", err=True)
     url = push_to_hub(folder, repo_id, private=private, revision=revision, commit_message=message)
     click.echo(f"Pushed {folder} to https://huggingface.co/{repo_id} ({url}).")

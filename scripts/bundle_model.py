@@ -3,12 +3,17 @@
 Reads the run's newest checkpoint and its measured figures (the k-NN monitor in
 ``metrics.jsonl`` and, if given, ``bench/quality_fmnist.py``'s JSON), and writes
 ``mocohub/weights/<name>/`` (``model.safetensors``, ``config.json`` and a model
-card with the metrics and the exact training command). Prints the registry row's
+card with the metrics and the training command). Prints the registry row's
 hash. ``--half`` stores float16 weights (half the size; loaded back as float32).
+
+The command is recorded as a user can run it: a folder of the Fashion-MNIST IDX
+files (wherever the run read them) is written ``fashion-mnist``, the name the
+CLI resolves to Debian's ``dataset-fashion-mnist``; any other path outside the
+current folder (``../...`` or absolute) is refused, since no user has it.
 
 Example:
     python scripts/bundle_model.py runs/w16_e12 --quality bench/results/quality_w16.json \\
-        --command "python -m mocohub train ..."
+        --command "python -m mocohub train ../data/fashion-mnist ..."
 """
 
 from __future__ import annotations
@@ -17,12 +22,58 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import shlex
 from pathlib import Path
 
 import mocohub
 from mocohub.card import model_card
 from mocohub.models import WEIGHTS_NAME, get_config, save_pretrained
 from mocohub.registry import WEIGHTS_DIR
+from mocohub.training.data import FASHION_MNIST_DIR
+
+#: what the CLI calls Debian's Fashion-MNIST (training/data.py resolves it)
+DATASET_NAME = "fashion-mnist"
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+
+
+def _is_fashion_mnist(token: str) -> bool:
+    folder = Path(token)
+    if folder == FASHION_MNIST_DIR:
+        return True
+    return folder.is_dir() and all(
+        (folder / name).is_file() or (folder / f"{name}.gz").is_file() for name in _IDX_FILES
+    )
+
+
+def _portable(word: str) -> str:
+    if _is_fashion_mnist(word):
+        return DATASET_NAME
+    if word.startswith(("../", "/")) or word == "..":
+        raise SystemExit(
+            f"--command names {word}, a path users do not have; write the command as a "
+            f"user runs it (the data as {DATASET_NAME!r}, or a folder under the current one)."
+        )
+    return word
+
+
+def portable_command(command: str) -> str:
+    """``command`` as a user can run it: Fashion-MNIST folders become ``fashion-mnist``.
+
+    Raises SystemExit for any other path that only this machine has
+    (``../...`` or absolute), also as an ``--option=PATH`` value.
+
+    Example:
+        >>> portable_command("mocohub train ../shared/data/fashion-mnist --out runs/fm")
+        'mocohub train fashion-mnist --out runs/fm'
+    """
+    words = []
+    for word in shlex.split(command):
+        option, equals, value = word.partition("=")
+        if word.startswith("--") and equals:
+            words.append(f"{option}={_portable(value)}")
+        else:
+            words.append(_portable(word))
+    return shlex.join(words)
 
 
 def main() -> None:
@@ -56,7 +107,7 @@ def main() -> None:
             f"T={run_config['T']}, batch {run_config['batch_size']}, cosine lr, "
             "batched small-image augmentation, split BN x8"
         ),
-        "command": args.command,
+        "command": portable_command(args.command),
         "knn_top1": round(100 * last["knn_top1"], 2),
         "metrics_protocol": (
             "Measured by mocohub on the 10,000 Fashion-MNIST test images: weighted cosine "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,17 +65,36 @@ def backbone_features(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def serve(folder: Path) -> Iterator[tuple[str, list[str]]]:
-    """An HTTP server for ``folder`` on 127.0.0.1: (base URL, the paths requested so far)."""
+def serve(folder: Path, status: int | None = None) -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server for ``folder`` on 127.0.0.1: (base URL, the paths requested so far,
+    a HEAD request as ``"HEAD /path"``).
+
+    ``status``: answer every request with that status and no body instead (a
+    server in trouble, e.g. 503 Service Unavailable).
+    """
     requests: list[str] = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, directory=str(folder), **kwargs)
 
+        def _failed(self) -> bool:
+            if status is None:
+                return False
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return True
+
         def do_GET(self) -> None:
             requests.append(self.path)
-            super().do_GET()
+            if not self._failed():
+                super().do_GET()
+
+        def do_HEAD(self) -> None:
+            requests.append(f"HEAD {self.path}")
+            if not self._failed():
+                super().do_HEAD()
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -88,3 +108,21 @@ def serve(folder: Path) -> Iterator[tuple[str, list[str]]]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def no_retries(monkeypatch: Any) -> None:
+    """Make any back-off sleep (a retry) fail the test at once, whoever sleeps."""
+
+    def sleep(seconds: float) -> None:
+        raise AssertionError(f"something slept {seconds} s: a retry with back-off")
+
+    monkeypatch.setattr(time, "sleep", sleep)
+
+
+def short_chain(error: BaseException) -> bool:
+    """True when ``error`` carries at most one cause, with no implicit context shown."""
+    shown = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    if shown is None:
+        return True
+    inner = shown.__cause__ or (None if shown.__suppress_context__ else shown.__context__)
+    return inner is None

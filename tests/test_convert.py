@@ -12,14 +12,13 @@ from torch import nn
 from mocohub.backbones import resnet18, resnet50
 from mocohub.convert import (
     IMAGENET_MEAN,
-    backbone_from_checkpoint,
     backbone_state_from_moco,
     find_checkpoint_file,
     head_from_state,
     model_from_checkpoint,
 )
 from mocohub.errors import InputError
-from mocohub.models import HeadConfig
+from mocohub.models import HeadConfig, ModelConfig
 from mocohub.training.checkpoint import save_checkpoint, training_state
 from mocohub.training.config import preset
 from mocohub.training.moco import MoCo
@@ -42,6 +41,12 @@ def query_features(model: MoCo, images: torch.Tensor) -> torch.Tensor:
         encoder.fc = head
 
 
+def loaded(path: Path) -> tuple[nn.Module, ModelConfig]:
+    """The backbone in a checkpoint (or run folder), and its config."""
+    backbone = model_from_checkpoint(path)
+    return backbone, backbone.mocohub_config
+
+
 def save_run(model: MoCo, run_dir: Path, epoch: int, **config: object) -> Path:
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1)
     values = preset("fashion_mnist", width=8, dim=16, K=32, batch_size=32, **config).to_dict()
@@ -58,31 +63,33 @@ def test_mocohub_run_folder_gives_the_query_encoder(tmp_path: Path) -> None:
     newest = save_run(model, tmp_path, epoch=2)
     assert find_checkpoint_file(tmp_path) == newest != older
 
-    backbone, info = backbone_from_checkpoint(tmp_path)
+    backbone, config = loaded(tmp_path)
     assert isinstance(backbone.fc, nn.Identity) and not backbone.training
     images = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         features = backbone(images)
     torch.testing.assert_close(features, query_features(model, images))
-    assert info["arch"] == "resnet18" and info["feature_dim"] == 64 == features.shape[1]
-    assert (info["channels"], info["small_stem"], info["width"]) == (1, True, 8)
-    assert (info["image_size"], info["resize_size"]) == (28, 32)
-    assert info["mean"] == (0.2860,) and info["std"] == (0.3530,)
-    assert (info["format"], info["epoch"], info["checkpoint"]) == ("mocohub", 2, str(newest))
+    assert config.arch == "resnet18" and config.feature_dim == 64 == features.shape[1]
+    assert (config.in_channels, config.small_stem, config.width) == (1, True, 8)
+    prep = config.preprocessing
+    assert (prep.image_size, prep.resize_size) == (28, 32)
+    assert prep.mean == (0.2860,) and prep.std == (0.3530,)
+    meta = config.meta
+    assert (meta["format"], meta["epochs"], meta["source"]) == ("mocohub", 2, str(newest))
     # The file itself, and a folder holding only checkpoint_last.pt, work too.
-    assert backbone_from_checkpoint(older)[1]["epoch"] == 1
+    assert loaded(older)[1].meta["epochs"] == 1
     only_last = tmp_path / "last"
     only_last.mkdir()
     (only_last / "checkpoint_last.pt").write_bytes(newest.read_bytes())
-    assert backbone_from_checkpoint(only_last)[1]["epoch"] == 2
+    assert loaded(only_last)[1].meta["epochs"] == 2
 
 
 def test_colour_model_gets_one_mean_per_channel(tmp_path: Path) -> None:
     model = tiny_moco(in_channels=3)
     save_run(model, tmp_path, epoch=1, mean=(0.5,), std=(0.25,))
-    _, info = backbone_from_checkpoint(tmp_path)
-    assert info["channels"] == 3
-    assert info["mean"] == (0.5,) * 3 and info["std"] == (0.25,) * 3
+    config = loaded(tmp_path)[1]
+    assert config.in_channels == config.preprocessing.channels == 3
+    assert config.preprocessing.mean == (0.5,) * 3 and config.preprocessing.std == (0.25,) * 3
 
 
 def reference_checkpoint(model: MoCo, **extra: object) -> dict:
@@ -96,14 +103,18 @@ def test_reference_checkpoint_with_arch(tmp_path: Path) -> None:
     model = MoCo(functools.partial(resnet18, width=8), dim=16, K=32, mlp=False)
     path = tmp_path / "moco_v1.pth.tar"
     torch.save(reference_checkpoint(model, arch="resnet18"), path)
-    backbone, info = backbone_from_checkpoint(path)
+    backbone, config = loaded(path)
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(backbone(images), query_features(model, images))
-    assert (info["format"], info["arch"], info["epoch"]) == ("reference", "resnet18", 200)
-    assert (info["channels"], info["small_stem"], info["width"]) == (3, False, 8)
-    assert (info["image_size"], info["resize_size"]) == (224, 256)
-    assert info["mean"] == IMAGENET_MEAN
+    assert (config.meta["format"], config.arch, config.meta["epochs"]) == (
+        "reference",
+        "resnet18",
+        200,
+    )
+    assert (config.in_channels, config.small_stem, config.width) == (3, False, 8)
+    assert (config.preprocessing.image_size, config.preprocessing.resize_size) == (224, 256)
+    assert config.preprocessing.mean == IMAGENET_MEAN
 
 
 def test_reference_checkpoint_defaults_to_resnet50(tmp_path: Path) -> None:
@@ -111,8 +122,8 @@ def test_reference_checkpoint_defaults_to_resnet50(tmp_path: Path) -> None:
     model = MoCo(functools.partial(resnet50, width=8), dim=16, K=32, mlp=True)
     path = tmp_path / "moco_v2.pth.tar"
     torch.save(reference_checkpoint(model), path)  # no 'arch' key
-    backbone, info = backbone_from_checkpoint(path)
-    assert info["arch"] == "resnet50" and info["feature_dim"] == 8 * 8 * 4
+    backbone, config = loaded(path)
+    assert config.arch == "resnet50" and config.feature_dim == 8 * 8 * 4
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(backbone(images), query_features(model, images))
@@ -120,7 +131,7 @@ def test_reference_checkpoint_defaults_to_resnet50(tmp_path: Path) -> None:
     small = reference_checkpoint(tiny_moco(in_channels=3), arch="resnet50")
     torch.save(small, path)
     with pytest.raises(InputError, match="does not fit a resnet50"):
-        backbone_from_checkpoint(path)
+        model_from_checkpoint(path)
 
 
 def test_key_map_takes_the_query_encoder_without_its_head() -> None:
@@ -141,24 +152,24 @@ class Opaque:
 
 def test_unusable_checkpoints_are_clear_input_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="No model at"):
-        backbone_from_checkpoint(tmp_path / "missing")
-    with pytest.raises(InputError, match="holds no checkpoint"):
-        backbone_from_checkpoint(tmp_path)
+        model_from_checkpoint(tmp_path / "missing")
+    with pytest.raises(InputError, match=r"holds no checkpoint_\*\.pt and no model"):
+        model_from_checkpoint(tmp_path)
     (tmp_path / "text.pt").write_text("not a checkpoint")
     with pytest.raises(InputError, match="Cannot read"):
-        backbone_from_checkpoint(tmp_path / "text.pt")
+        model_from_checkpoint(tmp_path / "text.pt")
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, tmp_path / "plain.pt")
     with pytest.raises(InputError, match="neither a mocohub training checkpoint"):
-        backbone_from_checkpoint(tmp_path / "plain.pt")
+        model_from_checkpoint(tmp_path / "plain.pt")
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(InputError, match="not a checkpoint dict"):
-        backbone_from_checkpoint(tmp_path / "list.pt")
+        model_from_checkpoint(tmp_path / "list.pt")
     torch.save({"model": Opaque()}, tmp_path / "object.pt")
     with pytest.raises(InputError, match="Opaque object, which safe"):
-        backbone_from_checkpoint(tmp_path / "object.pt")
+        model_from_checkpoint(tmp_path / "object.pt")
     torch.save(reference_checkpoint(tiny_moco(), arch="vit_base"), tmp_path / "vit.pth.tar")
     with pytest.raises(InputError, match="'vit_base' encoder"):
-        backbone_from_checkpoint(tmp_path / "vit.pth.tar")
+        model_from_checkpoint(tmp_path / "vit.pth.tar")
 
 
 def test_head_from_state_tells_v1_from_v2() -> None:

@@ -16,8 +16,9 @@ from safetensors import safe_open
 
 import mocohub
 from mocohub import cli
+from mocohub.errors import InputError
 from mocohub.export.onnx import OPSET, read_metadata
-from mocohub.export.onnx_embedder import OnnxEmbedder
+from mocohub.export.onnx_embedder import OnnxEmbedder, open_embedder
 from mocohub.export.quantize import ImageSet, load_image_folder, quantize_int8
 from mocohub.export.verify import BOUNDS, VerificationError, neighbour_agreement, verify_files
 from mocohub.models import ModelConfig, build_model, save_pretrained
@@ -122,6 +123,40 @@ def test_graphs_pass_the_checker_and_carry_metadata(exported: dict, name: str) -
         ops = {n.op_type for n in proto.graph.node}
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
         assert any(t.data_type == onnx.TensorProto.INT8 for t in proto.graph.initializer)
+
+
+def test_onnx_embedder_takes_an_export_folder(exported: dict, tmp_path: Path) -> None:
+    out: Path = exported["out"]
+    embedder = OnnxEmbedder(out, "cpu", threads=1)
+    assert embedder.path == out / "model.onnx" and embedder.input == "images"
+    some = tmp_path / "some"
+    some.mkdir()
+    for name in ("model.int8.onnx", "model.preprocess.onnx"):
+        shutil.copy(out / name, some / name)
+    with pytest.raises(InputError, match=r"several graphs and no model\.onnx \(model\.int8"):
+        OnnxEmbedder(some, "cpu")
+    (some / "model.preprocess.onnx").unlink()
+    assert OnnxEmbedder(some, "cpu", threads=1).path == some / "model.int8.onnx"
+    (some / "model.int8.onnx").unlink()
+    with pytest.raises(InputError, match="holds no mocohub ONNX graph"):
+        OnnxEmbedder(some, "cpu")
+    with pytest.raises(InputError, match=r"does not exist; pass an \.onnx file or an export"):
+        OnnxEmbedder(tmp_path / "absent.onnx", "cpu")
+
+
+def test_embed_with_a_preprocessing_graph_says_it_is_for_serve(
+    exported: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    graph = exported["out"] / "model.preprocess.int8.onnx"
+    with pytest.raises(InputError, match=r"takes uint8 images \(N, 28, 28, 3\) and is for"):
+        open_embedder(graph, threads=1)
+    args = ["embed", str(SAMPLES / "00000_ankle-boot.png"), "--backend", "onnxruntime"]
+    args += ["--model", str(graph), "--out", str(tmp_path / "feats.npy")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "`mocohub serve`" in err and "pass the plain graph (model.int8.onnx)" in err
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -3,6 +3,8 @@ cache offline, and push_to_hub against a stand-in for the Hub's API."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shutil
 import subprocess
@@ -14,10 +16,12 @@ from typing import Any, ClassVar
 import huggingface_hub
 import pytest
 import torch
+from hub_helpers import no_retries, serve, short_chain
 from huggingface_hub import constants
 
 import mocohub
 from mocohub import hf
+from mocohub.backbones import resnet18
 from mocohub.card import model_card
 from mocohub.download import NotAvailableError
 from mocohub.errors import InputError
@@ -174,6 +178,8 @@ class FakeHub:
 @pytest.fixture
 def fake_hub(monkeypatch: pytest.MonkeyPatch) -> type[FakeHub]:
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    for name in ("MOCOHUB_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
     FakeHub.calls, FakeHub.uploaded, FakeHub.fail = [], {}, None
     return FakeHub
 
@@ -212,7 +218,9 @@ def test_push_refuses_bad_folders_and_reports_hub_errors(
     tmp_path: Path, fake_hub: type[FakeHub]
 ) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist; push an artifact folder"):
+        hf.push_to_hub(tmp_path / "absent", "me/x")
+    with pytest.raises(InputError, match="holds no checkpoint"):
         hf.push_to_hub(tmp_path / "empty", "me/x")
     with pytest.raises(InputError, match="is not a Hub repo"):
         hf.push_to_hub(tmp_path / "empty", "not a repo")
@@ -224,3 +232,132 @@ def test_push_refuses_bad_folders_and_reports_hub_errors(
     with pytest.raises(InputError, match=r"Cannot push .*401.*hf auth login") as error:
         hf.push_to_hub(tiny_model(), "me/x")
     assert "\n" not in str(error.value)
+
+
+# --- without a network ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def online(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty HF cache with downloads allowed, no proxy for 127.0.0.1, and no back-off
+    sleeps: a retry fails the test at once. Returns the cache folder."""
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    for name in ("MOCOHUB_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    no_retries(monkeypatch)
+    return cache
+
+
+def point_hub_at(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """What HF_ENDPOINT does (huggingface_hub reads it at import, so patch what it derived)."""
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+
+
+def test_hub_repo_without_network_fails_at_once_saying_what_to_do(
+    tmp_path: Path, online: Path, free_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    point_hub_at(monkeypatch, f"http://127.0.0.1:{free_port}")  # nothing listens there
+    with pytest.raises(NotAvailableError) as error:
+        mocohub.load("hf-hub:org/name")
+    message = str(error.value)
+    assert message.startswith(f"Cannot reach the Hugging Face Hub (http://127.0.0.1:{free_port}")
+    assert str(online) in message and "HF_HOME" in message  # the cache, and how to move it
+    assert "`hf download org/name`" in message and "local model folder" in message
+    assert "HF_HUB_OFFLINE=1" in message and "\n" not in message
+    assert short_chain(error.value)
+
+    # A server in trouble (503) is asked once: no retries with back-off.
+    with serve(tmp_path, status=503) as (base, requests):
+        point_hub_at(monkeypatch, base)
+        with pytest.raises(NotAvailableError, match=r"answered 503\) and config\.json"):
+            mocohub.load("hf-hub:org/name@v1")
+        assert requests == ["HEAD /org/name/resolve/v1/config.json"]
+
+    # A repo in the cache loads without the network.
+    point_hub_at(monkeypatch, f"http://127.0.0.1:{free_port}")
+    model = tiny_model()
+    hf.save_pretrained(model, tmp_path / "art")
+    fill_hf_cache(online, "org/tiny", tmp_path / "art")
+    images = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(mocohub.load("hf-hub:org/tiny")(images), model(images))
+
+
+def test_push_without_network_is_one_line(
+    tmp_path: Path,
+    online: Path,
+    free_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mocohub import cli
+
+    hf.save_pretrained(tiny_model(), tmp_path / "art")
+    point_hub_at(monkeypatch, f"http://127.0.0.1:{free_port}")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["push", str(tmp_path / "art"), "me/tiny"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code != 0 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(
+        f"Error: Cannot reach the Hugging Face Hub at http://127.0.0.1:{free_port} to push "
+        "to me/tiny ("
+    )
+    assert "check the network" in err and "hf auth login" not in err
+
+
+@pytest.mark.parametrize("switch", ["HF_HUB_OFFLINE", "MOCOHUB_OFFLINE"])
+def test_push_offline_says_how_to_leave_offline_mode(
+    switch: str,
+    tmp_path: Path,
+    fake_hub: type[FakeHub],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mocohub import cli
+
+    hf.save_pretrained(tiny_model(), tmp_path / "art")
+    monkeypatch.setenv(switch, "1")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["push", str(tmp_path / "art"), "me/tiny"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code != 0 and err.count("\n") == 1
+    assert f"{switch}=1 is set (offline mode)" in err and f"unset {switch}" in err
+    assert "hf auth login" not in err and fake_hub.calls == []
+
+
+def test_push_converts_a_training_run_on_the_fly(
+    tmp_path: Path, fake_hub: type[FakeHub], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mocohub import cli
+    from mocohub.training.checkpoint import save_checkpoint, training_state
+    from mocohub.training.config import preset
+    from mocohub.training.moco import MoCo
+
+    torch.manual_seed(0)
+    encoder = functools.partial(resnet18, small_stem=True, width=8, in_channels=1)
+    moco = MoCo(encoder, dim=16, K=32, mlp=True)
+    optimizer = torch.optim.SGD(moco.encoder_q.parameters(), lr=0.1)
+    values = preset("fashion_mnist", width=8, dim=16, K=32, batch_size=32).to_dict()
+    state = training_state(moco, optimizer, None, None, 3, 0, values)
+    run = tmp_path / "run"
+    save_checkpoint(run, state, epoch=3, step=0)
+    (run / "config.json").write_text(json.dumps(values))  # a run's own config.json, as train's
+
+    cli.main(["push", str(run), "me/run"])
+    captured = capsys.readouterr()
+    assert "is not an artifact folder: converting it" in captured.err
+    assert "Pushed" in captured.out
+    assert sorted(fake_hub.uploaded) == sorted(FILES)
+    config = json.loads(fake_hub.uploaded["config.json"])
+    assert config["preprocessing"]["image_size"] == 28 and config["head"] is None
+    assert config["meta"]["epochs"] == 3 and config["meta"]["converted_from"] == "run"
+    assert config["meta"]["source"].startswith("checkpoint_")  # a file name, not a path
+    assert b"hf-hub:me/run" in fake_hub.uploaded["README.md"]
+    assert not (run / "README.md").exists()  # the run folder is left as it was

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_helpers import backbone_features, reference_checkpoint, reference_encoder, serve
+from hub_helpers import (
+    backbone_features,
+    no_retries,
+    reference_checkpoint,
+    reference_encoder,
+    serve,
+    short_chain,
+)
 from torch import nn
 
 import mocohub
@@ -180,9 +187,35 @@ def test_download_failures_are_clear(
     folder, _ = served
     with serve(folder) as (base, _requests), pytest.raises(NotAvailableError, match="404"):
         mocohub.load(f"{base}/missing.pth.tar", progress=False)
-    with pytest.raises(NotAvailableError, match=r"Cannot download .*check the network"):
+    with pytest.raises(NotAvailableError, match=r"Cannot download .*Check the network"):
         mocohub.load(f"http://127.0.0.1:{free_port}/{NAME}", progress=False)
     assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_registered_name_without_network_fails_at_once_saying_what_to_do(
+    cache: Path, free_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """moco_v2_r50_800ep with its download URL on a closed port: no retries, one error
+    that names the cache file, how to supply it by hand and the offline switches."""
+    no_retries(monkeypatch)
+    entry = registry.get_weights("moco_v2_r50_800ep")
+    (file,) = entry.files
+    name = file.location.rsplit("/", 1)[-1]
+    closed = replace(file, location=f"http://127.0.0.1:{free_port}/{name}")
+    monkeypatch.setitem(registry._TABLE, entry.name, replace(entry, files=(closed,)))
+    with pytest.raises(NotAvailableError) as error:
+        mocohub.load("moco_v2_r50_800ep", progress=False)
+    message = str(error.value)
+    assert message.startswith(f"Cannot download http://127.0.0.1:{free_port}/{name} (")
+    assert f"put it at {cache / name}" in message and "local path" in message
+    assert "MOCOHUB_OFFLINE=1" in message and "HF_HUB_OFFLINE=1" in message
+    assert "\n" not in message and short_chain(error.value)
+    assert not cache.exists() or list(cache.iterdir()) == []
+    # A server in trouble answers once; the error still says where the file would go.
+    with serve(cache.parent, status=503) as (base, requests):
+        with pytest.raises(NotAvailableError, match=r"answered 503 .*put it at"):
+            mocohub.load(f"{base}/{name}", progress=False)
+        assert requests == [f"/{name}"]
 
 
 def test_safetensors_copy_is_preferred(

@@ -69,6 +69,16 @@ def test_torch_hub_load_from_a_plain_checkout(tmp_path: Path) -> None:
     assert result["name"] == "moco_v2_r50_800ep"
 
 
+def test_torch_hub_lists_only_the_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.hub.list offers every public callable of hubconf.py (typing names included);
+    it fetches GitHub repos only, so the fetch is pointed at this checkout."""
+    monkeypatch.setattr(torch.hub, "_get_cache_or_reload", lambda *args, **kwargs: str(ROOT))
+    listed = torch.hub.list("org/mocohub", trust_repo=True, verbose=False)
+    assert sorted(listed) == sorted(
+        [*ENTRIES, "moco_r18_fashion_mnist", "resnet18", "resnet34", "resnet50"]
+    )
+
+
 @pytest.fixture(scope="module")
 def hubconf() -> ModuleType:
     spec = importlib.util.spec_from_file_location("hubconf", ROOT / "hubconf.py")

@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from cli_helpers import run_cli
+from hub_helpers import reference_checkpoint, reference_encoder
 
+import mocohub
 from mocohub.backbones import resnet18
 from mocohub.errors import InputError
 from mocohub.training import lincls
@@ -68,14 +70,15 @@ def test_lincls_learns_and_writes_its_results(run_dir: Path, tmp_path: Path) -> 
     result = linear_eval(run_dir, SAMPLES, tmp_path, config, log=lines.append)
     assert result["top1"] > 0.2  # 10 balanced classes: chance is 0.1
     assert result["top5"] > result["top1"]
-    assert result["protocol"] == "reference" and result["val_is_train"]
+    assert result["protocol"] == "small" and result["val_is_train"]
     assert (result["num_classes"], result["val_samples"]) == (10, 300)
     assert [r["lr"] for r in result["epochs"]] == [0.5] * 6 + [pytest.approx(0.05)] * 2
     assert len(lines) == 8 and lines[-1].startswith("epoch 8/8")
 
     saved = json.loads((tmp_path / "lincls.json").read_text())
     assert saved["top1"] == result["top1"] and saved["config"]["preset"] == "small"
-    assert saved["model_info"]["arch"] == "resnet18"
+    assert saved["model_config"]["arch"] == "resnet18"
+    assert saved["model_config"]["preprocessing"]["image_size"] == 28
     per_epoch = [json.loads(line) for line in (tmp_path / "lincls_epochs.jsonl").open()]
     assert per_epoch == saved["epochs"] and len(per_epoch) == 8
     assert per_epoch[-1]["val_top1"] == result["top1"]
@@ -86,7 +89,7 @@ def test_lincls_learns_and_writes_its_results(run_dir: Path, tmp_path: Path) -> 
 def test_cached_features_is_a_named_faster_mode(run_dir: Path, tmp_path: Path) -> None:
     config = LinclsConfig(preset="small", cached_features=True, eval_every=4, **SHORT)
     result = linear_eval(run_dir, SAMPLES, None, config)
-    assert result["protocol"] == "cached-features"
+    assert result["protocol"] == "small+cached-features"
     assert result["top1"] > 0.3
     assert [("val_top1" in r) for r in result["epochs"]] == [False] * 3 + [True] + [False] * 3 + [
         True
@@ -294,13 +297,16 @@ def test_lincls_and_knn_commands(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["lincls", SAMPLES, "--model", "{tmp}/none", "--out", "{tmp}/o"], "Error: No model at"),
+        (
+            ["lincls", SAMPLES, "--model", "{tmp}/none", "--out", "{tmp}/o"],
+            "Error: {tmp}/none is not",
+        ),
         (["lincls", "{tmp}/none", "--model", "{run}", "--out", "{tmp}/o"], "does not exist"),
         (["lincls", SAMPLES, "--model", "{run}", "--out", "{tmp}/o", "--lr", "-1"], "--lr must"),
         (["lincls", SAMPLES, "--model", "{run}", "--out", "{tmp}/o", "--lr-steps", "x"], "x"),
         (["lincls", SAMPLES, "--model", "{run}"], "Missing option '--out'"),
         (["knn", "--model", "{run}", "--train", "{tmp}"], "is empty"),
-        (["knn", "--model", "{tmp}", "--train", SAMPLES], "holds no checkpoint"),
+        (["knn", "--model", "{tmp}", "--train", SAMPLES], "holds no checkpoint_*.pt and no model"),
         (["knn", "--model", "{run}", "--train", SAMPLES, "--k", "0"], "--k"),
     ],
 )
@@ -314,7 +320,128 @@ def test_bad_input_exits_with_one_clear_line(
     filled = [str(a).format(tmp=tmp_path, run=run_dir) for a in args]
     code, _, err = run_cli(filled, capsys)
     assert code == 2
-    assert message in err and "Traceback" not in err
+    assert message.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
+# --- every model source mocohub.load accepts ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def few_samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A labels.csv folder of the first 60 sample images (tiny data for quick runs)."""
+    folder = tmp_path_factory.mktemp("few")
+    lines = (SAMPLES / "labels.csv").read_text().splitlines()
+    for line in lines[1:61]:
+        shutil.copy(SAMPLES / line.split(",")[0], folder)
+    (folder / "labels.csv").write_text("\n".join(lines[:61]) + "\n")
+    return folder
+
+
+def _model_source(kind: str, run: Path, tmp: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """The --model argument of each kind; the first four hold the run's backbone."""
+    if kind == "run folder":
+        return str(run)
+    if kind == "run checkpoint":
+        return str(next(run.glob("checkpoint_*.pt")))
+    if kind in ("artifact folder", "safetensors file"):
+        code, _, err = run_cli(["convert", run, "--out", tmp / "artifact"], capsys)
+        assert code == 0, err
+        folder = tmp / "artifact"
+        return str(folder if kind == "artifact folder" else folder / "model.safetensors")
+    if kind == "reference .pth.tar":
+        encoder = reference_encoder("resnet18", width=8, in_channels=1)
+        torch.save(reference_checkpoint(encoder), tmp / "moco_v2.pth.tar")
+        return str(tmp / "moco_v2.pth.tar")
+    assert kind == "registry name"
+    return "moco_r18_fashion_mnist"  # ships in the package
+
+
+SOURCES = [
+    "run folder",
+    "run checkpoint",
+    "artifact folder",
+    "safetensors file",
+    "reference .pth.tar",
+    "registry name",
+]
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_knn_and_lincls_evaluate_every_model_source(
+    kind: str,
+    run_dir: Path,
+    few_samples: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MOCOHUB_OFFLINE", "1")  # nothing here needs the network
+    model = _model_source(kind, run_dir, tmp_path, capsys)
+    knn_args = ["knn", "--model", model, "--train", few_samples, "--k", 5]
+    code, _, err = run_cli([*knn_args, "--out", tmp_path / "knn.json"], capsys)
+    assert code == 0, err
+    knn = json.loads((tmp_path / "knn.json").read_text())
+    args = ["lincls", few_samples, "--model", model, "--out", tmp_path / "lin", "--epochs", 1]
+    code, _, err = run_cli([*args, "--preset", "small", "--lr", 0.5, "--workers", 0], capsys)
+    assert code == 0, err
+    lin = json.loads((tmp_path / "lin" / "lincls.json").read_text())
+    assert knn["model"] == lin["model"] == model
+    assert knn["model_config"] == lin["model_config"]
+    config = knn["model_config"]
+    assert (config["arch"], config["in_channels"]) == ("resnet18", 1)
+    if kind == "registry name":
+        assert config["width"] == 16 and config["meta"]["name"] == "moco_r18_fashion_mnist"
+    elif kind == "reference .pth.tar":
+        assert config["width"] == 8 and config["meta"]["format"] == "reference"
+        assert config["preprocessing"]["image_size"] == 224  # ImageNet's, as the reference
+        assert not config["small_stem"]
+    else:  # the run's backbone, whatever holds it: the same features, the same scores
+        assert config["width"] == 8 and config["preprocessing"]["image_size"] == 28
+        assert config["small_stem"]
+        expected = knn_evaluate(run_dir, few_samples, k=5, workers=0)
+        assert (knn["top1"], knn["top5"]) == (expected["top1"], expected["top5"])
+
+
+def test_knn_says_when_k_is_capped_at_the_training_images(
+    run_dir: Path, few_samples: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["knn", "--model", run_dir, "--train", few_samples, "--out", tmp_path]
+    code, out, err = run_cli(args, capsys)  # the default k, 200
+    assert code == 0, err
+    assert "note: --k 200 is more than the 60 training images, so k=60" in err
+    assert out.startswith("k-NN (k=60, t=0.1): top-1 ") and "(60 queries, 60 neighbours)" in out
+    saved = json.loads((tmp_path / "knn.json").read_text())
+    assert (saved["k"], saved["k_requested"]) == (60, 200)
+    code, out, err = run_cli([*args[:-2], "--k", 60], capsys)
+    assert code == 0 and "note: --k" not in err and out.startswith("k-NN (k=60,")
+
+
+def test_lincls_records_and_prints_the_protocol_it_followed(
+    run_dir: Path, few_samples: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["lincls", few_samples, "--model", run_dir, "--lr", 0.5, "--workers", 0]
+    runs = {
+        "small": (["--preset", "small", "--epochs", 1], "(small protocol, 1 epoch)"),
+        "small+cached-features": (
+            ["--preset", "small", "--epochs", 2, "--cached-features"],
+            "(small protocol, cached features, 2 epochs)",
+        ),
+        "reference": (["--epochs", 1, "--image-size", 24], "(reference protocol, 1 epoch)"),
+    }
+    for protocol, (options, printed) in runs.items():
+        out_dir = tmp_path / protocol
+        code, out, err = run_cli([*base, "--out", out_dir, *options], capsys)
+        assert code == 0, err
+        assert f"linear evaluation {printed}: top-1 " in out and "(60 images)" in out
+        assert json.loads((out_dir / "lincls.json").read_text())["protocol"] == protocol
+
+
+def test_an_in_memory_model_needs_its_mocohub_config(few_samples: Path) -> None:
+    model = mocohub.load("moco_r18_fashion_mnist")
+    result = knn_evaluate(model, few_samples, k=5, workers=0)
+    assert result["model"] == "moco_r18_fashion_mnist" and result["feature_dim"] == 128
+    with pytest.raises(InputError, match="has no mocohub config"):
+        knn_evaluate(resnet18(width=8), few_samples, k=5)
 
 
 # --- two processes -------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """``mocohub knn`` and ``mocohub lincls``: evaluate a pre-trained backbone from the command line.
 
-MODEL (``--model``) is a mocohub run folder or checkpoint, or a reference MoCo
-v1/v2 ``.pth.tar``. Both commands run in one process, or in every process of
+MODEL (``--model``) is anything ``mocohub.load`` accepts: a registry name
+(``mocohub list``), an artifact folder or ``.safetensors`` file, ``hf-hub:org/name``,
+a URL, a mocohub run folder or checkpoint, or a reference MoCo v1/v2 ``.pth.tar``.
+Both commands run in one process, or in every process of
 a ``torchrun``/``srun`` launch (only rank 0 prints and writes), e.g.
 ``torchrun --nproc-per-node 8 -m mocohub lincls imagenet --model M --out DIR``.
 """
@@ -16,7 +18,11 @@ import click
 
 __all__ = ["knn_command", "lincls_command"]
 
-_MODEL_HELP = "A mocohub run folder or checkpoint, or a reference MoCo v1/v2 .pth.tar."
+_MODEL_HELP = (
+    "Any model mocohub.load accepts: a name from `mocohub list`, an artifact folder or "
+    ".safetensors file, hf-hub:ORG/NAME, a URL, a mocohub run folder or checkpoint, or a "
+    "reference MoCo v1/v2 .pth.tar."
+)
 _DATA_HELP = "an image folder (DATA/train and DATA/val, or one tree), a folder of IDX files, "
 _DATA_HELP += "a folder with labels.csv, or 'fashion-mnist'."
 
@@ -29,6 +35,11 @@ def _is_main() -> bool:
 
 def _echo_err(line: str) -> None:
     click.echo(line, err=True)
+
+
+def _count(number: int, noun: str, plural: str | None = None) -> str:
+    """``"1 epoch"``, ``"2 epochs"``."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
 
 
 def _same_data_note(what: str) -> str:
@@ -94,10 +105,15 @@ def knn_command(
         return
     if result["val_is_train"]:
         _echo_err(_same_data_note("k-NN accuracy"))
+    if result["k"] < k:
+        _echo_err(
+            f"note: --k {k} is more than the {_count(result['train_samples'], 'training image')}, "
+            f"so k={result['k']}: every training image votes."
+        )
     click.echo(
-        f"k-NN (k={k}, t={t}): top-1 {100 * result['top1']:.2f}%, "
-        f"top-5 {100 * result['top5']:.2f}% ({result['val_samples']} queries, "
-        f"{result['train_samples']} neighbours)"
+        f"k-NN (k={result['k']}, t={t}): top-1 {100 * result['top1']:.2f}%, "
+        f"top-5 {100 * result['top5']:.2f}% ({_count(result['val_samples'], 'query', 'queries')}, "
+        f"{_count(result['train_samples'], 'neighbour')})"
     )
     if out is not None:
         path = out if out.suffix == ".json" else out / "knn.json"
@@ -183,9 +199,10 @@ def lincls_command(
 ) -> None:
     """Linear evaluation of MODEL on DATA (the reference MoCo protocol): a linear
     classifier trained on the frozen backbone's features, 100 epochs of SGD with
-    lr 30. DATA is an image folder (DATA/train and DATA/val, or one tree), a
-    folder of IDX files, a folder with labels.csv, or 'fashion-mnist'. State is
-    saved in --out after every epoch; rerunning an interrupted command resumes it."""
+    lr 30. MODEL is anything mocohub.load accepts. DATA is an image folder
+    (DATA/train and DATA/val, or one tree), a folder of IDX files, a folder
+    with labels.csv, or 'fashion-mnist'. State is saved in --out after every
+    epoch; rerunning an interrupted command resumes it."""
     from .eval_data import default_workers
     from .lincls import LinclsConfig, linear_eval
 
@@ -210,8 +227,11 @@ def lincls_command(
         return
     if result["val_is_train"]:
         _echo_err(_same_data_note("the accuracy"))
+    protocol = f"{config.preset} protocol"
+    if config.cached_features:
+        protocol += ", cached features"
     click.echo(
-        f"linear evaluation ({result['protocol']} protocol, {config.epochs} epochs): "
+        f"linear evaluation ({protocol}, {_count(config.epochs, 'epoch')}): "
         f"top-1 {100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}% "
-        f"({result['val_samples']} images); wrote {out / 'lincls.json'}"
+        f"({_count(result['val_samples'], 'image')}); wrote {out / 'lincls.json'}"
     )

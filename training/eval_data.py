@@ -17,18 +17,24 @@ A linear classifier trains on a :data:`FeatureSource`: :class:`AugmentedFeatures
 (the reference protocol: augmented images through the backbone every epoch)
 or :class:`CachedFeatures` (un-augmented features extracted once).
 
+The backbone comes from :func:`load_backbone`, i.e. from :func:`mocohub.load`
+(any source it accepts), and carries its :class:`~mocohub.models.ModelConfig`
+(preprocessing included) as ``backbone.mocohub_config``.
+
 Example:
-    >>> backbone, info = load_backbone("runs/fmnist")
+    >>> backbone = load_backbone("moco_r18_fashion_mnist")
     >>> dataset, data_info = resolve_dataset("samples/fashion-mnist", "val")
     >>> env = init_from_env()
-    >>> batches = EvalBatches(dataset, data_info, preprocessing_from_info(info), "auto", env)
+    >>> prep = backbone.mocohub_config.preprocessing
+    >>> batches = EvalBatches(dataset, data_info, prep, "auto", env)
     >>> features, labels = extract_features(freeze_backbone(backbone), batches, env)
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
@@ -36,8 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from mocohub.convert import backbone_from_checkpoint
 from mocohub.errors import ConfigError, InputError
+from mocohub.models import ModelConfig, get_config
+from mocohub.sysinfo import usable_cpus
 
 from .data import DatasetInfo, TensorImageDataset
 from .distributed import DistributedEnv, all_gather_no_grad
@@ -64,36 +71,53 @@ __all__ = [
     "extract_features",
     "freeze_backbone",
     "load_backbone",
+    "model_record",
     "place_backbone",
     "same_images",
 ]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-ModelSource = str | os.PathLike[str] | tuple[nn.Module, Mapping[str, Any]]
+ModelSource = str | os.PathLike[str] | nn.Module
+"""What evaluation takes as its model: anything :func:`mocohub.load` accepts (a registry
+name, an artifact folder or ``.safetensors`` file, ``hf-hub:org/name``, a URL, a mocohub
+run folder or checkpoint, a reference MoCo ``.pth.tar``), or a model it returned."""
 
 
 def default_workers() -> int:
-    """DataLoader workers per process when none are asked for: up to 8, one per core."""
-    return min(8, os.cpu_count() or 1)
+    """DataLoader workers per process when none are asked for: up to 8, one per usable CPU."""
+    return min(8, usable_cpus())
 
 
-def load_backbone(model: ModelSource) -> tuple[nn.Module, dict[str, Any]]:
-    """A backbone and its info: from a checkpoint path, or an already built ``(backbone, info)``.
+def load_backbone(model: ModelSource) -> nn.Module:
+    """The backbone (pooled features, ``fc`` is ``Identity``) with its ``mocohub_config``.
+
+    A source goes through :func:`mocohub.load`; a module must be one it (or
+    :func:`mocohub.models.build_model`) returned.
 
     Example:
-        >>> backbone, info = load_backbone("runs/fmnist")
+        >>> load_backbone("moco_r18_fashion_mnist").mocohub_config.preprocessing.image_size
+        28
     """
-    if isinstance(model, tuple):
-        backbone, info = model
-        return backbone, dict(info)
-    return backbone_from_checkpoint(model)
+    if isinstance(model, nn.Module):
+        get_config(model)  # a clear error for a module without a mocohub config
+        return model
+    from mocohub.hub import load
+
+    return load(model)
 
 
-def describe_model(model: ModelSource, info: Mapping[str, Any]) -> str:
-    """The checkpoint a backbone came from, for reports ("in-memory backbone" if none)."""
-    if isinstance(model, tuple):
-        return str(info.get("checkpoint") or "in-memory backbone")
-    return str(model)
+def describe_model(model: ModelSource) -> str:
+    """What was evaluated, for reports: the source as given, or an in-memory model's origin."""
+    if not isinstance(model, nn.Module):
+        return os.fspath(model)
+    meta = get_config(model).meta
+    origin = meta.get("hub_repo") or meta.get("name") or meta.get("source")
+    return str(origin) if origin else "in-memory backbone"
+
+
+def model_record(config: ModelConfig) -> dict[str, Any]:
+    """The model's config as JSON-ready values (``ModelConfig.to_dict``), for result files."""
+    return cast(dict[str, Any], json.loads(json.dumps(config.to_dict(), default=str)))
 
 
 def freeze_backbone(backbone: nn.Module) -> nn.Module:
@@ -116,10 +140,10 @@ def place_backbone(backbone: nn.Module, device: torch.device) -> nn.Module:
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype for ``--precision`` (None: float32)."""
-    if precision not in ("fp32", "bf16"):
-        raise ConfigError(f"Unknown precision {precision!r}; use fp32 or bf16.")
-    return torch.bfloat16 if precision == "bf16" else None
+    """The autocast dtype for ``--precision`` (None: float32), by mocohub's one policy."""
+    from mocohub import precision as policy
+
+    return policy.autocast_dtype(precision, choices=("fp32", "bf16"))
 
 
 def same_images(train: Any, train_info: DatasetInfo, val: Any, val_info: DatasetInfo) -> bool:

@@ -1,7 +1,7 @@
 """Preprocessing and augmentation for evaluating a frozen backbone (k-NN, linear).
 
 A backbone's :class:`Preprocessing` (crop size, evaluation resize, mean/std,
-channels) comes from its checkpoint (:func:`mocohub.convert.backbone_from_checkpoint`).
+channels) is its ``mocohub_config.preprocessing`` (:func:`mocohub.load` attaches it).
 Each recipe exists twice, with the same meaning: batched, for uint8 images
 already in memory (on the training device, a few batched ops per batch), and
 per image, for image folders decoded in DataLoader workers.
@@ -27,7 +27,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -46,7 +47,7 @@ __all__ = [
     "Recipe",
     "batch_train_transform",
     "per_image_transform",
-    "preprocessing_from_info",
+    "preprocessing_at",
 ]
 
 Recipe = Literal["reference", "small"]
@@ -55,27 +56,21 @@ EvalResize = Literal["reference", "small", "auto"]
 _CROP_PADDING = 4  # the small recipe's RandomCrop padding (CIFAR convention)
 
 
-def preprocessing_from_info(
-    info: Mapping[str, Any], image_size: int | None = None
-) -> Preprocessing:
-    """The preprocessing in a checkpoint's info dict; ``image_size`` overrides its crop.
+def preprocessing_at(prep: Preprocessing, image_size: int | None) -> Preprocessing:
+    """``prep`` with its crop changed to ``image_size`` (None: unchanged).
+
+    The evaluation resize follows the crop as in the reference
+    (``image_size * 256 / 224``); mean, std, channels and interpolation stay.
 
     Example:
-        >>> preprocessing_from_info(info).image_size  # info from backbone_from_checkpoint
-        224
+        >>> preprocessing_at(Preprocessing.imagenet(), 160).resize_size
+        183
     """
-    size = int(image_size or info["image_size"])
-    if size < 1:
-        raise ConfigError(f"The image size must be positive, got {size}.")
-    resize = int(info["resize_size"]) if image_size is None else round(size * 256 / 224)
-    return Preprocessing(
-        size,
-        resize,
-        tuple(info["mean"]),
-        tuple(info["std"]),
-        channels=int(info["channels"]),
-        interpolation=str(info.get("interpolation", "bilinear")),
-    )
+    if image_size is None or image_size == prep.image_size:
+        return prep
+    if image_size < 1:
+        raise ConfigError(f"The image size must be positive, got {image_size}.")
+    return replace(prep, image_size=image_size, resize_size=round(image_size * 256 / 224))
 
 
 # --- batched (in-memory) transforms --------------------------------------------------------------

@@ -6,12 +6,14 @@ its own preprocessing (images already at its crop size are only normalised;
 others are resized to ``size * 256 / 224`` and centre-cropped), then classifies
 each query by a weighted vote of its ``k`` most similar neighbours
 (:func:`mocohub.knn.knn_accuracy`; InstDisc style, k=200 and t=0.1 as the MoCo
-reference demo). Under torchrun/srun each rank embeds a share.
+reference demo). ``k`` is capped at the number of neighbours; the result records
+the ``k`` used and the ``k_requested``. The model is anything :func:`mocohub.load`
+accepts. Under torchrun/srun each rank embeds a share.
 
 Example:
-    >>> result = knn_evaluate("runs/fmnist", "fashion-mnist")
-    >>> result["top1"], result["top5"]
-    (0.853, 0.992)
+    >>> result = knn_evaluate("moco_r18_fashion_mnist", "fashion-mnist")
+    >>> result["top1"], result["k"]
+    (0.8175, 200)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from mocohub.errors import InputError
 from mocohub.knn import knn_accuracy
+from mocohub.models import get_config
 
 from .data import resolve_dataset
 from .distributed import init_from_env
@@ -33,10 +36,10 @@ from .eval_data import (
     extract_features,
     freeze_backbone,
     load_backbone,
+    model_record,
     place_backbone,
     same_images,
 )
-from .eval_transforms import preprocessing_from_info
 
 __all__ = ["knn_evaluate"]
 
@@ -55,20 +58,23 @@ def knn_evaluate(
     """Weighted k-NN top-1/top-5 of a backbone's features, ``train`` as neighbours.
 
     Args:
-        model: a mocohub run folder or checkpoint, a reference MoCo ``.pth.tar``,
-            or a ``(backbone, info)`` pair from
-            :func:`mocohub.convert.backbone_from_checkpoint`.
+        model: anything :func:`mocohub.load` accepts (a registry name, an
+            artifact folder or ``.safetensors`` file, ``hf-hub:org/name``, a
+            mocohub run folder or checkpoint, a reference MoCo ``.pth.tar``),
+            or a model it returned.
         train: labelled data (its train split) whose features vote.
         val: labelled data (its val split) to classify; default: ``train``'s
             val split (with no such split, the training images themselves,
             which ``val_is_train`` in the result flags).
-        k, t: neighbours and vote temperature.
+        k, t: neighbours (capped at the number of ``train`` images) and vote
+            temperature.
         batch_size, workers: embedding batches; DataLoader workers for image folders.
         precision: ``fp32`` or ``bf16`` (autocast) for the backbone.
 
     Returns:
-        ``top1`` and ``top5`` (fractions), ``k``, ``t``, the sample counts and
-        what was evaluated.
+        ``top1`` and ``top5`` (fractions), ``k`` (the number of neighbours
+        that voted), ``k_requested``, ``t``, the sample counts and what was
+        evaluated (``model``, ``arch``, ``feature_dim``, ``model_config``).
 
     Example:
         >>> knn_evaluate("runs/fmnist", "fashion-mnist", k=20)["top1"]
@@ -77,8 +83,8 @@ def knn_evaluate(
     started = time.perf_counter()
     env = init_from_env()
     dtype = autocast_dtype(precision)
-    backbone, info = load_backbone(model)
-    prep = preprocessing_from_info(info)
+    backbone = load_backbone(model)
+    config = get_config(backbone)
     train_set, train_info = resolve_dataset(train, "train")
     val_set, val_info = resolve_dataset(train if val is None else val, "val")
     for data_info in (train_info, val_info):
@@ -89,19 +95,28 @@ def knn_evaluate(
     features = []
     for dataset, data_info in ((train_set, train_info), (val_set, val_info)):
         batches = EvalBatches(
-            dataset, data_info, prep, "auto", env, batch_size=batch_size, workers=workers
+            dataset,
+            data_info,
+            config.preprocessing,
+            "auto",
+            env,
+            batch_size=batch_size,
+            workers=workers,
         )
         features.append(extract_features(backbone, batches, env, dtype=dtype))
     (train_x, train_y), (val_x, val_y) = features
     num_classes = max(train_info.num_classes, val_info.num_classes)
-    accuracy = knn_accuracy(train_x, train_y, val_x, val_y, k=k, t=t, num_classes=num_classes)
+    used = min(k, len(train_x))  # knn_accuracy caps k the same way
+    accuracy = knn_accuracy(train_x, train_y, val_x, val_y, k=used, t=t, num_classes=num_classes)
     return {
         **accuracy,
-        "k": k,
+        "k": used,
+        "k_requested": k,
         "t": t,
-        "model": describe_model(model, info),
-        "arch": info["arch"],
-        "feature_dim": int(info["feature_dim"]),
+        "model": describe_model(model),
+        "arch": config.arch,
+        "feature_dim": config.feature_dim,
+        "model_config": model_record(config),
         "train": str(train_info),
         "val": str(val_info),
         "val_is_train": val is None and same_images(train_set, train_info, val_set, val_info),

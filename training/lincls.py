@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from mocohub.errors import ConfigError, InputError, MocohubError
 from mocohub.fileio import atomic_write_text
+from mocohub.models import get_config
 
 from .checkpoint import atomic_save
 from .data import DatasetInfo, resolve_dataset
@@ -67,10 +68,11 @@ from .eval_data import (
     describe_model,
     freeze_backbone,
     load_backbone,
+    model_record,
     place_backbone,
     same_images,
 )
-from .eval_transforms import EvalResize, Recipe, preprocessing_from_info
+from .eval_transforms import EvalResize, Recipe, preprocessing_at
 
 __all__ = [
     "BackboneChangedError",
@@ -79,6 +81,7 @@ __all__ = [
     "check_backbone_unchanged",
     "linear_eval",
     "lr_at",
+    "protocol_name",
 ]
 
 RESULT_NAME = "lincls.json"
@@ -143,6 +146,20 @@ class LinclsConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def protocol_name(config: LinclsConfig) -> str:
+    """The protocol a linear evaluation follows, as recorded and printed.
+
+    ``"reference"`` (``main_lincls.py``'s augmentation) or ``"small"``
+    (the small-image recipe), with ``"+cached-features"`` when the classifier
+    trains on features of un-augmented images extracted once.
+
+    Example:
+        >>> protocol_name(LinclsConfig(preset="small", cached_features=True))
+        'small+cached-features'
+    """
+    return config.preset + ("+cached-features" if config.cached_features else "")
 
 
 def lr_at(config: LinclsConfig, epoch: int) -> float:
@@ -338,9 +355,10 @@ def linear_eval(
     """Train a linear classifier on a frozen backbone; return (and save) its accuracy.
 
     Args:
-        model: a mocohub run folder or checkpoint, a reference MoCo ``.pth.tar``,
-            or an already built ``(backbone, info)`` pair as
-            :func:`mocohub.convert.backbone_from_checkpoint` returns.
+        model: anything :func:`mocohub.load` accepts (a registry name, an
+            artifact folder or ``.safetensors`` file, ``hf-hub:org/name``, a
+            mocohub run folder or checkpoint, a reference MoCo ``.pth.tar``),
+            or a model it returned.
         data: labelled data :func:`~mocohub.training.data.resolve_dataset` accepts;
             its train split trains the classifier and its val split measures it.
         out_dir: where rank 0 writes ``lincls.json``, ``lincls_epochs.jsonl`` and
@@ -355,16 +373,22 @@ def linear_eval(
 
     Returns:
         ``top1`` and ``top5`` (fractions) of the last epoch, ``best_top1`` and
-        its ``best_epoch``, the per-epoch records and the settings.
+        its ``best_epoch``, the ``protocol`` followed (:func:`protocol_name`),
+        the per-epoch records, the settings and the model's config.
 
     Example:
         >>> linear_eval("moco_v2_800ep_pretrain.pth.tar", "imagenet", "lincls")["top1"]
+        >>> linear_eval("moco_r18_fashion_mnist", "fashion-mnist", None,
+        ...             LinclsConfig(preset="small"))["protocol"]
+        'small'
+
     """
     config = (config or LinclsConfig()).validate()
     started = time.perf_counter()
     env = init_from_env()
-    backbone, info = load_backbone(model)
-    prep = preprocessing_from_info(info, config.image_size)
+    backbone = load_backbone(model)
+    model_config = get_config(backbone)
+    prep = preprocessing_at(model_config.preprocessing, config.image_size)
     train_set, train_info = resolve_dataset(data, "train")
     val_set, val_info = resolve_dataset(data if val is None else val, "val")
     num_classes = _check_labels(train_info, val_info, _largest_label(val_set))
@@ -387,9 +411,9 @@ def linear_eval(
         )
         features = AugmentedFeatures(backbone, train_batches, val_batches, dtype)
     torch.manual_seed(config.seed)  # the same initial classifier on every rank
-    head = _new_head(int(info["feature_dim"]), num_classes).to(env.device)
+    head = _new_head(model_config.feature_dim, num_classes).to(env.device)
 
-    described = describe_model(model, info)
+    described = describe_model(model)
     resumed = _resumable_state(out_dir, described, config) if resume else None
     out = Path(out_dir) if out_dir is not None and env.is_main else None
     if out is not None:
@@ -417,9 +441,9 @@ def linear_eval(
         "top5": records[-1]["val_top5"],
         "best_top1": best["val_top1"],
         "best_epoch": best["epoch"],
-        "protocol": "cached-features" if config.cached_features else "reference",
+        "protocol": protocol_name(config),
         "model": described,
-        "model_info": {k: v for k, v in info.items() if _is_json(v)},
+        "model_config": model_record(model_config),
         "data": str(train_info),
         "val_data": str(val_info),
         "val_is_train": val is None and same_images(train_set, train_info, val_set, val_info),
@@ -472,14 +496,6 @@ def _resumable_state(
             "use another --out, or pass --restart to discard it."
         )
     return state
-
-
-def _is_json(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _epoch_line(record: dict[str, Any], epochs: int) -> str:
