@@ -113,6 +113,21 @@ def export_command(
     show_default=True,
     help="Largest image (width x height) accepted.",
 )
+@click.option(
+    "--max-aspect-ratio",
+    type=click.FloatRange(min=1),
+    default=50.0,
+    show_default=True,
+    help="Most elongated image accepted (long side / short side); resizing the short side "
+    "to the model's size multiplies the long one.",
+)
+@click.option(
+    "--max-request-pixels",
+    type=click.IntRange(min=1),
+    default=100_000_000,
+    show_default=True,
+    help="Most pixels all images of one request may hold together (its decode work).",
+)
 @click.option("--max-images", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option(
     "--max-batch",
@@ -128,6 +143,33 @@ def export_command(
     show_default=True,
     help="How long a request waits for others to share its model call.",
 )
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0.001),
+    default=15.0,
+    show_default=True,
+    help="Seconds a connection may take to send a request's headers (and stay idle).",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0.001),
+    default=60.0,
+    show_default=True,
+    help="Seconds a request may take to send its body; slower ones get 408.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Most connections open at once; more are answered 503 (keep it under ulimit -n).",
+)
+@click.option(
+    "--decode-threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads decoding images (default: one per CPU, up to 4).",
+)
 def serve_command(
     model: str,
     host: str,
@@ -137,15 +179,24 @@ def serve_command(
     threads: int | None,
     max_body_mb: float,
     max_pixels: int,
+    max_aspect_ratio: float,
+    max_request_pixels: int,
     max_images: int,
     max_batch: int,
     batch_wait_ms: float,
+    header_timeout: float,
+    body_timeout: float,
+    max_connections: int,
+    decode_threads: int | None,
 ) -> None:
     """Serve embeddings of an exported MODEL (folder or .onnx) over HTTP.
 
     POST /embed (an image body, multipart images, or JSON base64) returns
     L2-normalised embeddings as JSON, or raw float32 with
     `Accept: application/octet-stream`; GET /health; GET /info.
+    Abusive clients get a 4xx and the server carries on: image sizes are checked
+    from headers before decoding, slow clients time out, compressed bodies are
+    refused (415), and each request decodes at most --decode-threads images at once.
 
     Example: mocohub serve out/fmnist --port 8000
     """
@@ -158,9 +209,15 @@ def serve_command(
     settings = ServeSettings(
         max_body_bytes=int(max_body_mb * 2**20),
         max_pixels=max_pixels,
+        max_aspect_ratio=max_aspect_ratio,
+        max_request_pixels=max_request_pixels,
         max_images=max_images,
         max_batch=max_batch,
         batch_wait_ms=batch_wait_ms,
+        header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout,
+        max_connections=max_connections,
+        decode_threads=decode_threads,
     )
     embedder = open_served_model(model, precision=precision, providers=providers, threads=threads)
     serve(embedder, host=host, port=port, settings=settings, echo=lambda s: click.echo(s, err=True))

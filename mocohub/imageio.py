@@ -6,7 +6,10 @@ file the same way everywhere in mocohub (the CLI, :class:`~mocohub.features.Feat
 ``mocohub search``):
 
 - files over ``max_pixels`` pixels (decompression bombs) are refused from their
-  header, before any pixel is decoded;
+  header, before any pixel is decoded. The limit is the caller's, checked per
+  call: Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` is never changed (that
+  would race between threads decoding with different limits), and a caller that
+  allows more than Pillow's own limit gets past it (:func:`open_image`);
 - the EXIF orientation is applied; GIFs and other animations give their first frame;
 - JPEGs much larger than needed are decoded at a reduced DCT scale (``draft``),
   never below twice the size the preprocessing resizes to, so quality is kept;
@@ -18,6 +21,10 @@ file the same way everywhere in mocohub (the CLI, :class:`~mocohub.features.Feat
 
 Failures raise :class:`DecodeError` with a short reason ("empty file",
 "truncated or corrupt image data", ...), which the embed pipeline records.
+Pillow's warnings about files it still decodes (corrupt EXIF, ...) are ignored
+for the process once this module is imported: a file is either decoded or
+recorded with its reason, so they are only noise, and ``warnings.catch_warnings``
+per call would not be thread-safe.
 
 Example:
     >>> paths = scan_inputs(["photos/", "more.txt"])
@@ -28,10 +35,12 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -45,6 +54,8 @@ __all__ = [
     "DecodeError",
     "decode_image",
     "is_image_path",
+    "load_image",
+    "open_image",
     "paths_digest",
     "scan_inputs",
     "to_mode",
@@ -54,6 +65,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
 #: Pillow's own hard limit (twice its warning threshold): about 179 megapixels.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
+
+# Pillow's warnings are attributed to its own modules (they warn at stacklevel 1).
+warnings.filterwarnings("ignore", module=r"PIL\.")
 
 
 class DecodeError(Exception):
@@ -137,41 +151,114 @@ def _read_list(path: Path) -> Iterator[str]:
             yield str(listed if listed.is_absolute() else path.parent / listed)
 
 
-@contextmanager
-def _pillow_limit(max_pixels: int | None) -> Iterator[None]:
-    # decode_image checks the size itself right after Image.open, which reads
-    # only the header. Pillow's own (global) check is lifted only when the
-    # caller allows more than Pillow's hard limit, which it would otherwise enforce.
-    saved = Image.MAX_IMAGE_PIXELS
-    lift = saved is not None and (max_pixels is None or max_pixels > 2 * saved)
-    if lift:
-        Image.MAX_IMAGE_PIXELS = None
+def _reason(error: BaseException) -> str:
+    """The few words a :class:`DecodeError` gives for ``error``."""
+    if isinstance(error, FileNotFoundError):
+        return "file not found (or a broken link)"
+    if isinstance(error, IsADirectoryError):
+        return "is a folder, not a file"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file (or an unsupported format)"
+    if isinstance(error, Image.DecompressionBombError):
+        return f"too many pixels ({error})"
+    if isinstance(error, (OSError, SyntaxError, ValueError, EOFError)):
+        text = str(error).strip() or type(error).__name__
+        return f"truncated or corrupt image data ({text})"
+    if isinstance(error, MemoryError):
+        return "out of memory while decoding"
+    return f"cannot decode ({type(error).__name__}: {error})"
+
+
+def _open_header(fp: IO[bytes]) -> Image.Image:
+    """``Image.open(fp)``, past Pillow's process-wide pixel limit (the caller checks its own)."""
     try:
-        with warnings.catch_warnings():
-            # Pillow warns about oddities (corrupt EXIF, ...) of files it still decodes; a
-            # file is either decoded or recorded with its reason, so they are only noise
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        if lift:
-            Image.MAX_IMAGE_PIXELS = saved
+        return Image.open(fp)
+    except Image.DecompressionBombError:
+        pass
+    # Pillow refused from the header: try its format plugins as Image.open does, but
+    # without its size check. Only the header is read, so nothing large is allocated.
+    Image.init()
+    fp.seek(0)
+    prefix = fp.read(16)
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        verdict = accept(prefix) if accept else True
+        if verdict and not isinstance(verdict, str):
+            fp.seek(0)
+            try:
+                return factory(fp, "")
+            except (SyntaxError, IndexError, TypeError, struct.error):
+                continue
+    raise UnidentifiedImageError("cannot identify the image")
+
+
+@contextmanager
+def open_image(
+    source: str | os.PathLike[str] | IO[bytes],
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> Iterator[Image.Image]:
+    """The image in ``source`` (a path or a seekable binary file), opened from its header only.
+
+    No pixel is decoded yet: ``image.size``, ``image.format`` and ``image.mode``
+    are known, and ``image.load()`` decodes. Images over ``max_pixels`` (None:
+    no limit) are refused here, per call: Pillow's process-wide
+    ``Image.MAX_IMAGE_PIXELS`` is neither changed nor in the way when the caller
+    allows more (GIF frames and TIFF tiles, which Pillow checks again while
+    decoding, still obey it).
+
+    Raises:
+        DecodeError: with a short reason, for anything that is not an image.
+
+    Example:
+        >>> with open_image("photo.jpg", max_pixels=40_000_000) as image:
+        ...     image.size
+        (4000, 3000)
+    """
+    with ExitStack() as stack:
+        try:
+            if isinstance(source, (str, os.PathLike)):
+                fp: IO[bytes] = stack.enter_context(open(source, "rb"))
+            else:
+                fp = source
+            empty = fp.seek(0, os.SEEK_END) == 0
+            fp.seek(0)
+            if empty:
+                raise DecodeError("empty file")
+            image = stack.enter_context(_open_header(fp))
+        except DecodeError:
+            raise
+        except Exception as e:
+            raise DecodeError(_reason(e)) from None
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise DecodeError(
+                f"too many pixels ({width}x{height} > {max_pixels}; raise --max-pixels "
+                "if it is a genuine image)"
+            )
+        yield image
 
 
 def decode_image(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | IO[bytes],
     *,
     mode: str = "RGB",
     min_size: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Image.Image:
-    """The image in ``path`` as a loaded PIL image of ``mode`` (``"RGB"`` or ``"L"``).
+    """The image in ``path`` (or a seekable binary file) as a loaded PIL image of ``mode``.
+
+    :func:`open_image` then :func:`load_image`.
 
     Args:
         mode: ``"RGB"`` or ``"L"`` (gray, ITU-R 601 luma).
         min_size: the short side the caller will resize to; large JPEGs are
             decoded at a reduced scale whose short side is still at least twice
             this (None: always full size).
-        max_pixels: refuse images with more pixels (None: no limit).
+        max_pixels: refuse images with more pixels (None: no limit), from the
+            header, before decoding.
 
     Raises:
         DecodeError: with a short reason, for anything that is not a usable image.
@@ -182,47 +269,41 @@ def decode_image(
     """
     if mode not in ("RGB", "L"):
         raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
+    with open_image(path, max_pixels=max_pixels) as image:
+        return load_image(image, mode=mode, min_size=min_size)
+
+
+def load_image(
+    image: Image.Image, *, mode: str = "RGB", min_size: int | None = None
+) -> Image.Image:
+    """Decode an image from :func:`open_image` (see :func:`decode_image` for the arguments).
+
+    The caller can look at ``image.size`` in between, to refuse before anything
+    is decoded.
+
+    Example:
+        >>> with open_image(BytesIO(data), max_pixels=None) as image:
+        ...     check(image.size)
+        ...     rgb = load_image(image, mode="RGB", min_size=256)
+    """
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
     try:
-        if os.path.getsize(path) == 0:
-            raise DecodeError("empty file")
-        with _pillow_limit(max_pixels), Image.open(path) as image:
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise DecodeError(
-                    f"too many pixels ({width}x{height} > {max_pixels}; raise --max-pixels "
-                    "if it is a genuine image)"
-                )
-            if image.format == "JPEG" and min_size and image.mode in ("RGB", "L"):
-                scale = 2 * min_size / min(width, height)
-                if scale < 0.5:  # draft only ever reduces by 1/2, 1/4 or 1/8
-                    target = (math.ceil(width * scale), math.ceil(height * scale))
-                    image.draft(image.mode, target)
-            image.seek(0)  # first frame of animations
-            image.load()
-            try:
-                oriented = ImageOps.exif_transpose(image)
-            except Exception:  # a damaged EXIF block must not lose the pixels
-                oriented = image
-            return to_mode(oriented, mode)
-    except DecodeError:
-        raise
-    except FileNotFoundError:
-        raise DecodeError("file not found (or a broken link)") from None
-    except IsADirectoryError:
-        raise DecodeError("is a folder, not a file") from None
-    except PermissionError:
-        raise DecodeError("permission denied") from None
-    except UnidentifiedImageError:
-        raise DecodeError("not an image file (or an unsupported format)") from None
-    except Image.DecompressionBombError as e:
-        raise DecodeError(f"too many pixels ({e})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        text = str(e).strip() or type(e).__name__
-        raise DecodeError(f"truncated or corrupt image data ({text})") from None
-    except MemoryError:
-        raise DecodeError("out of memory while decoding") from None
+        width, height = image.size
+        if image.format == "JPEG" and min_size and image.mode in ("RGB", "L"):
+            scale = 2 * min_size / min(width, height)
+            if scale < 0.5:  # draft only ever reduces by 1/2, 1/4 or 1/8
+                target = (math.ceil(width * scale), math.ceil(height * scale))
+                image.draft(image.mode, target)
+        image.seek(0)  # first frame of animations
+        image.load()
+        try:
+            oriented = ImageOps.exif_transpose(image)
+        except Exception:  # a damaged EXIF block must not lose the pixels
+            oriented = image
+        return to_mode(oriented, mode)
     except Exception as e:  # a decoder bug must cost one file, never the run
-        raise DecodeError(f"cannot decode ({type(e).__name__}: {e})") from None
+        raise DecodeError(_reason(e)) from None
 
 
 def to_mode(image: Image.Image, mode: str = "RGB") -> Image.Image:

@@ -7,9 +7,10 @@ import base64
 import io
 import json
 import os
-import threading
-import urllib.error
-import urllib.request
+import re
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,75 +19,27 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from aiohttp import web
 from PIL import Image
+from serve_helpers import PNGS, ThreadServer, export_tiny_model, request
 
 import mocohub
 from mocohub import cli
-from mocohub.export import export_model
 from mocohub.export import serve as serve_module
 from mocohub.export.serve import Batcher, ServeSettings, create_app, open_served_model
-from mocohub.models import ModelConfig, build_model, save_pretrained
-from mocohub.preprocessing import Preprocessing
-
-SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "fashion-mnist"
-PNGS = sorted(SAMPLES.glob("*.png"))
-
-
-def request(
-    url: str, data: bytes | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """(status, headers, body) of one HTTP request; 4xx/5xx answers are returned, not raised."""
-    req = urllib.request.Request(url, data=data, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
-
-
-class ThreadServer:
-    """A served app on 127.0.0.1 (a free port) in a thread with its own event loop."""
-
-    def __init__(self, app: web.Application) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.runner = web.AppRunner(app)
-        self.url = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(60)
-
-    async def _start(self) -> str:
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        host, port = self.runner.addresses[0][:2]
-        return f"http://{host}:{port}"
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=60)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """The server of `mocohub serve` for a tiny exported model, with small limits."""
     root = tmp_path_factory.mktemp("serve")
-    prep = Preprocessing(28, 32, (0.286,), (0.353,), channels=1)
-    torch.manual_seed(0)
-    config = ModelConfig("resnet18", small_stem=True, in_channels=1, width=8, preprocessing=prep)
-    save_pretrained(build_model(config), root / "src")
-    torch.set_num_threads(1)
-    export_model(
-        root / "src", root / "out", formats="onnx", with_preprocessing=True, verify=False, log=str
-    )
+    out = export_tiny_model(root)
     settings = ServeSettings(
         max_body_bytes=250_000, max_pixels=250_000, max_images=8, batch_wait_ms=150
     )
-    embedder = open_served_model(root / "out", providers="cpu", threads=1)
+    embedder = open_served_model(out, providers="cpu", threads=1)
     running = ThreadServer(create_app(embedder, settings))
     try:
-        yield {"url": running.url, "model": mocohub.load(root / "src"), "out": root / "out"}
+        yield {"url": running.url, "model": mocohub.load(root / "src"), "out": out}
     finally:
         running.close()
 
@@ -125,10 +78,22 @@ def test_the_command_binds_to_localhost_and_passes_its_limits(
     out = str(server["out"])
     cli.main(["serve", out, "--max-body-mb", "0.5", "--max-pixels", "1000", "--threads", "1"])
     cli.main(["serve", out, "--host", "0.0.0.0", "--port", "9", "--precision", "fp32"])
+    limits = ["--max-aspect-ratio", "8", "--max-request-pixels", "5000", "--header-timeout", "2"]
+    limits += ["--body-timeout", "3", "--max-connections", "7", "--decode-threads", "1"]
+    cli.main(["serve", out, *limits])
     assert (calls[0]["host"], calls[0]["port"]) == ("127.0.0.1", 8000)
     assert calls[0]["settings"].max_body_bytes == 2**19
     assert calls[0]["settings"].max_pixels == 1000
+    assert calls[0]["settings"] == ServeSettings(max_body_bytes=2**19, max_pixels=1000)
     assert (calls[1]["host"], calls[1]["port"]) == ("0.0.0.0", 9)
+    assert calls[2]["settings"] == ServeSettings(
+        max_aspect_ratio=8,
+        max_request_pixels=5000,
+        header_timeout_s=2,
+        body_timeout_s=3,
+        max_connections=7,
+        decode_threads=1,
+    )
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["serve", out, "--precision", "int8"])
     assert exit_info.value.code == 2
@@ -276,3 +241,23 @@ def test_batcher_groups_submissions_and_spreads_failures() -> None:
             await batcher.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.slow  # a new process imports torch and onnxruntime
+def test_the_command_serves_until_sigterm_and_exits_cleanly(server: dict) -> None:
+    command = [sys.executable, "-m", "mocohub", "serve", str(server["out"]), "--port", "0"]
+    process = subprocess.Popen(
+        [*command, "--threads", "1", "--providers", "cpu"], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline()  # printed once it listens
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+        assert url, line
+        assert request(url.group(1) + "/health")[0] == 200
+        assert _embed_one({"url": url.group(1)}, PNGS[0]).shape == (1, 64)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.wait()
