@@ -1,31 +1,36 @@
-"""``mocohub embed`` end to end against the same model's bare forward pass, in one process.
+"""``mocohub embed`` end to end against the same model's bare forward pass, per precision.
 
-What it measures, in images per second:
+What it measures, in images per second, for each precision of ``--precisions``
+(default ``fp32`` and ``auto``, which is bf16 on CPUs with bf16 units):
 
 - ``bare forward``: :class:`mocohub.features.TorchEmbedder` (the backend ``mocohub
-  embed`` uses, at the precision ``auto`` chooses on this machine) on batches
-  that are already decoded and preprocessed tensors in memory: the model alone.
-- ``embed end-to-end``: :func:`mocohub.embed.embed_files` on the folder of
-  JPEGs, exactly as ``mocohub embed DIR --out feats.npy`` runs it: scan, decode
-  and preprocess in DataLoader worker processes, forward, L2-normalise, save the
-  parts, assemble ``feats.npy`` + manifest + errors (model loading included).
+  embed`` uses) at that precision on batches that are already decoded,
+  preprocessed tensors in memory, warmed up and past the precision check: the
+  model alone.
+- ``embed``: :func:`mocohub.embed.embed_files` on the folder of JPEGs, exactly as
+  ``mocohub embed DIR --out feats.npy --precision P`` runs it: decode and
+  preprocess in DataLoader worker processes, forward, L2-normalise, save the
+  parts, assemble ``feats.npy`` + manifest + errors. ``pipeline`` is the speed
+  the command prints (from the first batch to the written files, the check of
+  ``auto`` included); ``wall`` adds loading the model.
 
-The ratio end-to-end / bare is the share of the model's speed the pipeline
-keeps: 1.0 means decoding is fully hidden behind the forward pass. Rows
-alternate (bare, end-to-end, bare, ...) for ``--rounds`` rounds and the
-medians are reported, so drifting machine load hits both alike.
+The ratio embed / bare is the share of the model's speed the pipeline keeps
+(1.0: decoding fully hidden); ``auto / fp32`` compares the two pipelines. Each
+round runs every measurement once, alternating, and the load average (1 min) is
+recorded beside each, so drifting load from other work hits all alike; ratios
+are taken within a round, then the median over rounds is reported.
 
 Inputs: ``--images N`` synthetic photo-like JPEGs (smooth colour fields plus
 noise, quality 90) of ``--size WxH`` written to a temporary folder, or
-``--folder DIR`` for your own. The model is a randomly initialised mocohub
-ResNet (``--arch``, ImageNet preprocessing at ``--image-size``): speed does not
-depend on the weights.
+``--folder DIR``. The model is a randomly initialised mocohub ResNet
+(``--arch``, ImageNet preprocessing at ``--image-size``): speed does not depend
+on the weights.
 
 Run (from the repository root)::
 
-    python bench/embed.py                                  # resnet18, 224 px, 192 JPEGs
-    python bench/embed.py --arch resnet50 --images 256 --rounds 3
-    OMP_NUM_THREADS=1 python bench/embed.py --threads 1 --workers 1   # on a busy machine
+    python bench/embed.py                                       # resnet50, 256 JPEGs 400x300
+    python bench/embed.py --threads 1 --images 20               # the small case
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python bench/embed.py   # as an AVX2 CPU
 
 Writes every figure as JSON to ``--json`` (default ``bench/results/embed.json``).
 """
@@ -46,12 +51,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mocohub.embed import EmbedSettings, embed_files
-from mocohub.features import TorchEmbedder
+from mocohub.embed import EmbedSettings, default_workers, embed_files
+from mocohub.features import TorchEmbedder, open_torch_embedder
 from mocohub.imageio import decode_image, scan_inputs
 from mocohub.models import ModelConfig, build_model, save_pretrained
+from mocohub.precision import BF16_CPU_FLAGS, resolve_precision
 from mocohub.preprocessing import Preprocessing
-from mocohub.sysinfo import cpu_flags, cpu_model
+from mocohub.sysinfo import CPU_FLAGS_ENV, cpu_flags, cpu_model
 
 
 def make_jpegs(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -> None:
@@ -65,6 +71,10 @@ def make_jpegs(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -
         Image.fromarray(pixels).save(folder / f"img_{i:05d}.jpg", quality=90)
 
 
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
 def bare_forward(embedder: TorchEmbedder, batches: list[torch.Tensor]) -> float:
     started = time.perf_counter()
     for x in batches:
@@ -73,38 +83,49 @@ def bare_forward(embedder: TorchEmbedder, batches: list[torch.Tensor]) -> float:
 
 
 def end_to_end(
-    paths: list[str], model_dir: Path, out: Path, args: argparse.Namespace
-) -> tuple[float, dict[str, Any]]:
-    settings = EmbedSettings(model=str(model_dir), batch_size=args.batch, device="cpu")
+    paths: list[str], model_dir: Path, out: Path, precision: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    settings = EmbedSettings(
+        model=str(model_dir), batch_size=args.batch, device="cpu", precision=precision
+    )
 
-    def opener(precision: str) -> TorchEmbedder:
-        from mocohub.features import open_torch_embedder
-
-        return open_torch_embedder(str(model_dir), device="cpu", precision=precision)
+    def opener(chosen: str) -> TorchEmbedder:
+        return open_torch_embedder(str(model_dir), device="cpu", precision=chosen)
 
     started = time.perf_counter()
     result = embed_files(paths, out, settings, opener, workers=args.workers, restart=True)
     seconds = time.perf_counter() - started
     assert result.rows == len(paths), f"only {result.rows} of {len(paths)} images embedded"
-    return len(paths) / seconds, {"pipeline_images_per_s": result.images_per_s}
+    return {
+        "pipeline": result.images_per_s,
+        "wall": len(paths) / seconds,
+        "precision": result.precision,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"])
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--images", type=int, default=192)
-    parser.add_argument("--size", default="640x480", help="JPEG size WxH")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--size", default="400x300", help="JPEG size WxH")
     parser.add_argument("--folder", type=Path, default=None, help="Use these images instead.")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--batch", type=int, default=64, help="as mocohub embed's --batch-size")
+    parser.add_argument("--workers", type=int, default=None, help="default: as mocohub embed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "auto"])
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=Path("bench/results/embed.json"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.workers is None:
+        args.workers = default_workers("cpu")
 
+    rows: dict[str, dict[str, list[float]]] = {
+        p: {"bare": [], "pipeline": [], "wall": [], "load": []} for p in args.precisions
+    }
+    resolved = {p: resolve_precision(p, "cpu") for p in args.precisions}
     with tempfile.TemporaryDirectory(prefix="mocohub-bench-embed-") as tmp:
         root = Path(tmp)
         folder = args.folder
@@ -116,58 +137,88 @@ def main() -> None:
         paths = scan_inputs([folder])
         torch.manual_seed(0)
         config = ModelConfig(args.arch, preprocessing=Preprocessing.imagenet(args.image_size))
-        model_dir = save_pretrained(build_model(config), root / "model")
-        embedder = TorchEmbedder(build_model(config), device="cpu")
+        model = build_model(config)
+        model_dir = save_pretrained(model, root / "model")
         prep = config.preprocessing
         transform = prep.transform()
         decoded = [transform(decode_image(p, min_size=prep.resize_size)) for p in paths]
         batches = [
-            torch.stack(decoded[i : i + args.batch]) for i in range(0, len(decoded), args.batch)
+            torch.stack(decoded[i : i + args.batch]).contiguous(memory_format=torch.channels_last)
+            for i in range(0, len(decoded), args.batch)
         ]
-        embedder.embed_batch(batches[0])  # warm-up (and the precision check, where one runs)
+        embedders = {}
+        for p in args.precisions:
+            embedders[p] = TorchEmbedder(model, device="cpu", precision=p)
+            embedders[p].embed_batch(batches[0])  # warm-up, and the check of "auto"
+            resolved[p] = embedders[p].precision
 
-        bare, e2e, extra = [], [], []
         for r in range(args.rounds):
-            bare.append(bare_forward(embedder, batches))
-            speed, info = end_to_end(paths, model_dir, root / f"feats{r}.npy", args)
-            e2e.append(speed)
-            extra.append(info)
-            print(f"round {r + 1}: bare {bare[-1]:.1f} img/s, end-to-end {e2e[-1]:.1f} img/s")
+            for p in args.precisions:
+                rows[p]["load"].append(load1())
+                rows[p]["bare"].append(bare_forward(embedders[p], batches))
+                e2e = end_to_end(paths, model_dir, root / "feats.npy", p, args)
+                rows[p]["pipeline"].append(e2e["pipeline"])
+                rows[p]["wall"].append(e2e["wall"])
+                print(
+                    f"round {r + 1} {p:>4} ({e2e['precision']}): bare {rows[p]['bare'][-1]:6.1f}"
+                    f"  embed {e2e['pipeline']:6.1f} (wall {e2e['wall']:6.1f}) img/s"
+                    f"  ratio {e2e['pipeline'] / rows[p]['bare'][-1]:.2f}"
+                    f"  load {rows[p]['load'][-1]:.2f}",
+                    flush=True,
+                )
 
-    result = {
+    def ratios(a: list[float], b: list[float]) -> float:
+        return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+    summary = {
+        p: {
+            "resolved": resolved[p],
+            "bare_median": statistics.median(v["bare"]),
+            "embed_median": statistics.median(v["pipeline"]),
+            "embed_wall_median": statistics.median(v["wall"]),
+            "ratio_embed_to_bare": ratios(v["pipeline"], v["bare"]),
+            "ratio_wall_to_bare": ratios(v["wall"], v["bare"]),
+            **v,
+        }
+        for p, v in rows.items()
+    }
+    result: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "bf16_matrix_units": sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"}),
+        "bf16_matrix_units": sorted(cpu_flags() & BF16_CPU_FLAGS),
+        "cpu_flags_from": CPU_FLAGS_ENV if CPU_FLAGS_ENV in os.environ else "/proc/cpuinfo",
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "load_average": os.getloadavg(),
         "arch": args.arch,
         "image_size": args.image_size,
         "images": len(paths),
         "jpeg_size": None if args.folder else args.size,
         "batch": args.batch,
         "workers": args.workers,
-        "precision": embedder.precision,
-        "channels_last": embedder.channels_last,
-        "bare_images_per_s": bare,
-        "end_to_end_images_per_s": e2e,
-        "pipeline": extra,
-        "ratio_median": statistics.median(e2e) / statistics.median(bare),
+        "precisions": summary,
     }
+    if "fp32" in rows and "auto" in rows:
+        result["auto_over_fp32_embed"] = ratios(rows["auto"]["pipeline"], rows["fp32"]["pipeline"])
     print()
     print(
-        f"| {args.arch} {args.image_size} px, batch {args.batch}, {args.workers} workers, "
-        f"{result['threads']} threads, precision {embedder.precision} | images/s (median) |"
+        f"{result['cpu']} ({result['aten_cpu_capability']}, bf16 units "
+        f"{result['bf16_matrix_units'] or 'none'}), {result['threads']} threads, "
+        f"{args.workers} decode workers, {args.arch} {args.image_size} px, batch {args.batch}, "
+        f"{len(paths)} JPEGs {result['jpeg_size'] or args.folder}, {args.rounds} rounds"
     )
-    print("| --- | ---: |")
-    print(f"| bare forward (pre-decoded tensors) | {statistics.median(bare):.1f} |")
-    print(
-        f"| `mocohub embed` end-to-end ({len(paths)} JPEGs {args.size}) | "
-        f"{statistics.median(e2e):.1f} |"
-    )
-    print(f"| ratio end-to-end / bare | {result['ratio_median']:.2f} |")
-    print(f"load average at the end: {result['load_average']}")
+    print("| precision | bare forward | `mocohub embed` | embed / bare | wall / bare | load |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for p, s in summary.items():
+        print(
+            f"| {p} ({s['resolved']}) | {s['bare_median']:.1f} | {s['embed_median']:.1f} | "
+            f"{s['ratio_embed_to_bare']:.2f} | {s['ratio_wall_to_bare']:.2f} | "
+            f"{min(s['load']):.1f}-{max(s['load']):.1f} |"
+        )
+    if "auto_over_fp32_embed" in result:
+        print(f"auto / fp32, `mocohub embed`: {result['auto_over_fp32_embed']:.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")

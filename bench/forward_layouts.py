@@ -1,10 +1,13 @@
 """The bare forward pass of ``mocohub.features.TorchEmbedder`` in each precision and layout.
 
 Rows: fp32 NCHW; fp32 channels_last; fp32 channels_last with BatchNorm folded
-into the convolutions (the default); bf16 autocast with channels_last and
-folding. Images per second, median of ``--repeats`` timed passes over
-``--batches`` batches after a warm-up, and each row's worst cosine to the
-fp32 NCHW features. Random weights: speed does not depend on them.
+into the convolutions (the default fp32); bf16 with channels_last and folding,
+as ``torch.autocast`` runs it (every weight cast on every batch) and as
+``TorchEmbedder`` runs it (a copy of the weights stored in bf16: the same
+numbers). Images per second, median of ``--repeats`` timed passes over
+``--batches`` batches after a warm-up, and each row's worst cosine to the fp32
+NCHW features. Random weights: speed does not depend on them. The last line
+says what ``precision="auto"`` picks here (:mod:`mocohub.precision`).
 
     OMP_NUM_THREADS=1 python bench/forward_layouts.py --threads 1
 """
@@ -23,6 +26,7 @@ import torch
 
 from mocohub.features import TorchEmbedder
 from mocohub.models import ModelConfig, build_model
+from mocohub.precision import BF16_CPU_FLAGS, resolve_precision
 from mocohub.preprocessing import Preprocessing
 from mocohub.sysinfo import cpu_flags, cpu_model
 
@@ -30,8 +34,18 @@ ROWS = {  # name: (precision, channels_last, fuse)
     "fp32 NCHW": ("fp32", False, False),
     "fp32 channels_last": ("fp32", True, False),
     "fp32 channels_last + BN folded": ("fp32", True, True),
+    "bf16 autocast, channels_last + BN folded": ("autocast", True, True),
     "bf16 channels_last + BN folded": ("bf16", True, True),
 }
+
+
+class AutocastEmbedder(TorchEmbedder):
+    """The fp32 model under ``torch.autocast``: what TorchEmbedder ran before storing bf16."""
+
+    def embed_batch(self, images: torch.Tensor) -> np.ndarray:
+        x = images.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(x).float().numpy()
 
 
 def main() -> None:
@@ -54,8 +68,13 @@ def main() -> None:
         reference = None
         results[arch] = {}
         for name, (precision, channels_last, fuse) in ROWS.items():
-            embedder = TorchEmbedder(
-                model, device="cpu", precision=precision, channels_last=channels_last, fuse=fuse
+            kind = AutocastEmbedder if precision == "autocast" else TorchEmbedder
+            embedder = kind(
+                model,
+                device="cpu",
+                precision="fp32" if precision == "autocast" else precision,
+                channels_last=channels_last,
+                fuse=fuse,
             )
             features = embedder.embed_batch(batches[0])  # warm-up
             if reference is None:
@@ -70,10 +89,11 @@ def main() -> None:
                     embedder.embed_batch(x)
                 speeds.append(args.batch * args.batches / (time.perf_counter() - started))
             results[arch][name] = {"images_per_s": statistics.median(speeds), "cosine": cosine}
-            print(f"{arch:9s} {name:32s} {statistics.median(speeds):7.1f} img/s  cos {cosine:.6f}")
+            print(f"{arch:9s} {name:42s} {statistics.median(speeds):7.1f} img/s  cos {cosine:.6f}")
     print(
-        f"\n{cpu_model()}, bf16 units: {sorted(cpu_flags() & {'amx_bf16', 'avx512_bf16'})}, "
-        f"{torch.get_num_threads()} threads, batch {args.batch}, load {os.getloadavg()[0]:.1f}"
+        f"\n{cpu_model()}, bf16 units: {sorted(cpu_flags() & BF16_CPU_FLAGS)}, "
+        f"{torch.get_num_threads()} threads, batch {args.batch}, load {os.getloadavg()[0]:.1f}; "
+        f"precision auto -> {resolve_precision('auto', 'cpu')}"
     )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")

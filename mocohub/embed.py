@@ -9,19 +9,29 @@ Files written beside ``OUT.npy`` (all atomically, temp file + fsync + rename):
 - ``OUT.meta.json``: model, output, dims, precision, input digest, shard, counts.
 
 How the work is cut: the full, sorted input list is split into batches of
-``batch_size`` paths; ``shard=(i, n)`` takes the *i*-th of *n* contiguous runs
-of batches; a shard's batches are grouped into parts of about ``part_size``
-images. Each finished part is saved in ``OUT.npy.parts/``, so an interrupted
-run resumes from its last finished part; the folder records a key of every
-setting that changes the numbers (model files, backend, output, precision,
-batch size, ...) and the input list, and a run with a different key refuses
-to mix with it (``restart=True`` discards it). Because batches are cut from
-the global list, a resumed run, and shards merged with :mod:`mocohub.embed_merge`,
-give exactly the array of one uninterrupted run.
+``batch_size`` paths. ``shard=(i, n)`` owns the *i*-th of *n* contiguous runs of
+*images* (``i * N // n`` up to ``(i + 1) * N // n``), so every shard gets about
+1/n of the images whatever the batch size; it runs the batches that hold its
+images, whole, and keeps only its own rows (a batch at a shard's edge is run by
+both neighbours: at most two batches more than its share). A shard's batches
+are grouped into parts of about ``part_size`` images. Each finished part is
+saved in ``OUT.npy.parts/``, so an interrupted run resumes from its last
+finished part; the folder records a key of every setting that changes the
+numbers (model files, backend, output, precision, batch size, ...) and the
+input list, and a run with a different key refuses to mix with it
+(``restart=True`` discards it). Because every image is embedded in the same
+batch of the global list, a resumed run, and shards merged with
+:mod:`mocohub.embed_merge`, give exactly the array of one uninterrupted run.
 
-Decoding (:func:`mocohub.imageio.decode_image` + the model's preprocessing)
-runs in DataLoader worker processes while the model runs; files that cannot
-be decoded travel as records, never as exceptions.
+Decoding (:func:`mocohub.imageio.decode_image`, the crop, and the
+normalisation into the memory layout the backend runs) happens either in
+DataLoader worker processes, while the model runs (with CUDA, or on CPU cores
+the model's threads leave free), or, with ``workers=0``, batch by batch on the
+model's threads between forward passes (the default on a CPU the model keeps
+busy: :func:`default_workers`, :func:`decode_threads`). Workers of a model on
+the CPU run at the lowest priority: the model's threads wait for each other at
+every layer, so a decoder that takes a core from one of them stalls them all.
+Files that cannot be decoded travel as records, never as exceptions.
 
 Example:
     >>> result = embed_files(scan_inputs(["photos/"]), "feats.npy", settings, factory)
@@ -31,13 +41,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +65,15 @@ from mocohub.fileio import atomic_write_text, atomic_writer
 from mocohub.imageio import DEFAULT_MAX_PIXELS, DecodeError, decode_image, paths_digest
 from mocohub.preprocessing import Preprocessing
 
-__all__ = ["EmbedResult", "EmbedSettings", "embed_files", "output_files"]
+__all__ = [
+    "EmbedResult",
+    "EmbedSettings",
+    "decode_threads",
+    "default_workers",
+    "embed_files",
+    "output_files",
+    "shard_work",
+]
 
 FORMAT = "mocohub-embeddings"
 
@@ -104,6 +125,26 @@ def output_files(out: str | os.PathLike[str]) -> dict[str, Path]:
     }
 
 
+def default_workers(device: str = "auto") -> int:
+    """Decoding processes ``mocohub embed`` starts by default for a model on ``device``.
+
+    With CUDA, ``min(8, cores)``: the CPU decodes while the GPU runs the model. On
+    a CPU, one per core the model's threads leave free (at most 4); none when they
+    use every core: the batches are then decoded on the model's threads, between
+    forward passes (:func:`decode_threads`).
+
+    Example:
+        >>> torch.set_num_threads(os.cpu_count())
+        >>> default_workers("cpu")
+        0
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    if device != "cpu" and torch.cuda.is_available():
+        return min(8, cores)
+    return max(0, min(4, cores - torch.get_num_threads()))
+
+
 def _model_fingerprint(model: str) -> list[Any]:
     """The model source plus size and mtime of its files: changed weights change the key."""
     path = Path(model)
@@ -111,23 +152,57 @@ def _model_fingerprint(model: str) -> list[Any]:
     return [model, *[(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists()]]
 
 
-def _shard_batches(total: int, batch_size: int, shard: tuple[int, int]) -> range:
+def shard_work(total: int, batch_size: int, shard: tuple[int, int]) -> tuple[range, range]:
+    """(images, batches) of shard ``(i, n)``: the input indices it owns, the global batches it runs.
+
+    Example:
+        >>> shard_work(20, 64, (1, 2))  # 20 images, one batch: each shard keeps 10 rows
+        (range(10, 20), range(0, 1))
+    """
     index, count = shard
     if not 0 <= index < count:
         raise ConfigError(f"--shard must be i/n with 0 <= i < n, got {index}/{count}.")
-    batches = math.ceil(total / batch_size)
-    return range(index * batches // count, (index + 1) * batches // count)
+    owned = range(index * total // count, (index + 1) * total // count)
+    if not owned:
+        return owned, range(0)
+    return owned, range(owned.start // batch_size, math.ceil(owned.stop / batch_size))
 
 
 class _Decoded(Dataset):
-    """Path i -> (i, uint8 crop or None, failure reason); normalised later, per batch."""
+    """Path i -> (i, uint8 crop or None, failure reason); normalised later, per batch.
 
-    def __init__(self, paths: Sequence[str], prep: Preprocessing, max_pixels: int | None) -> None:
+    With ``threads`` > 1 the files of a batch are decoded on that many threads
+    (Pillow releases the GIL while it decodes and resizes).
+    """
+
+    def __init__(
+        self, paths: Sequence[str], prep: Preprocessing, max_pixels: int | None, threads: int = 1
+    ) -> None:
         self.paths, self.prep, self.max_pixels = paths, prep, max_pixels
         self.crop = CropToTensor(prep)
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[int, torch.Tensor | None, str]]:
+        if self.threads < 2 or len(indices) < 2:
+            return [self[i] for i in indices]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mocohub-decode")
+        # decode_image silences Pillow's warnings with warnings.catch_warnings, which is not
+        # thread-safe: the filters are restored here, once all threads are done
+        with warnings.catch_warnings():
+            return list(self._pool.map(self.__getitem__, indices))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __getstate__(self) -> dict[str, Any]:  # sent to worker processes without the pool
+        return {**self.__dict__, "_pool": None}
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         path = self.paths[i]
@@ -147,14 +222,42 @@ class _Decoded(Dataset):
             return i, None, f"cannot preprocess ({type(e).__name__}: {e})"
 
 
-def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> dict[str, Any]:
-    good = [(i, x) for i, x, _ in items if x is not None]
-    return {
-        "count": len(items),
-        "rows": [i for i, _ in good],
-        "images": torch.stack([x for _, x in good]) if good else None,
-        "failed": [(i, reason) for i, x, reason in items if x is None],
-    }
+def decode_threads(workers: int, max_pixels: int | None) -> int:
+    """Threads that decode each batch in the main process: the model's, when it has no workers.
+
+    On a CPU that the model keeps busy, decoding a batch on all cores between two
+    forward passes costs no more than overlapping the two jobs, and nothing
+    contends with the model's threads. One thread when files may exceed Pillow's
+    own pixel limit: :func:`~mocohub.imageio.decode_image` then lifts that
+    process-wide limit while it decodes, which threads cannot share.
+    """
+    if workers > 0 or max_pixels is None or max_pixels > DEFAULT_MAX_PIXELS:
+        return 1
+    return torch.get_num_threads()
+
+
+class _Collate:
+    """Decoded items -> one batch record, the crops normalised as the backend takes them."""
+
+    def __init__(self, prep: Preprocessing, channels_last: bool) -> None:
+        self.mean = torch.tensor(prep.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(prep.std).view(1, -1, 1, 1)
+        self.layout = torch.channels_last if channels_last else torch.contiguous_format
+
+    def to_model(self, crops: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, S, S) crops -> exactly what ``Preprocessing.batch()`` gives for them,
+        computed in place, in the memory layout the backend runs (half the passes)."""
+        x = torch.empty(crops.shape, dtype=torch.float32, memory_format=self.layout)
+        return x.copy_(crops).div_(255).sub_(self.mean).div_(self.std)
+
+    def __call__(self, items: list[tuple[int, torch.Tensor | None, str]]) -> dict[str, Any]:
+        good = [(i, x) for i, x, _ in items if x is not None]
+        return {
+            "count": len(items),
+            "rows": [i for i, _ in good],
+            "images": self.to_model(torch.stack([x for _, x in good])) if good else None,
+            "failed": [(i, reason) for i, x, reason in items if x is None],
+        }
 
 
 def _open_workdir(parts: Path, key: str, settings: EmbedSettings, restart: bool) -> dict[str, Any]:
@@ -195,7 +298,8 @@ def embed_files(
         open_embedder: called with a precision (``settings.precision``, or the one
             a resumed run already used) and returns the :class:`Embedder`.
         shard: ``(i, n)``: do the *i*-th of *n* shares of the work.
-        workers: decoding processes (0: decode in this process).
+        workers: decoding processes (0: decode in this process, on
+            :func:`decode_threads` threads).
         dtype: ``"float32"`` or ``"float16"`` rows in ``out``.
     """
     if not paths:
@@ -206,7 +310,7 @@ def embed_files(
         raise ConfigError("--batch-size and --part-size must be at least 1.")
     files = output_files(out)
     batch = settings.batch_size
-    batches = _shard_batches(len(paths), batch, shard)
+    owned, batches = shard_work(len(paths), batch, shard)
     per_part = max(1, settings.part_size // batch)
     part_batches = [batches[i : i + per_part] for i in range(0, len(batches), per_part)]
     digest = paths_digest(paths)
@@ -226,7 +330,16 @@ def embed_files(
     embedded_now = 0
     if pending:
         embedded_now = _run_parts(
-            paths, files["parts"], part_batches, pending, embedder, settings, run, workers, progress
+            paths,
+            owned,
+            files["parts"],
+            part_batches,
+            pending,
+            embedder,
+            settings,
+            run,
+            workers,
+            progress,
         )
     seconds = time.perf_counter() - started
     rows, skipped = _assemble(paths, files, len(part_batches), embedder.dim, dtype)
@@ -267,6 +380,7 @@ def _finished(files: dict[str, Path], key: str, dtype: str) -> dict[str, Any] | 
 
 def _run_parts(
     paths: Sequence[str],
+    owned: range,
     folder: Path,
     part_batches: list[range],
     pending: list[int],
@@ -282,21 +396,25 @@ def _run_parts(
     sampler = [
         list(range(j * b, min((j + 1) * b, len(paths)))) for k in pending for j in part_batches[k]
     ]
+    on_gpu = settings.device != "cpu" and torch.cuda.is_available()
+    threads = decode_threads(workers, settings.max_pixels)
+    dataset = _Decoded(paths, embedder.preprocessing, settings.max_pixels, threads)
     loader = DataLoader(
-        _Decoded(paths, embedder.preprocessing, settings.max_pixels),
+        dataset,
         batch_sampler=sampler,
         num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=settings.device != "cpu" and torch.cuda.is_available(),
+        collate_fn=_Collate(embedder.preprocessing, getattr(embedder, "channels_last", False)),
+        pin_memory=on_gpu,
+        worker_init_fn=None if on_gpu else _yield_to_the_model,
     )
-    todo = sum(len(s) for s in sampler)
+    todo = sum(i in owned for indices in sampler for i in indices)  # this shard's images
     bar = tqdm(total=todo, unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     batches = iter(loader)
     normalize = settings.normalize
     try:
         for k in pending:
             _embed_part(
-                folder / f"{k:06d}", len(part_batches[k]), batches, embedder, normalize, bar
+                folder / f"{k:06d}", len(part_batches[k]), batches, embedder, normalize, owned, bar
             )
             if run["precision"] is None and hasattr(embedder, "precision"):
                 run["precision"] = embedder.precision
@@ -310,7 +428,21 @@ def _run_parts(
         ) from e
     finally:
         bar.close()
+        dataset.close()
     return todo
+
+
+def _yield_to_the_model(worker_id: int) -> None:
+    """Run this decoding process at the lowest CPU priority (nice 19).
+
+    When the model runs on the CPU it uses every core with threads that wait for
+    each other at every layer, so a decoder that takes a core from one of them
+    stalls all of them. At the lowest priority the decoders run on cores the
+    model leaves idle: while it waits for its next batch, and on cores its
+    threads do not use.
+    """
+    with contextlib.suppress(OSError):
+        os.nice(19)
 
 
 def _embed_part(
@@ -319,22 +451,28 @@ def _embed_part(
     batches: Iterator[dict[str, Any]],
     embedder: Embedder,
     normalize: bool,
+    owned: range,
     bar: Any,
 ) -> None:
-    """Embed the next ``count`` batches and save them as one part (``.npy``, then ``.json``)."""
-    to_model = embedder.preprocessing.batch()  # uint8 crops -> normalised float32
-    feats, rows, failed = [], [], []
+    """Embed the next ``count`` batches and save this shard's rows as one part (.npy, .json)."""
+    feats: list[np.ndarray] = []
+    rows: list[int] = []
+    failed: list[tuple[int, str]] = []
     for _ in range(count):
         item = next(batches)
         if item["images"] is not None:
-            raw = embedder.embed_batch(to_model(item["images"]))
-            x = torch.from_numpy(np.asarray(raw, np.float32))
-            if normalize:
-                x = torch.nn.functional.normalize(x, dim=1)
-            feats.append(x.numpy())
-            rows.extend(item["rows"])
-        failed.extend(item["failed"])
-        bar.update(item["count"])
+            keep = [n for n, i in enumerate(item["rows"]) if i in owned]
+            if keep:
+                raw = embedder.embed_batch(item["images"])  # the whole batch: same numbers
+                x = torch.from_numpy(np.asarray(raw, np.float32)[keep])
+                if normalize:
+                    x = torch.nn.functional.normalize(x, dim=1)
+                feats.append(x.numpy())
+                rows.extend(item["rows"][n] for n in keep)
+        failed.extend((i, reason) for i, reason in item["failed"] if i in owned)
+        bar.update(
+            sum(i in owned for i in item["rows"]) + sum(i in owned for i, _ in item["failed"])
+        )
     array = np.concatenate(feats) if feats else np.zeros((0, embedder.dim), np.float32)
     with atomic_writer(stem.with_suffix(".npy")) as f:
         np.save(f, array)

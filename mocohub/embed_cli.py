@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from mocohub.errors import ConfigError, InputError, MocohubError
+from mocohub.precision import PRECISIONS
 
 __all__ = ["BACKENDS", "embed_command", "merge_command", "open_backend"]
 
@@ -70,14 +71,15 @@ def _parse_shard(value: str) -> tuple[int, int]:
 @click.option(
     "--workers",
     type=click.IntRange(min=0),
-    default=min(4, os.cpu_count() or 1),
-    show_default=True,
-    help="Decoding processes (0: decode in the main process).",
+    default=None,
+    help="Decoding processes (0: decode each batch in the main process, on the model's "
+    "threads).  [default: with CUDA min(8, cores); on a CPU the cores the model's threads "
+    "leave free, up to 4, so 0 when it uses them all]",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    type=click.Choice(PRECISIONS),
     default="auto",
     show_default=True,
     help="auto: bf16/fp16 where the hardware runs it fast and it matches fp32, else fp32.",
@@ -110,7 +112,7 @@ def embed_command(
     backend: str,
     output: str,
     batch_size: int,
-    workers: int,
+    workers: int | None,
     device: str,
     precision: str,
     dtype: str,
@@ -130,7 +132,7 @@ def embed_command(
 
     Example: mocohub embed photos/ --out feats.npy --model runs/fmnist/model
     """
-    from mocohub.embed import EmbedSettings, embed_files, output_files
+    from mocohub.embed import EmbedSettings, default_workers, embed_files, output_files
     from mocohub.imageio import DEFAULT_MAX_PIXELS, scan_inputs
 
     shard_index = _parse_shard(shard)
@@ -167,7 +169,7 @@ def embed_command(
         settings,
         open_embedder,
         shard=shard_index,
-        workers=workers,
+        workers=default_workers(device) if workers is None else workers,
         dtype=dtype,
         restart=restart,
         progress=not quiet,

@@ -56,9 +56,15 @@ def merge_outputs(
         "dim",
         "dtype",
         "batch_size",
+        "precision",
     )
     for path, meta in zip(parts, metas, strict=True):
         differing = [k for k in same if meta.get(k) != metas[0].get(k)]
+        if differing == ["precision"]:  # e.g. "auto" on machines of different kinds
+            raise InputError(
+                f"{path} ran in {meta['precision']} but {parts[0]} in {metas[0]['precision']} "
+                "(precision); rerun the shards with one --precision (fp32, bf16 or fp16)."
+            )
         if differing or meta["shard"][1] != count:
             raise InputError(
                 f"{path} was made with other inputs or settings than {parts[0]} "

@@ -6,13 +6,14 @@ says how its input must be prepared (``preprocessing``). :class:`TorchEmbedder`
 is the PyTorch one; ``mocohub.export``'s ONNX embedder has the same interface,
 so the embed pipeline never needs to know which backend runs.
 
-Precision (``precision="auto"``): on a CUDA device, autocast to bf16 (fp16
-where bf16 is unsupported); on a CPU, bf16 autocast only when the CPU has bf16
-matrix units (AMX or AVX512-BF16, read from ``/proc/cpuinfo``; elsewhere bf16
-is emulated and several times slower than fp32), fp32 otherwise. A reduced
-precision is then checked once, on the first batch, against fp32: if any
-image's cosine similarity to its fp32 features falls under ``min_cosine``
-(0.999), the embedder falls back to fp32 for good and warns.
+Precision (``precision="auto"``): what :func:`mocohub.precision.resolve_precision`
+picks for the device (bf16 on GPUs and on CPUs with bf16 matrix units, fp32
+elsewhere). A reduced precision runs a copy of the model whose weights are
+stored in that dtype (the same numbers as ``torch.autocast``, without casting
+every weight on every batch), and ``"auto"`` checks it once against fp32, on the
+first images of the first batch: if any image's cosine similarity to its fp32
+features falls under ``min_cosine`` (0.999), the embedder falls back to fp32 for
+good and warns.
 
 Speed at any precision: BatchNorm is folded into the convolutions
 (:func:`mocohub.fusion.fuse_batchnorm`, on a copy) and the model runs in
@@ -29,10 +30,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
-from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -44,22 +45,21 @@ from torch import nn
 from mocohub.errors import ConfigError, InputError, MissingHeadError
 from mocohub.fusion import fuse_batchnorm
 from mocohub.imageio import DEFAULT_MAX_PIXELS, DecodeError, decode_image, to_mode
+from mocohub.precision import autocast_dtype, resolve_precision
 from mocohub.preprocessing import Preprocessing, ResizeUnlessSize
 
 __all__ = [
     "OUTPUTS",
-    "PRECISIONS",
     "CropToTensor",
     "Embedder",
     "FeatureExtractor",
     "TorchEmbedder",
-    "auto_precision",
     "open_torch_embedder",
 ]
 
 OUTPUTS = ("pooled", "head", "spatial")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# layers that keep float32 statistics in a reduced-precision copy, as under torch.autocast
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @runtime_checkable
@@ -72,26 +72,6 @@ class Embedder(Protocol):
     def embed_batch(self, images: torch.Tensor) -> np.ndarray:
         """Features of a batch already resized, cropped and normalised (not L2-normalised)."""
         ...
-
-
-def auto_precision(device: torch.device, cpu_flags: Iterable[str] | None = None) -> str:
-    """The precision ``"auto"`` picks on ``device``: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
-
-    Example:
-        >>> auto_precision(torch.device("cpu"), {"avx2"})
-        'fp32'
-        >>> auto_precision(torch.device("cpu"), {"avx2", "amx_bf16"})
-        'bf16'
-    """
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu":
-        if cpu_flags is None:
-            from mocohub.sysinfo import cpu_flags as read_flags
-
-            cpu_flags = read_flags()
-        return "bf16" if {"amx_bf16", "avx512_bf16"} & set(cpu_flags) else "fp32"
-    return "fp32"
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -121,6 +101,8 @@ class TorchEmbedder:
         channels_last: run in channels_last memory format (faster on CPUs and GPUs).
         fuse: fold BatchNorm into the convolutions (on a copy of ``model``).
         min_cosine: the lowest cosine to fp32 that ``"auto"`` accepts on the first batch.
+        check_images: how many images of the first batch ``"auto"`` also runs in
+            fp32 for that check (its whole cost: one fp32 forward of so many images).
 
     Example:
         >>> emb = TorchEmbedder(mocohub.load("runs/fmnist/model"), device="cpu")
@@ -138,15 +120,14 @@ class TorchEmbedder:
         channels_last: bool = True,
         fuse: bool = True,
         min_cosine: float = 0.999,
+        check_images: int = 2,
     ) -> None:
         from mocohub.models import get_config
 
-        if precision not in PRECISIONS:
-            raise ConfigError(
-                f"Unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}."
-            )
         if output not in OUTPUTS:
             raise ConfigError(f"Unknown output {output!r}; use one of {', '.join(OUTPUTS)}.")
+        if check_images < 1:
+            raise ConfigError(f"check_images must be at least 1, got {check_images}.")
         config = get_config(model)
         has_head = not isinstance(getattr(model, "fc", None), nn.Identity)
         if output == "head" and not has_head:
@@ -158,23 +139,43 @@ class TorchEmbedder:
         self.preprocessing: Preprocessing = config.preprocessing
         self.output = output
         self.dim = config.embedding_dim if output == "head" else config.feature_dim
-        self.precision = auto_precision(self.device) if precision == "auto" else precision
+        self.precision = resolve_precision(precision, self.device)
         # only a reduced precision that "auto" chose is checked against fp32
         self.checked = precision != "auto" or self.precision == "fp32"
         self.min_cosine = min_cosine
+        self.check_images = check_images
         self.channels_last = channels_last
         self.model = (fuse_batchnorm(model) if fuse else model.eval()).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self._reduced: dict[torch.dtype, nn.Module] = {}
 
-    def _autocast(self, precision: str) -> Any:
-        if precision == "fp32":
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=_AUTOCAST[precision])
+    def _model_in(self, dtype: torch.dtype | None) -> nn.Module:
+        """``self.model``, or a copy of it with weights in ``dtype`` (made once)."""
+        if dtype is None:
+            return self.model
+        if dtype not in self._reduced:
+            # Weights stored in the reduced dtype give the numbers torch.autocast gives,
+            # without casting every weight again on every batch. Normalisation layers keep
+            # float32 statistics, as under autocast. The copy takes the converted tensors
+            # from deepcopy's memo, so the float32 weights are never copied first.
+            norms = [m for m in self.model.modules() if isinstance(m, _NORMS)]
+            keep = {id(t) for m in norms for t in [*m.parameters(False), *m.buffers(False)]}
+            memo: dict[int, Any] = {}
+            for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]:
+                if id(t) not in keep and t.is_floating_point():
+                    low = t.detach().to(dtype)
+                    is_param = isinstance(t, nn.Parameter)
+                    memo[id(t)] = nn.Parameter(low, requires_grad=False) if is_param else low
+            self._reduced[dtype] = copy.deepcopy(self.model, memo)
+        return self._reduced[dtype]
 
     def _run(self, x: torch.Tensor, precision: str, output: str) -> torch.Tensor:
-        m: Any = self.model
-        with torch.inference_mode(), self._autocast(precision):
+        dtype = autocast_dtype(precision)
+        m: Any = self._model_in(dtype)
+        with torch.inference_mode():
+            if dtype is not None:
+                x = x.to(dtype)
             x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
             x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
             if output != "spatial":
@@ -197,10 +198,11 @@ class TorchEmbedder:
 
     def _check_precision(self, x: torch.Tensor, output: str) -> torch.Tensor:
         low = self._run(x, self.precision, output)
-        exact = self._run(x, "fp32", output)
+        exact = self._run(x[: self.check_images], "fp32", output)
         self.checked = True
-        cosine = F.cosine_similarity(low.flatten(1), exact.flatten(1), dim=1, eps=1e-12)
-        worst = float(cosine.min()) if len(cosine) else 1.0
+        count = len(exact)
+        cosine = F.cosine_similarity(low[:count].flatten(1), exact.flatten(1), dim=1, eps=1e-12)
+        worst = float(cosine.min()) if count else 1.0
         if worst < self.min_cosine:
             warnings.warn(
                 f"{self.precision} features of the first batch reached only cosine {worst:.5f} "
@@ -209,7 +211,8 @@ class TorchEmbedder:
                 stacklevel=3,
             )
             self.precision = "fp32"
-            return exact
+            self._reduced.clear()
+            return self._run(x, "fp32", output)
         return low
 
     def embed_batch(self, images: torch.Tensor) -> np.ndarray:
@@ -256,15 +259,16 @@ class FeatureExtractor:
         dtype: ``np.float32`` (default) or ``np.float16`` for the returned array.
         max_pixels: files with more pixels are refused (decompression bombs).
 
-    Calling it with a list of PIL images and/or file paths, a single one, or a
-    uint8 (0-255) or float ([0, 1]) tensor of shape (N, C, H, W) or (C, H, W)
-    returns a NumPy array: ``(N, dim)``, or ``(N, C, h, w)`` for ``"spatial"``.
-    A file that cannot be decoded raises :class:`~mocohub.errors.InputError`.
+    Calling it with a file path, a PIL image, a uint8 (0-255) or float ([0, 1])
+    tensor of shape (N, C, H, W) or (C, H, W), or a list that mixes paths, PIL
+    images and (C, H, W) tensors returns a NumPy array with one row per image, in
+    order: ``(N, dim)``, or ``(N, C, h, w)`` for ``"spatial"``. A file that cannot
+    be decoded raises :class:`~mocohub.errors.InputError`.
 
     Example:
         >>> fx = FeatureExtractor("runs/fmnist/model", dtype=np.float16)
-        >>> fx([Image.open("a.png"), "b.png"]).dtype
-        dtype('float16')
+        >>> fx(["shoe.png", Image.open("b.png"), torch.rand(1, 40, 40)]).shape
+        (3, 512)
     """
 
     def __init__(
@@ -325,31 +329,29 @@ class FeatureExtractor:
         return feats.numpy()
 
     def prepare(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
-        """The preprocessed float32 (N, C, S, S) batch the model will see."""
-        prep = self.preprocessing
+        """The preprocessed float32 (N, C, S, S) batch the model will see.
+
+        A list may mix file paths, PIL images and single (C, H, W) tensors; each
+        row is the same as preparing that item on its own.
+        """
         if isinstance(images, torch.Tensor):
-            x = images.unsqueeze(0) if images.ndim == 3 else images
-            if x.ndim != 4:
-                raise InputError(
-                    f"Image tensors must be (N, C, H, W) or (C, H, W), got {tuple(images.shape)}."
-                )
-            if x.dtype == torch.uint8:
-                return prep.batch()(x)
-            if not x.is_floating_point():
-                raise InputError(f"Image tensors must be uint8 or float, got {x.dtype}.")
-            if len(x) and (float(x.min()) < -0.01 or float(x.max()) > 1.01):
-                raise InputError(
-                    "Float image tensors must hold pixels in [0, 1] (not yet normalised); "
-                    "pass uint8 tensors for 0-255 pixels."
-                )
-            # BatchPreprocess scales uint8 by 1/255; x * 255 undoes that for [0, 1] floats.
-            return prep.batch()(x.float() * 255)
+            return self._prepare_tensor(images)
         items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
+        prep = self.preprocessing
         crop = CropToTensor(prep)
-        tensors = []
+        rows: list[torch.Tensor | None] = []  # prepared tensors in input order; None: a crop
+        crops: list[torch.Tensor] = []
         for item in items:
+            if isinstance(item, torch.Tensor):
+                if item.ndim != 3:
+                    raise InputError(
+                        f"A tensor in a list must be one image (C, H, W), got shape "
+                        f"{tuple(item.shape)}; pass a batch (N, C, H, W) on its own."
+                    )
+                rows.append(self._prepare_tensor(item))
+                continue
             if isinstance(item, Image.Image):
-                tensors.append(crop(item))
+                image = item
             elif isinstance(item, (str, os.PathLike)):
                 try:
                     image = decode_image(
@@ -357,14 +359,38 @@ class FeatureExtractor:
                     )
                 except DecodeError as e:
                     raise InputError(f"Cannot use {item} as an image: {e.reason}.") from e
-                tensors.append(crop(image))
             else:
                 raise InputError(
-                    f"Cannot embed a {type(item).__name__}; pass PIL images, file paths or tensors."
+                    f"Cannot embed a {type(item).__name__}; pass file paths, PIL images or "
+                    "image tensors ((C, H, W) ones in a list, or one (N, C, H, W) batch)."
                 )
-        if not tensors:
+            crops.append(crop(image))
+            rows.append(None)
+        if not rows:
             return torch.zeros(0, prep.channels, prep.image_size, prep.image_size)
-        return prep.batch()(torch.stack(tensors))
+        # crops (uint8, all S x S) are normalised together, then put back in input order
+        normalised = iter(prep.batch()(torch.stack(crops)) if crops else torch.zeros(0))
+        return torch.cat([row if row is not None else next(normalised)[None] for row in rows])
+
+    def _prepare_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """A uint8 (0-255) or float ([0, 1]) (N, C, H, W) or (C, H, W) tensor, preprocessed."""
+        x = images.unsqueeze(0) if images.ndim == 3 else images
+        if x.ndim != 4:
+            raise InputError(
+                f"Image tensors must be (N, C, H, W) or (C, H, W), got {tuple(images.shape)}."
+            )
+        batch = self.preprocessing.batch()
+        if x.dtype == torch.uint8:
+            return batch(x)
+        if not x.is_floating_point():
+            raise InputError(f"Image tensors must be uint8 or float, got {x.dtype}.")
+        if len(x) and (float(x.min()) < -0.01 or float(x.max()) > 1.01):
+            raise InputError(
+                "Float image tensors must hold pixels in [0, 1] (not yet normalised); "
+                "pass uint8 tensors for 0-255 pixels."
+            )
+        # BatchPreprocess scales uint8 by 1/255; x * 255 undoes that for [0, 1] floats.
+        return batch(x.float() * 255)
 
 
 class CropToTensor:
@@ -386,5 +412,6 @@ class CropToTensor:
         self.mode = "L" if prep.channels == 1 else "RGB"
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        pixels = torch.from_numpy(np.array(self.resize(to_mode(image, self.mode))))
-        return pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1).contiguous()
+        pixels = np.asarray(self.resize(to_mode(image, self.mode)))
+        chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        return torch.from_numpy(np.array(chw, order="C"))  # one copy, writable

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import os
 import platform
 import sys
 from functools import cache
@@ -15,12 +16,14 @@ from typing import Any
 import click
 
 __all__ = [
+    "CPU_FLAGS_ENV",
     "collect",
     "command",
     "cpu_flags",
     "cpu_model",
     "onnxruntime_distributions",
     "package_version",
+    "usable_cpus",
 ]
 
 # Wheels that all install the same `onnxruntime` module; two at once break it.
@@ -33,9 +36,45 @@ ONNXRUNTIME_DISTRIBUTIONS = (
 )
 
 
-@cache
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask, e.g. under taskset or Slurm).
+
+    Every default that sizes itself by the machine (decoding workers, threads) counts
+    from here, as PyTorch's DataLoader does when it warns about too many workers.
+
+    Example:
+        >>> usable_cpus() >= 1
+        True
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+#: Replaces the detected CPU flags (space- or comma-separated) when set: tests emulate a
+#: CPU kind with it, and ``MOCOHUB_CPU_FLAGS=avx2`` hides bf16 units from ``precision="auto"``.
+CPU_FLAGS_ENV = "MOCOHUB_CPU_FLAGS"
+
+
 def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags the kernel reports (empty where it reports none)."""
+    """The CPU feature flags: ``MOCOHUB_CPU_FLAGS`` when set, else what the kernel reports.
+
+    Every automatic choice that depends on the CPU kind (:mod:`mocohub.precision`)
+    reads the flags here, so patching this function or setting the variable
+    emulates another CPU.
+
+    Example:
+        >>> "avx2" in cpu_flags()  # on an x86-64 CPU from 2013 or later
+        True
+    """
+    forced = os.environ.get(CPU_FLAGS_ENV)
+    if forced is not None:
+        return frozenset(forced.replace(",", " ").split())
+    return _kernel_cpu_flags()
+
+
+@cache
+def _kernel_cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -77,21 +116,26 @@ def collect() -> dict[str, Any]:
     import torch
 
     from mocohub import __version__
+    from mocohub.precision import BF16_CPU_FLAGS, resolve_precision
 
     flags = cpu_flags()
+    cpu: dict[str, Any] = {
+        "model": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_matrix_units": sorted(flags & BF16_CPU_FLAGS),
+        "int8_matrix_units": sorted(flags & {"amx_int8", "avx512_vnni", "avx_vnni"}),
+        "precision_auto": resolve_precision("auto", "cpu"),
+    }
+    if CPU_FLAGS_ENV in os.environ:
+        cpu["flags_from"] = CPU_FLAGS_ENV
     info: dict[str, Any] = {
         "mocohub": __version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
         "torchvision": package_version("torchvision"),
-        "cpu": {
-            "model": cpu_model(),
-            "threads": torch.get_num_threads(),
-            "capability": torch.backends.cpu.get_cpu_capability(),
-            "bf16_matrix_units": sorted(flags & {"amx_bf16", "avx512_bf16"}),
-            "int8_matrix_units": sorted(flags & {"amx_int8", "avx512_vnni", "avx_vnni"}),
-        },
+        "cpu": cpu,
         "cuda": {
             "available": torch.cuda.is_available(),
             "version": torch.version.cuda,

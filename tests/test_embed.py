@@ -1,4 +1,8 @@
-"""mocohub embed: decoding, one row per good file, errors, resume after interruption, shards."""
+"""mocohub embed: decoding, one row per good file, errors, resume after interruption, shards.
+
+Tests that compare numbers with another path pin ``--precision fp32``; what ``auto``
+picks is tested on emulated CPUs (``cpu_kind``, ``tests/conftest.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,18 +12,26 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from embed_helpers import copy_samples, make_model, png_header_claiming, write_broken_files
+import torch
+from embed_helpers import (
+    BF16_MIN_COSINE,
+    copy_samples,
+    make_model,
+    png_header_claiming,
+    write_broken_files,
+)
 from PIL import Image
 
 from mocohub.cli import main
-from mocohub.embed import EmbedSettings, embed_files, output_files
+from mocohub.embed import EmbedSettings, embed_files, output_files, shard_work
 from mocohub.errors import ConfigError, InputError
 from mocohub.features import FeatureExtractor, TorchEmbedder, open_torch_embedder
-from mocohub.imageio import DecodeError, decode_image, scan_inputs
+from mocohub.imageio import DEFAULT_MAX_PIXELS, DecodeError, decode_image, scan_inputs
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +140,78 @@ def test_scan_orders_folders_lists_and_rejects_unknown_inputs(tmp_path: Path, da
         scan_inputs([tmp_path / "table.csv"])
 
 
+def test_default_workers_use_the_cores_the_model_leaves_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mocohub import embed
+
+    monkeypatch.setattr(embed.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(embed.torch.cuda, "is_available", lambda: False)
+    for threads, workers in ((8, 0), (6, 2), (1, 4)):
+        monkeypatch.setattr(embed.torch, "get_num_threads", lambda t=threads: t)
+        assert embed.default_workers("auto") == embed.default_workers("cpu") == workers
+    monkeypatch.setattr(embed.torch.cuda, "is_available", lambda: True)
+    assert embed.default_workers("auto") == embed.default_workers("cuda:1") == 8
+    assert embed.default_workers("cpu") == 4  # the model stays on the CPU: as above
+    # no workers: each batch is decoded on the model's threads, unless files may be
+    # larger than Pillow's own limit (decode_image lifts it process-wide then)
+    assert embed.decode_threads(0, DEFAULT_MAX_PIXELS) == 1  # get_num_threads() is 1 now
+    monkeypatch.setattr(embed.torch, "get_num_threads", lambda: 6)
+    assert embed.decode_threads(0, DEFAULT_MAX_PIXELS) == 6
+    assert embed.decode_threads(2, DEFAULT_MAX_PIXELS) == 1
+    assert embed.decode_threads(0, DEFAULT_MAX_PIXELS + 1) == embed.decode_threads(0, None) == 1
+
+
+def test_decoding_threads_give_what_one_thread_gives(dataset) -> None:
+    from mocohub.embed import _Decoded
+    from mocohub.preprocessing import Preprocessing
+
+    paths = scan_inputs([dataset[0]])
+    prep = Preprocessing(28, 32, (0.286,), (0.353,), channels=1)
+    one, three = _Decoded(paths, prep, None, threads=1), _Decoded(paths, prep, None, threads=3)
+    indices = list(range(len(paths)))
+    filters = list(warnings.filters)
+    try:
+        serial, threaded = one.__getitems__(indices), three.__getitems__(indices)
+    finally:
+        three.close()
+    assert warnings.filters == filters  # decode_image's catch_warnings in threads: restored
+    assert [(i, reason) for i, _, reason in threaded] == [(i, r) for i, _, r in serial]
+    assert sum(x is None for _, x, _ in serial) == 8  # the broken files
+    for (_, a, _), (_, b, _) in zip(serial, threaded, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_batches_are_normalised_exactly_as_the_preprocessing_says() -> None:
+    from mocohub.embed import _Collate
+    from mocohub.preprocessing import Preprocessing
+
+    for prep in (Preprocessing.imagenet(32), Preprocessing(28, 32, (0.286,), (0.353,), channels=1)):
+        crops = torch.randint(0, 256, (5, prep.channels, prep.image_size, prep.image_size))
+        crops = crops.to(torch.uint8)
+        for channels_last in (False, True):
+            x = _Collate(prep, channels_last).to_model(crops)
+            assert torch.equal(x, prep.batch()(crops))  # bit for bit
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            assert x.is_contiguous(memory_format=layout)
+
+
+def test_decoding_processes_yield_the_cpu_to_a_model_on_the_cpu(
+    tmp_path: Path, dataset, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers decode at nice 19, so they never take a core from the model's threads."""
+    from mocohub.embed import _Decoded
+
+    # each worker (forked with this patch) reports its niceness as the "reason" a file failed
+    monkeypatch.setattr(_Decoded, "__getitem__", lambda self, i: (i, None, f"nice {os.nice(0)}"))
+    paths = scan_inputs([dataset[0]])[:8]
+    settings = EmbedSettings(model=str(model_dir), batch_size=4, device="cpu")
+    opener = lambda precision: open_torch_embedder(str(model_dir), device="cpu")  # noqa: E731
+    embed_files(paths, tmp_path / "f.npy", settings, opener, workers=2)
+    reasons = {e["reason"] for e in read_outputs(tmp_path / "f.npy")[2]}
+    assert reasons == {"nice 19"}, reasons
+
+
 # --- the command -------------------------------------------------------------
 
 
@@ -142,12 +226,14 @@ def fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str
     return code, capsys.readouterr().err
 
 
+@pytest.mark.precision
 def test_embed_writes_one_row_per_good_file_and_lists_the_broken(
     tmp_path: Path, dataset, model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root, good, broken = dataset
     out = tmp_path / "out" / "feats.npy"
     args = ["embed", str(root), "--out", str(out), "--model", str(model_dir), "--quiet"]
+    args += ["--precision", "fp32"]
     main([*args, "--workers", "2", "--batch-size", "8", "--part-size", "16"])
     feats, manifest, errors = read_outputs(out)
     assert feats.shape == (len(good), 64)
@@ -160,7 +246,7 @@ def test_embed_writes_one_row_per_good_file_and_lists_the_broken(
     for e in errors:
         assert broken[Path(e["path"]).name] in e["reason"]
     # row i is the features of manifest path i (the same as the Python API gives)
-    extractor = FeatureExtractor(str(model_dir), device="cpu")
+    extractor = FeatureExtractor(str(model_dir), device="cpu", precision="fp32")
     picked = [0, 7, 20, len(manifest) - 1]
     np.testing.assert_allclose(feats[picked], extractor([manifest[i] for i in picked]), atol=1e-5)
     meta = json.loads(output_files(out)["meta"].read_text())
@@ -247,8 +333,10 @@ def test_another_backend_plugs_into_the_same_pipeline(
 # --- resume and shards -------------------------------------------------------
 
 
-def run_embed(paths: list[str], out: Path, model_dir: Path, **options) -> np.ndarray:
-    settings = EmbedSettings(model=str(model_dir), batch_size=4, part_size=8, device="cpu")
+def run_embed(
+    paths: list[str], out: Path, model_dir: Path, batch_size: int = 4, **options
+) -> np.ndarray:
+    settings = EmbedSettings(model=str(model_dir), batch_size=batch_size, part_size=8, device="cpu")
     opener = lambda precision: open_torch_embedder(  # noqa: E731
         str(model_dir), device="cpu", precision=precision
     )
@@ -256,6 +344,7 @@ def run_embed(paths: list[str], out: Path, model_dir: Path, **options) -> np.nda
     return np.load(out)
 
 
+@pytest.mark.precision
 def test_interrupted_run_resumes_to_the_same_array(
     tmp_path: Path, dataset, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -311,6 +400,7 @@ def test_interrupted_run_resumes_to_the_same_array(
     assert not output_files(other)["parts"].exists()
 
 
+@pytest.mark.precision
 def test_shards_merged_equal_one_run(
     tmp_path: Path, dataset, model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -328,6 +418,77 @@ def test_shards_merged_equal_one_run(
     argv = ["embed-merge", str(shards[0]), str(shards[2]), "--out", str(tmp_path / "x.npy")]
     assert "exactly once" in fails(argv, capsys)[1]
     assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.precision
+@pytest.mark.parametrize("count", [2, 3])
+def test_shards_split_the_images_whatever_the_batch_size(
+    tmp_path: Path, dataset, model_dir: Path, count: int
+) -> None:
+    """20 files and batches of 64: every shard gets its 1/n of them, merged bit-identically."""
+    paths = scan_inputs([dataset[0]])[8:28]  # good PNGs, the broken files, good JPEGs
+    assert len(paths) == 20 and sum("/broken/" in p for p in paths) == 8
+    reference = run_embed(paths, tmp_path / "all.npy", model_dir, batch_size=64)
+    shards = [tmp_path / f"s{i}.npy" for i in range(count)]
+    for i, shard in enumerate(shards):
+        run_embed(paths, shard, model_dir, batch_size=64, shard=(i, count))
+        _, manifest, errors = read_outputs(shard)
+        share = paths[i * 20 // count : (i + 1) * 20 // count]  # 10 + 10, or 6 + 7 + 7
+        assert sorted([*manifest, *(e["path"] for e in errors)]) == sorted(share)
+    merged = tmp_path / "merged.npy"
+    main(["embed-merge", *map(str, shards), "--out", str(merged)])
+    assert np.array_equal(np.load(merged), reference)
+    assert read_outputs(merged)[1:] == read_outputs(tmp_path / "all.npy")[1:]
+
+
+def test_shard_work_owns_images_and_runs_whole_batches() -> None:
+    assert shard_work(20, 64, (0, 2)) == (range(0, 10), range(0, 1))
+    assert shard_work(20, 64, (1, 2)) == (range(10, 20), range(0, 1))
+    assert shard_work(1000, 64, (1, 3)) == (range(333, 666), range(5, 11))
+    assert shard_work(1, 8, (0, 2)) == (range(0, 0), range(0))  # fewer images than shards
+    with pytest.raises(ConfigError, match="--shard"):
+        shard_work(10, 4, (2, 2))
+
+
+def test_merge_refuses_shards_run_at_other_precisions(
+    tmp_path: Path, dataset, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = scan_inputs([dataset[0]])[:8]
+    for i, precision in enumerate(("bf16", "fp32")):
+        settings = EmbedSettings(
+            model=str(model_dir), batch_size=4, device="cpu", precision=precision
+        )
+
+        def opener(chosen: str) -> TorchEmbedder:
+            return open_torch_embedder(str(model_dir), device="cpu", precision=chosen)
+
+        embed_files(paths, tmp_path / f"s{i}.npy", settings, opener, shard=(i, 2))
+    argv = ["embed-merge", str(tmp_path / "s0.npy"), str(tmp_path / "s1.npy")]
+    assert "(precision)" in fails([*argv, "--out", str(tmp_path / "m.npy")], capsys)[1]
+    assert not (tmp_path / "m.npy").exists()
+
+
+@pytest.mark.precision
+def test_auto_takes_the_precision_of_the_emulated_cpu_and_records_it(
+    tmp_path: Path, dataset, model_dir: Path, cpu_kind, capsys: pytest.CaptureFixture[str]
+) -> None:
+    listing = tmp_path / "some.txt"
+    listing.write_text("".join(f"{p}\n" for p in dataset[1][:12]))
+    rows = {}
+    for flags, expected in (
+        ("avx2,fma", "fp32"),
+        ("avx2,avx512_bf16", "bf16"),
+        ("amx_bf16", "bf16"),
+    ):
+        cpu_kind(flags)
+        out = tmp_path / f"{flags}.npy"
+        main(["embed", str(listing), "--out", str(out), "--model", str(model_dir), "-q"])
+        assert json.loads(output_files(out)["meta"].read_text())["precision"] == expected
+        assert f"precision {expected})" in capsys.readouterr().out
+        rows[flags] = np.load(out)
+    fp32, bf16 = rows["avx2,fma"], rows["avx2,avx512_bf16"]
+    assert not np.array_equal(fp32, bf16)
+    assert (fp32 * bf16).sum(1).min() >= BF16_MIN_COSINE  # rows are L2-normalised
 
 
 @pytest.mark.slow

@@ -144,6 +144,7 @@ def test_provider_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 1 <= oe.physical_cores() <= (os.cpu_count() or 1)
 
 
+@pytest.mark.precision
 def test_mocohub_embed_onnxruntime_equals_torch(rgb: dict, tmp_path: Path) -> None:
     folder = tmp_path / "images"
     folder.mkdir()
@@ -152,7 +153,7 @@ def test_mocohub_embed_onnxruntime_equals_torch(rgb: dict, tmp_path: Path) -> No
     shutil.copy(sorted(SAMPLES.glob("*.png"))[0], folder / "gray.png")  # 1-channel file
     common = [str(folder), "--workers", "0", "--quiet", "--batch-size", "4"]
     runs = {
-        "torch": ["--model", str(rgb["root"] / "src"), "--backend", "torch"],
+        "torch": ["--model", str(rgb["root"] / "src"), "--backend", "torch", "--precision", "fp32"],
         "onnx": ["--model", str(rgb["out"]), "--backend", "onnxruntime"],
         "int8": ["--model", str(rgb["out"] / "model.int8.onnx"), "--backend", "onnxruntime"],
     }
