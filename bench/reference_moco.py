@@ -5,6 +5,9 @@ for the benchmarks: the baseline that mocohub is measured against, in the same r
 (the per-tensor momentum loop, ``queue.clone().detach()``, ``int(queue_ptr)``,
 the all-gather shuffle) is the reference's. Without a process group the
 gathers are the identity, as in one GPU process.
+
+``tests/test_moco_reference.py`` also trains ``mocohub.training.MoCo`` against it
+in float64 (to 1e-12), so it must stay the reference's, statement for statement.
 """
 
 from __future__ import annotations

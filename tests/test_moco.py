@@ -124,10 +124,14 @@ def test_momentum_update_is_one_fused_pass() -> None:
     )
 
 
-def test_logits_stay_float32_under_autocast() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logits_stay_float32_under_autocast(dtype: torch.dtype) -> None:
     model = MoCo(tiny, dim=16, K=16, T=0.2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    seen: list[torch.dtype] = []
+    model.encoder_q.register_forward_hook(lambda _m, _args, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=dtype):
         logits, _ = model(images(8, 1), images(8, 2))
+    assert seen == [dtype]  # the encoder did run in low precision
     assert logits.dtype == torch.float32
     assert model.queue.dtype == torch.float32
 

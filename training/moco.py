@@ -13,7 +13,8 @@ What differs from the reference, none of it changing the maths:
 - shuffle BN sends each sample straight to the rank that encodes it
   (``all_to_all``) instead of gathering the global batch everywhere;
 - the queue pointer never leaves the device (no host sync per step);
-- logits are computed in float32, also under autocast;
+- logits are computed in float32, also under autocast (in float64 for a
+  float64 model: features are cast up to float32, never down);
 - it runs in one process with no process group, where ``bn_splits > 1`` gives
   the shuffle-BN effect with split BatchNorm (as the reference CIFAR demo);
 - ``symmetric=True`` uses both views as queries (as that demo offers).
@@ -47,6 +48,11 @@ from .distributed import (
 from .split_batchnorm import convert_split_batchnorm
 
 __all__ = ["MoCo"]
+
+
+def _at_least_float32(features: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 features (autocast) up to float32; float32 and float64 as they are."""
+    return features.to(torch.promote_types(features.dtype, torch.float32))
 
 
 class MoCo(nn.Module):
@@ -146,23 +152,26 @@ class MoCo(nn.Module):
         self.queue_ptr.add_(keys.shape[0]).remainder_(self.K)
 
     def _query(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.encoder_q(images).float(), dim=1)
+        return F.normalize(_at_least_float32(self.encoder_q(images)), dim=1)
 
     @torch.no_grad()
     def _key(self, images: torch.Tensor) -> torch.Tensor:
         if not is_distributed() and self.bn_splits == 1:
             # One BN batch either way: a shuffle would change nothing.
-            return F.normalize(self.encoder_k(images).float(), dim=1)
+            return F.normalize(_at_least_float32(self.encoder_k(images)), dim=1)
         if self._shuffle_generator is None:
             self._shuffle_generator = shared_generator(images.device)
         shuffled, shuffle = shuffle_batch(images, self._shuffle_generator)
-        keys = F.normalize(self.encoder_k(shuffled).float(), dim=1)
+        keys = F.normalize(_at_least_float32(self.encoder_k(shuffled)), dim=1)
         return shuffle.unshuffle(keys)
 
     def _logits(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
         # float32 even under autocast: logits / T reach ~1/T and bf16 keeps
         # only 3 significant digits.
         with torch.autocast(q.device.type, enabled=False):
+            # The wider of features and queue (a float64 model stays float64).
+            dtype = torch.promote_types(q.dtype, queue.dtype)
+            q, k, queue = q.to(dtype), k.to(dtype), queue.to(dtype)
             l_pos = (q * k).sum(dim=1, keepdim=True)  # positives: N x 1
             l_neg = q @ queue  # negatives: N x K
             return torch.cat([l_pos, l_neg], dim=1) / self.T
