@@ -207,6 +207,11 @@ def _fake_keys(images: torch.Tensor, dim: int) -> torch.Tensor:
     return images.flatten(1)[:, :dim].clone()
 
 
+def ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``, NaN when the denominator is 0 (nothing to compare)."""
+    return numerator / denominator if denominator else float("nan")
+
+
 def _shuffle_worker(
     rank: int,
     port: int,
@@ -269,9 +274,10 @@ def _shuffle_worker(
                 entry[f"{key}_all_ms"] = [t * 1e3 for t in times[key]]
                 entry[f"{key}_bytes_received_per_rank"] = table[:, j].tolist()
                 entry[f"{key}_bytes_received_mean"] = float(table[:, j].mean())
-            entry["speedup"] = entry["reference_ms"] / entry["ours_ms"]
-            entry["bytes_ratio"] = (
-                entry["reference_bytes_received_mean"] / entry["ours_bytes_received_mean"]
+            # A tiny batch can keep every image on its own rank (0 bytes received) by chance.
+            entry["speedup"] = ratio(entry["reference_ms"], entry["ours_ms"])
+            entry["bytes_ratio"] = ratio(
+                entry["reference_bytes_received_mean"], entry["ours_bytes_received_mean"]
             )
             results.append(entry)
         if rank == 0:

@@ -162,7 +162,7 @@ class TorchEmbedder:
             norms = [m for m in self.model.modules() if isinstance(m, _NORMS)]
             keep = {id(t) for m in norms for t in [*m.parameters(False), *m.buffers(False)]}
             memo: dict[int, Any] = {}
-            for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]:
+            for t in [*self.model.parameters(), *self.model.buffers()]:
                 if id(t) not in keep and t.is_floating_point():
                     low = t.detach().to(dtype)
                     is_param = isinstance(t, nn.Parameter)

@@ -173,6 +173,10 @@ def test_two_nodes_on_one_machine(tmp_path: Path, free_port: int) -> None:
     results = [node.communicate(timeout=300) for node in nodes]
     for node, (_, err) in zip(nodes, results, strict=True):
         assert node.returncode == 0, err
+        assert "broadcast_buffers" not in err  # torch's deprecation warning, once per rank
+    # Node 0 says what it waits for, once; node 1 says nothing.
+    waiting = f"waiting for 2 nodes at 127.0.0.1:{free_port}"
+    assert results[0][1].count(waiting) == 1 and "waiting" not in results[1][1]
     # One set of checkpoints (rank 0's): epoch 1 and the "last" link to it.
     checkpoints = sorted(p.name for p in run.glob("checkpoint_*.pt"))
     assert checkpoints == ["checkpoint_0001_00000000.pt", "checkpoint_last.pt"]
@@ -182,7 +186,24 @@ def test_two_nodes_on_one_machine(tmp_path: Path, free_port: int) -> None:
 
 
 def test_a_short_run_learns_features_that_beat_initialisation(tmp_path: Path) -> None:
-    """k-NN (k=20) on 100 held-out sample images, features from 200 others."""
+    """k-NN (k=20) on 100 held-out sample images, features from 200 others.
+
+    The recipe (batch 16, no BN splits, T=0.1, dim 128, 45 epochs) was chosen by
+    seed sweeps of ``bench/tiny_recipe_seeds.py`` on the 2-core AMD EPYC with
+    avx512_bf16 (default CPU capability, fp32, 1 thread); the former recipe
+    (batch 32, 4 BN splits, T=0.2, dim 32, 30 epochs) gained +0.01, +0.13, +0.02,
+    -0.03 over seeds 0-3. This one, seeds 0-9 (before -> after):
+
+    ====  =====  =====  =====  =====  =====  =====  =====  =====  =====  =====
+    seed  0      1      2      3      4      5      6      7      8      9
+    ====  =====  =====  =====  =====  =====  =====  =====  =====  =====  =====
+    k-NN  .45    .29    .48    .30    .47    .51    .42    .52    .42    .43
+    ->    .58    .64    .64    .56    .62    .62    .59    .46    .60    .56
+    ====  =====  =====  =====  =====  =====  =====  =====  =====  =====  =====
+
+    Mean gain +0.17; seed 7 does not learn (-0.06). Not yet measured with
+    ``ATEN_CPU_CAPABILITY=avx2``. The test runs seed 0 (+0.13 against +0.05 asked).
+    """
     from mocohub.training.data import resolve_dataset
     from mocohub.training.distributed import init_from_env
     from mocohub.training.monitor import KnnMonitor
@@ -192,13 +213,14 @@ def test_a_short_run_learns_features_that_beat_initialisation(tmp_path: Path) ->
     order = torch.randperm(300, generator=torch.Generator().manual_seed(0))
     bank = (dataset.images[order[:200]], dataset.labels[order[:200]])
     held_out = (dataset.images[order[200:]], dataset.labels[order[200:]])
-    config = tiny_config(epochs=30, dim=32, T=0.2, lr_batch=32, knn_k=20)
+    config = tiny_config(
+        epochs=45, dim=128, T=0.1, batch_size=16, lr_batch=16, bn_splits=1, knn_k=20, seed=0
+    )
     monitor = KnnMonitor((bank, held_out), config, info, init_from_env())
     torch.manual_seed(config.seed)  # the initial weights train() starts from
     before = monitor(build_moco(config, in_channels=1).encoder_q)["knn_top1"]
 
     metrics = train(config, bank[0], tmp_path, knn_data=(bank, held_out), progress=False)
-    # Measured on this recipe: 0.43 -> 0.55 and 0.39 -> 0.56 (seeds 0 and 1).
     assert metrics["knn_top1"] >= before + 0.05, (before, metrics["knn_top1"])
     assert (tmp_path / "curves.png").stat().st_size > 1000
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
