@@ -20,3 +20,15 @@ def run_cli(
         code = int(exit_info.code or 0)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+#: The smallest training settings the tests use (fashion_mnist preset, 1 thread, fp32).
+TINY_TRAIN = {
+    "width": 8,
+    "dim": 16,
+    "K": 64,
+    "batch_size": 32,
+    "workers": 0,
+    "precision": "fp32",
+    "bn_splits": 4,
+}

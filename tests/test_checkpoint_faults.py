@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from cli_helpers import run_cli
+from cli_helpers import TINY_TRAIN, run_cli
 
 from mocohub.errors import InputError
 from mocohub.fileio import temporary_name, temporary_owner
@@ -27,16 +27,7 @@ from mocohub.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "fashion-mnist"
-TINY = {
-    "width": 8,
-    "dim": 16,
-    "K": 64,
-    "batch_size": 32,
-    "workers": 0,
-    "precision": "fp32",
-    "bn_splits": 4,
-    "epochs": 2,  # 300 images / 32 = 9 steps per epoch
-}
+TINY = {**TINY_TRAIN, "epochs": 2}  # 300 images / 32 = 9 steps per epoch
 TINY_FLAGS = [
     "--preset", "fashion_mnist", "--width", "8", "--dim", "16", "--queue-size", "64",
     "--batch-size", "32", "--workers", "0", "--precision", "fp32", "--epochs", "2", "--quiet",

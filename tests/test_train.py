@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import TINY_TRAIN
 
 from mocohub.errors import InputError
 from mocohub.training import checkpoint as ckpt
@@ -21,15 +22,7 @@ from mocohub.training.train import TrainingDivergedError, TrainingInterrupted, t
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "fashion-mnist"
-TINY = {
-    "width": 8,
-    "dim": 16,
-    "K": 64,
-    "batch_size": 32,
-    "workers": 0,
-    "precision": "fp32",
-    "bn_splits": 4,
-}
+TINY = TINY_TRAIN
 
 
 def tiny_config(**overrides: object):
