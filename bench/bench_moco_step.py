@@ -344,7 +344,8 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     ours = MoCo(encoder, dim=args.dim, K=args.queue, m=0.999, T=0.2, mlp=True)
     ref = ReferenceMoCo(encoder, dim=args.dim, K=args.queue, m=0.999, T=0.2, mlp=True)
-    ref.load_state_dict(ours.state_dict())  # same weights, BN statistics and queue
+    # Same weights, BN statistics and queue (the reference has no generator state).
+    ref.load_state_dict({k: v for k, v in ours.state_dict().items() if k != "_extra_state"})
     models = {"ours": ours, "reference": ref}
     # As main_moco.py: SGD over model.parameters() (the key encoder has no grads).
     optimizers = {

@@ -29,6 +29,13 @@ Rows (CUDA, when a GPU is present; batch ``--gpu-batch``, default 256):
 ``torch bf16`` (autocast, channels_last), ``onnxruntime CUDA fp16``
 (``model.fp16.onnx`` with I/O binding) and ``onnxruntime TensorRT fp16``.
 
+Every onnxruntime row records ``providers``, the providers its session really
+uses (``session.get_providers()``), and prints them. A row whose provider did
+not run is not timed: it is marked ``unavailable`` with the reason (not
+installed, failed to load, or the session fell back to another provider,
+which onnxruntime does silently; the GPU wheel lists TensorRT even where
+TensorRT is not installed). See :func:`ort_row`.
+
 Run (from the repository root)::
 
     python bench/export.py                          # CPU, all cores
@@ -56,11 +63,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from mocohub.artifact import ModelConfig, build_model
 from mocohub.export.onnx import add_metadata, export_onnx, save_onnx, to_fp16
 from mocohub.export.onnx_embedder import OnnxEmbedder
 from mocohub.export.quantize import load_image_folder, quantize_int8
 from mocohub.export.verify import neighbour_agreement
-from mocohub.models import ModelConfig, build_model
 from mocohub.preprocessing import Preprocessing
 from mocohub.sysinfo import collect
 
@@ -125,12 +132,62 @@ def time_rows(
     }
 
 
-def export_files(model: torch.nn.Module, folder: Path, calibration: np.ndarray, gpu: bool) -> None:
+#: onnxruntime's name for each provider a row asks for
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def ort_row(
+    path: Path, provider: str, **options: Any
+) -> tuple[OnnxEmbedder | None, dict[str, Any]]:
+    """An embedder of ``path`` on ``provider`` (cpu, cuda, tensorrt) and what really runs.
+
+    Returns ``(embedder, record)``: ``record["providers"]`` is the session's
+    ``get_providers()``. When the provider cannot run here (onnxruntime lacks
+    it, it fails to load, or the session fell back to another provider), the
+    embedder is None and ``record["unavailable"]`` says why: such a row must not
+    be timed under the provider's name.
+
+    Example:
+        >>> embedder, record = ort_row(Path("out/model.onnx"), "cuda")
+        >>> record  # on a machine without the CUDA provider
+        {'requested': 'CUDAExecutionProvider', 'providers': [], 'unavailable': '...'}
+    """
+    wanted = PROVIDER_NAMES[provider]
+    record: dict[str, Any] = {"requested": wanted, "providers": []}
+    try:
+        embedder = OnnxEmbedder(path, provider, **options)
+    except Exception as error:  # not installed, or the provider's libraries failed to load
+        record["unavailable"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        return None, record
+    record["providers"] = list(embedder.session.get_providers())
+    if record["providers"][:1] != [wanted]:
+        record["unavailable"] = (
+            f"the session fell back to {record['providers'][0]} ({wanted} did not load)"
+        )
+        return None, record
+    return embedder, record
+
+
+def export_files(
+    model: torch.nn.Module,
+    folder: Path,
+    calibration: np.ndarray | None,
+    gpu: bool,
+    *,
+    int8: bool = True,
+) -> None:
+    """model.onnx (fp32), model.int8.onnx (when ``int8``; calibrated on ``calibration``)
+    and, when ``gpu``, model.fp16.onnx, in ``folder``."""
     config = model.mocohub_config
     core = export_onnx(model)
     save_onnx(add_metadata(core, config, precision="fp32"), folder / "model.onnx")
-    int8 = quantize_int8(core, calibration=calibration)
-    save_onnx(add_metadata(int8, config, precision="int8"), folder / "model.int8.onnx")
+    if int8:
+        quantized = quantize_int8(core, calibration=calibration)
+        save_onnx(add_metadata(quantized, config, precision="int8"), folder / "model.int8.onnx")
     if gpu:
         save_onnx(add_metadata(to_fp16(core), config, precision="fp16"), folder / "model.fp16.onnx")
 
@@ -150,19 +207,27 @@ def int8_accuracy(model: torch.nn.Module, int8: OnnxEmbedder, images: torch.Tens
     }
 
 
-def embed_path(int8_file: Path, images: Path, threads: int, workers: int, out: Path) -> float:
-    """images/s of the whole `mocohub embed --backend onnxruntime` run (batch 32)."""
+def embed_path(
+    model_file: Path,
+    images: Path,
+    threads: int,
+    workers: int,
+    out: Path,
+    *,
+    provider: str = "cpu",
+    batch: int = 32,
+) -> float:
+    """images/s of the whole `mocohub embed --backend onnxruntime` run on ``provider``."""
     from mocohub.embed import EmbedSettings, embed_files
-    from mocohub.export.onnx_embedder import open_embedder
     from mocohub.imageio import scan_inputs
 
     paths = scan_inputs([images])
-    settings = EmbedSettings(model=str(int8_file), backend="onnxruntime", batch_size=32)
+    settings = EmbedSettings(model=str(model_file), backend="onnxruntime", batch_size=batch)
     result = embed_files(
         paths,
         out,
         settings,
-        lambda _precision: open_embedder(int8_file, threads=threads),
+        lambda _precision: OnnxEmbedder(model_file, provider, threads=threads),
         workers=workers,
         restart=True,
     )
@@ -170,8 +235,6 @@ def embed_path(int8_file: Path, images: Path, threads: int, workers: int, out: P
 
 
 def gpu_rows(model: torch.nn.Module, folder: Path, batch: int, calls: int, rounds: int) -> dict:
-    import onnxruntime as ort
-
     x = torch.randn(batch, 3, 224, 224, device="cuda")
     gpu_model = build_model(model.mocohub_config).cuda().to(memory_format=torch.channels_last)
     gpu_model.load_state_dict(model.state_dict())
@@ -180,17 +243,21 @@ def gpu_rows(model: torch.nn.Module, folder: Path, batch: int, calls: int, round
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return gpu_model(t.contiguous(memory_format=torch.channels_last))
 
-    cuda = OnnxEmbedder(folder / "model.fp16.onnx", "cuda")
-    runners: dict[str, Runner] = {
-        "torch bf16 (cuda)": bf16,
-        "onnxruntime CUDA fp16": cuda.embed_batch,
-    }
-    if "TensorrtExecutionProvider" in ort.get_available_providers():
-        trt = OnnxEmbedder(folder / "model.fp16.onnx", "tensorrt")
-        runners["onnxruntime TensorRT fp16"] = trt.embed_batch
-    return time_rows(
+    runners: dict[str, Runner] = {"torch bf16 (cuda)": bf16}
+    records: dict[str, dict[str, Any]] = {}
+    for name, provider in (
+        ("onnxruntime CUDA fp16", "cuda"),
+        ("onnxruntime TensorRT fp16", "tensorrt"),
+    ):
+        embedder, records[name] = ort_row(folder / "model.fp16.onnx", provider)
+        if embedder is not None:
+            runners[name] = embedder.embed_batch
+    rows = time_rows(
         runners, dict.fromkeys(runners, x), calls, rounds, lambda _: torch.cuda.synchronize()
     )
+    for name, record in records.items():
+        rows[name] = {**record, **rows.get(name, {})}
+    return rows
 
 
 def summarise(results: dict[str, dict[str, Any]], batch: int) -> None:
@@ -213,9 +280,12 @@ def print_table(report: dict[str, Any]) -> None:
         base = rows.get("onnxruntime fp32", {}).get("img_per_s")
         eager = rows.get("torch eager fp32", {}).get("img_per_s")
         for name, row in rows.items():
-            if "error" in row:
-                print(f"| {arch} | {batch} | {name} | failed: {row['error'][:60]} | | | | | |")
+            if "error" in row or "unavailable" in row:
+                why = f"failed: {row['error']}" if "error" in row else row["unavailable"]
+                print(f"| {arch} | {batch} | {name} | {why[:80]} | | | | | |")
                 continue
+            if row.get("providers"):
+                name = f"{name} [{', '.join(row['providers'])}]"
             ratio = f"{row['img_per_s'] / base:.2f}x" if base else "-"
             vs_eager = f"{row['img_per_s'] / eager:.2f}x" if eager else "-"
             print(
@@ -254,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
 
-    from mocohub.export.onnx_embedder import physical_cores
+    from mocohub.sysinfo import physical_cores
 
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
@@ -282,8 +352,12 @@ def main(argv: list[str] | None = None) -> None:
             folder.mkdir()
             print(f"{arch}: exporting and quantizing ...", flush=True)
             export_files(model, folder, real[: args.calibration_size].numpy(), gpu)
-            fp32 = OnnxEmbedder(folder / "model.onnx", "cpu", threads=threads)
-            int8 = OnnxEmbedder(folder / "model.int8.onnx", "cpu", threads=threads)
+            fp32, fp32_record = ort_row(folder / "model.onnx", "cpu", threads=threads)
+            int8, int8_record = ort_row(folder / "model.int8.onnx", "cpu", threads=threads)
+            if fp32 is None or int8 is None:
+                raise SystemExit(
+                    f"onnxruntime's CPU provider did not run: {fp32_record}, {int8_record}"
+                )
             report["int8_accuracy"][arch] = int8_accuracy(model, int8, real[: args.accuracy_size])
             for batch in args.batches:
                 print(f"{arch} batch {batch}:", flush=True)
@@ -296,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
                 inputs = {n: x.numpy() if n.startswith("onnxruntime") else x for n in runners}
                 calls = args.calls_batch1 if batch == 1 else args.calls
                 rows = time_rows(runners, inputs, calls, args.rounds, lambda _: None)
+                rows["onnxruntime fp32"].update(fp32_record)
+                rows["onnxruntime int8"].update(int8_record)
                 summarise(rows, batch)
                 report["speed"][f"{arch}@{batch}"] = rows
             bare = report["speed"].get(f"{arch}@32", {}).get("onnxruntime int8", {})
@@ -316,8 +392,12 @@ def main(argv: list[str] | None = None) -> None:
     print_table(report)
     for arch, rows in report["gpu"].items():
         for name, row in rows.items():
-            shown = f"{row['img_per_s']:.0f} img/s" if "img_per_s" in row else row["error"]
-            print(f"GPU {arch} batch {args.gpu_batch} {name}: {shown}")
+            if "img_per_s" in row:
+                shown = f"{row['img_per_s']:.0f} img/s"
+            else:
+                shown = row.get("unavailable") or row.get("error", "no figure")
+            ran = f" [{', '.join(row['providers'])}]" if row.get("providers") else ""
+            print(f"GPU {arch} batch {args.gpu_batch} {name}{ran}: {shown}")
     print(f"\nload average: start {report['load_start']}, end {report['load_end']}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mocohub.artifact import ModelConfig, build_model
 from mocohub.features import TorchEmbedder
-from mocohub.models import ModelConfig, build_model
 from mocohub.precision import BF16_CPU_FLAGS, resolve_precision
 from mocohub.preprocessing import Preprocessing
 from mocohub.sysinfo import cpu_flags, cpu_model

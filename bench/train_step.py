@@ -84,7 +84,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,65 +182,58 @@ def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 def make_ours(
-    config: TrainConfig, in_channels: int, state: dict[str, torch.Tensor], batches: list[Any]
+    config: TrainConfig,
+    in_channels: int,
+    state: dict[str, torch.Tensor],
+    batches: list[Any],
+    device: torch.device = CPU,
 ) -> Step:
-    """Our MoCo step, as the training loop takes it (one process, epoch 0)."""
-    dtype, channels_last = loop_settings(config, CPU)
-    model = build_moco(config, in_channels)
+    """Our MoCo step, as the training loop takes it (one process, epoch 0), on ``device``
+    (``batches`` must be there); ``config.compile`` compiles the encoders as the loop does."""
+    dtype, channels_last = loop_settings(config, device)
+    model = build_moco(config, in_channels).to(device)
     model.load_state_dict(state)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    optimizer = torch.optim.SGD(
-        model.encoder_q.parameters(),
-        lr=lr_at(config, 0),
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        foreach=True,
-    )
+    optimizer = sgd(model.encoder_q.parameters(), config, fast_on=device)
+    if config.compile:
+        model.encoder_q.compile()
+        model.encoder_k.compile()
 
     def step(i: int) -> torch.Tensor:
         im_q, im_k = batches[i % len(batches)][:2]
         im_q, im_k = to_layout(im_q, channels_last), to_layout(im_k, channels_last)
         model.set_shuffle_seed(step_seed(config.seed, 0, i))
-        with torch.autocast(CPU.type, dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits, labels = model(im_q, im_k)
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+        return update(optimizer, F.cross_entropy(logits, labels))
 
     step.model = model  # type: ignore[attr-defined]
     return step
 
 
 def make_reference(
-    config: TrainConfig, in_channels: int, state: dict[str, torch.Tensor], batches: list[Any]
+    config: TrainConfig,
+    in_channels: int,
+    state: dict[str, torch.Tensor],
+    batches: list[Any],
+    device: torch.device = CPU,
 ) -> Step:
     """The reference step (main_moco.py's ``train`` body without meters), fp32 NCHW."""
     encoder = encoder_builder(config, in_channels)
     model = ReferenceMoCo(
         encoder, dim=config.dim, K=config.K, m=config.m, T=config.T, mlp=config.mlp
-    )
+    ).to(device)
     model.load_state_dict(state)
     model.train()
     criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr_at(config, 0),
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = sgd(model.parameters(), config)
 
     def step(i: int) -> torch.Tensor:
         im_q, im_k = batches[i % len(batches)][:2]
         output, target = model(im_q=im_q, im_k=im_k)
-        loss = criterion(output, target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+        return update(optimizer, criterion(output, target))
 
     step.model = model  # type: ignore[attr-defined]
     return step
@@ -279,12 +272,7 @@ def make_lightly(
     criterion = NTXentLoss(temperature=config.T, memory_bank_size=(config.K, config.dim))
     with torch.no_grad():  # the same negatives as the other rows to start with
         criterion.memory_bank.bank.copy_(state["queue"].T)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=lr_at(config, 0),
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = sgd(model.parameters(), config)
 
     def step(i: int) -> torch.Tensor:
         x_query, x_key = batches[i % len(batches)][:2]
@@ -308,33 +296,52 @@ def make_supervised(
     batches: list[Any],
     dtype: torch.dtype | None,
     channels_last: bool,
+    device: torch.device = CPU,
 ) -> Step:
-    """A supervised step of the same backbone (10 classes) with ours' speed settings."""
+    """A supervised step of the same backbone (10 classes) with ours' speed settings
+    (``config.compile`` too)."""
     model = encoder_builder(config, in_channels)(num_classes=SUPERVISED_CLASSES)
     model.load_state_dict(encoder_state(state, "encoder_q."), strict=False)  # fc differs
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=lr_at(config, 0),
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        foreach=True,
-    )
+    optimizer = sgd(model.parameters(), config, fast_on=device)
+    if config.compile:
+        model.compile()
 
     def step(i: int) -> torch.Tensor:
         images, _, labels = batches[i % len(batches)]
         images = to_layout(images, channels_last)
-        with torch.autocast(CPU.type, dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             output = model(images)
-        loss = F.cross_entropy(output.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+        return update(optimizer, F.cross_entropy(output.float(), labels))
 
     return step
+
+
+def sgd(
+    params: Iterable[nn.Parameter], config: TrainConfig, fast_on: torch.device | None = None
+) -> torch.optim.SGD:
+    """SGD at the run's first learning rate, momentum and weight decay; with ``fast_on``,
+    the multi-tensor path ours uses on that device (fused on CUDA, foreach elsewhere)."""
+    fast = {} if fast_on is None else {"fused" if fast_on.type == "cuda" else "foreach": True}
+    return torch.optim.SGD(
+        params,
+        lr=lr_at(config, 0),
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        **fast,
+    )
+
+
+def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
+    """One update from ``loss`` (gradients zeroed to None first, as main_moco.py's
+    ``optimizer.zero_grad()`` does); returns the detached loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 def encoder_builder(config: TrainConfig, in_channels: int) -> Callable[..., nn.Module]:
@@ -433,7 +440,12 @@ def build_rows(
     config: TrainConfig, in_channels: int, batches: list[Any], no_bf16: bool
 ) -> tuple[list[Row], dict[str, torch.Tensor]]:
     torch.manual_seed(config.seed)
-    state = {k: v.clone() for k, v in build_moco(config, in_channels).state_dict().items()}
+    # Weights and buffers only: the reference has no shuffle-generator state (_extra_state).
+    state = {
+        k: v.clone()
+        for k, v in build_moco(config, in_channels).state_dict().items()
+        if k != "_extra_state"
+    }
     auto_dtype, auto_cl = loop_settings(config, CPU)
     bf16_config = dataclasses.replace(config, precision="bf16", channels_last="on")
     fp32_config = dataclasses.replace(config, precision="fp32", channels_last="off")

@@ -11,7 +11,14 @@ __all__ = ["export_command", "serve_command"]
 
 @click.command("export")
 @click.argument("model")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output folder. It is built beside it and replaces it only once complete and "
+    "verified; other files in it are kept.",
+)
 @click.option(
     "--format",
     "formats",
@@ -70,7 +77,10 @@ def export_command(
     """Export MODEL (anything mocohub.load takes) as safetensors and ONNX, verified.
 
     The ONNX graphs are run in onnxruntime against PyTorch (cosine >= 0.9999 for
-    fp32, 0.999 fp16, 0.98 int8); a failed check exits non-zero naming the worst case.
+    fp32, 0.999 fp16, 0.98 int8); a failed check exits non-zero naming the worst case,
+    leaves --out as it was and keeps the new files in OUT.rejected. Each graph and
+    verify.json record the SHA-256 of model.safetensors; loaders refuse a folder
+    whose files disagree.
 
     Example: mocohub export runs/fmnist/model --out out/fmnist --int8 --calibration samples/
     """
@@ -219,5 +229,7 @@ def serve_command(
         max_connections=max_connections,
         decode_threads=decode_threads,
     )
-    embedder = open_served_model(model, precision=precision, providers=providers, threads=threads)
+    embedder = open_served_model(
+        model, precision=precision, providers=providers, threads=threads, max_batch=max_batch
+    )
     serve(embedder, host=host, port=port, settings=settings, echo=lambda s: click.echo(s, err=True))

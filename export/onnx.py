@@ -15,8 +15,9 @@ Two kinds of graph:
 
 Every graph carries ``metadata_props``: ``mocohub_config`` (the full
 ``config.json``), ``arch``, ``embedding_dim``, ``preprocessing`` (JSON),
-``input`` (``images`` or ``pixels``), ``normalised``, ``precision`` and
-``mocohub_version``; :func:`read_metadata` reads them back.
+``input`` (``images`` or ``pixels``), ``normalised``, ``precision``,
+``mocohub_version`` and ``weights_sha256`` (the SHA-256 of the
+``model.safetensors`` exported with it); :func:`read_metadata` reads them back.
 
 The graph is made by ``torch.onnx.export``'s torch.export-based exporter (the
 default since torch 2.9; the TorchScript one is deprecated) at its own opset
@@ -42,10 +43,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from mocohub.artifact import WEIGHTS_DIGEST_KEY, ModelConfig, get_config
 from mocohub.errors import InputError
 from mocohub.fileio import atomic_write_bytes
-from mocohub.models import ModelConfig, get_config
-from mocohub.preprocessing import _LUMA, Preprocessing
+from mocohub.preprocessing import LUMA_WEIGHTS, Preprocessing
 
 __all__ = [
     "FEATURES",
@@ -156,7 +157,9 @@ def with_preprocessing(core: onnx.ModelProto, prep: Preprocessing) -> onnx.Model
     nodes = [helper.make_node("Cast", [PIXELS], ["mocohub_pre_float"], to=TensorProto.FLOAT)]
     last = "mocohub_pre_float"
     if channels == 1:
-        inits.append(numpy_helper.from_array(np.array(_LUMA, np.float32)[:, None], "mocohub_luma"))
+        inits.append(
+            numpy_helper.from_array(np.array(LUMA_WEIGHTS, np.float32)[:, None], "mocohub_luma")
+        )
         nodes.append(helper.make_node("MatMul", [last, "mocohub_luma"], ["mocohub_pre_gray"]))
         last = "mocohub_pre_gray"
     nodes += [
@@ -207,8 +210,22 @@ def _default_opset(proto: onnx.ModelProto) -> int:
     return OPSET
 
 
-def add_metadata(proto: onnx.ModelProto, config: ModelConfig, *, precision: str) -> onnx.ModelProto:
-    """Write mocohub's ``metadata_props`` (see the module docstring) into ``proto``; returns it."""
+def add_metadata(
+    proto: onnx.ModelProto,
+    config: ModelConfig,
+    *,
+    precision: str,
+    weights_sha256: str | None = None,
+) -> onnx.ModelProto:
+    """Write mocohub's ``metadata_props`` (see the module docstring) into ``proto``; returns it.
+
+    ``weights_sha256``: the SHA-256 of the ``model.safetensors`` the graph was
+    made from, so that loaders can refuse a folder mixing two exports.
+
+    Example:
+        >>> proto = add_metadata(export_onnx(model), config, precision="fp32",
+        ...                      weights_sha256=file_sha256("out/model.safetensors"))
+    """
     from mocohub import __version__
 
     pixels = proto.graph.input[0].name == PIXELS
@@ -222,6 +239,8 @@ def add_metadata(proto: onnx.ModelProto, config: ModelConfig, *, precision: str)
         "normalised": "true" if pixels else "false",
         "precision": precision,
     }
+    if weights_sha256 is not None:
+        values[WEIGHTS_DIGEST_KEY] = weights_sha256
     kept = [p for p in proto.metadata_props if p.key not in values]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)
@@ -265,6 +284,7 @@ def metadata_from_props(props: Mapping[str, str], source: str) -> dict[str, Any]
         "normalised": props.get("normalised") == "true",
         "precision": props.get("precision", "fp32"),
         "mocohub_version": props.get("mocohub_version"),
+        "weights_sha256": props.get(WEIGHTS_DIGEST_KEY),
     }
 
 

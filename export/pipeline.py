@@ -12,11 +12,21 @@ The output folder (every file written atomically):
 ``model.int8.onnx``               int8: static QDQ with ``--calibration``, else dynamic
 ``model.preprocess[.P].onnx``     uint8 ``pixels`` -> L2-normalised ``embeddings``, for
                                   each precision P above (``--with-preprocessing``)
-``verify.json``                   the parity checks (unless ``--no-verify``)
+``verify.json``                   the parity checks (unless ``--no-verify``) and
+                                  ``weights_sha256``
 ================================  ===============================================
 
-Model files (and ``verify.json``) that an earlier export left in the folder
-and this one did not write are removed, so the folder never mixes two models.
+Every ONNX graph's metadata and ``verify.json`` name the SHA-256 of the
+``model.safetensors`` they were made from (``weights_sha256``; also for an
+ONNX-only export, whose weights are not shipped), and every loader refuses a
+folder whose files disagree (:class:`~mocohub.artifact.ArtifactMismatchError`).
+
+The folder is built and verified beside the target and swapped in as a whole
+(:mod:`mocohub.export.publish`), so an interrupted export (even during
+verification) leaves the earlier export complete, and one that fails
+verification leaves it too (its files go to ``OUT.rejected``). Model files of
+an earlier export that this one does not write are gone with the old folder;
+other files in it (notes, subfolders) are carried over.
 
 Example:
     >>> result = export_model("runs/fmnist/model", "out/fmnist", fp16=True, int8=True)
@@ -33,21 +43,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+import torch
 
+from mocohub.artifact import (
+    CONFIG_NAME,
+    VERIFY_NAME,
+    WEIGHTS_DIGEST_KEY,
+    WEIGHTS_NAME,
+    ModelConfig,
+    get_config,
+)
 from mocohub.errors import ConfigError
-from mocohub.fileio import atomic_write_text
-from mocohub.hub import load
-from mocohub.models import CONFIG_NAME, get_config
+from mocohub.fileio import atomic_write_text, disk_errors
+from mocohub.loading import load
+from mocohub.publish import file_sha256
 
+from .model_files import MODEL_FILES
 from .onnx import add_metadata, export_onnx, save_onnx, to_fp16
 from .onnx import with_preprocessing as pixels_graph
-from .onnx_embedder import MODEL_FILES
+from .publish import prepare_target, publish, reject, staging_folder
 from .quantize import ImageSet, load_image_folder, quantize_int8
 from .verify import VerifyReport, verify_files
 
 __all__ = ["FORMATS", "ExportResult", "export_model", "parse_formats"]
 
 FORMATS = ("onnx", "safetensors")
+#: the files an export writes; others found in the target folder are kept
+ARTIFACT_FILES = frozenset({WEIGHTS_NAME, CONFIG_NAME, "README.md", VERIFY_NAME, *MODEL_FILES})
 
 
 @dataclass
@@ -58,6 +80,7 @@ class ExportResult:
     files: dict[str, str] = field(default_factory=dict)
     report: VerifyReport | None = None
     int8_mode: str | None = None
+    weights_sha256: str = ""
 
 
 def parse_formats(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -91,6 +114,10 @@ def export_model(
 ) -> ExportResult:
     """Export the model at ``source`` (anything :func:`mocohub.load` takes) into ``out``.
 
+    The folder is built and verified beside ``out`` and swapped in only when
+    complete (see :mod:`mocohub.export.publish`): an interrupted or failed
+    export leaves ``out`` as it was.
+
     Args:
         formats: ``onnx`` and/or ``safetensors``.
         with_preprocessing: also write ``pixels`` graphs (uint8 in, normalised out).
@@ -98,7 +125,8 @@ def export_model(
         calibration: a folder of images for static int8 quantization.
         calibration_size: how many of its images to use.
         verify: run the parity checks (a failure raises
-            :class:`~mocohub.export.verify.VerificationError` after writing verify.json).
+            :class:`~mocohub.export.verify.VerificationError`; the files go to
+            ``OUT.rejected`` beside ``out``, with verify.json).
         verify_images: real images for the checks (default: the calibration folder).
         head: keep the projection head (the graphs then output the MoCo embedding).
         providers: onnxruntime providers for the checks.
@@ -112,68 +140,98 @@ def export_model(
         )
     if calibration is not None and not int8:
         raise ConfigError("--calibration is for int8 quantization; add --int8.")
+    target = prepare_target(out)
     model = load(source, head=head)
     config = get_config(model)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    result = ExportResult(folder)
     prep = config.preprocessing
     calib: ImageSet | None = None
     if calibration is not None:
         calib = load_image_folder(calibration, prep, limit=calibration_size)
         _log_skipped(log, calibration, calib)
-    if "safetensors" in chosen:
-        from mocohub.hf import save_pretrained
-
-        save_pretrained(model, folder, config=config)
-        result.files.update(
-            {"model.safetensors": "weights", CONFIG_NAME: "config", "README.md": "model card"}
+    images = calib
+    if verify and "onnx" in chosen and verify_images is not None:
+        images = load_image_folder(verify_images, prep, limit=calibration_size)
+        _log_skipped(log, verify_images, images)
+    with disk_errors(target), staging_folder(target) as staging:
+        result = ExportResult(target)
+        _write_files(
+            model, config, chosen, staging, result, with_preprocessing, fp16, int8, calib, log
         )
-        log(f"wrote {folder / 'model.safetensors'}, config.json, README.md")
-    else:
-        atomic_write_text(folder / CONFIG_NAME, json.dumps(config.to_dict(), indent=2) + "\n")
-        result.files[CONFIG_NAME] = "config"
-    if "onnx" in chosen:
-        log(f"exporting {config.arch} to ONNX ...")
-        core = export_onnx(model)
-        variants: dict[str, onnx.ModelProto] = {"fp32": core}
-        if fp16:
-            variants["fp16"] = to_fp16(core)
-        if int8:
-            calibration_data = None if calib is None else calib.tensors.numpy()
-            result.int8_mode = "dynamic" if calib is None else f"static ({len(calib.names)} images)"
-            log(f"quantizing to int8, {result.int8_mode} ...")
-            variants["int8"] = quantize_int8(core, calibration=calibration_data)
-        for precision, proto in variants.items():
-            suffix = "" if precision == "fp32" else f".{precision}"
-            graphs = {f"model{suffix}.onnx": proto}
-            if with_preprocessing:
-                graphs[f"model.preprocess{suffix}.onnx"] = pixels_graph(proto, prep)
-            for name, graph in graphs.items():
-                save_onnx(add_metadata(graph, config, precision=precision), folder / name)
-                result.files[name] = precision
-                log(f"wrote {folder / name}")
-    for name in [*MODEL_FILES, "verify.json"]:  # a folder describes one model, checked once
-        stale = folder / name
-        if name not in result.files and stale.is_file():
-            stale.unlink()
-            log(f"removed {stale}, left by an earlier export")
-    if verify and "onnx" in chosen:
-        images = calib
-        if verify_images is not None:
-            images = load_image_folder(verify_images, prep, limit=calibration_size)
-            _log_skipped(log, verify_images, images)
-        onnx_files = {n: p for n, p in result.files.items() if n.endswith(".onnx")}
-        report = verify_files(model, onnx_files, folder=folder, images=images, providers=providers)
-        result.report = report
-        atomic_write_text(folder / "verify.json", json.dumps(report.to_dict(), indent=2) + "\n")
-        result.files["verify.json"] = "verification"
-        log(report.table())
-        if images is None:
-            log("(no real images given: pass --verify-images DIR to check on your own images)")
-        report.raise_for_failure()
-        log(f"verified: every file within its bound; details in {folder / 'verify.json'}")
+        if verify and "onnx" in chosen:
+            onnx_files = {n: p for n, p in result.files.items() if n.endswith(".onnx")}
+            report = verify_files(
+                model, onnx_files, folder=staging, images=images, providers=providers
+            )
+            record = {**report.to_dict(), WEIGHTS_DIGEST_KEY: result.weights_sha256}
+            atomic_write_text(staging / VERIFY_NAME, json.dumps(record, indent=2) + "\n")
+            result.files[VERIFY_NAME] = "verification"
+            result.report = report
+            log(report.table())
+            if images is None:
+                log("(no real images given: pass --verify-images DIR to check on real images)")
+            if not report.passed:
+                report.folder = str(reject(staging, target))
+                report.raise_for_failure()
+        for name in publish(staging, target, ARTIFACT_FILES):
+            log(f"removed {target / name}, left by an earlier export")
+    for name in result.files:
+        log(f"wrote {target / name}")
+    if result.report is not None:
+        log(f"verified: every file within its bound; details in {target / VERIFY_NAME}")
     return result
+
+
+def _write_files(
+    model: torch.nn.Module,
+    config: ModelConfig,
+    chosen: tuple[str, ...],
+    folder: Path,
+    result: ExportResult,
+    with_preprocessing: bool,
+    fp16: bool,
+    int8: bool,
+    calib: ImageSet | None,
+    log: Callable[[str], None],
+) -> None:
+    """Write the model files into ``folder`` (the staging folder); fill ``result``."""
+    from mocohub.hf import save_pretrained
+
+    # The weights are written (and hashed) even for an ONNX-only export: the hash ties
+    # the graphs to the weights they were made from and to verify.json.
+    save_pretrained(model, folder, config=config)
+    result.weights_sha256 = file_sha256(folder / WEIGHTS_NAME)
+    if "safetensors" in chosen:
+        result.files.update(
+            {WEIGHTS_NAME: "weights", CONFIG_NAME: "config", "README.md": "model card"}
+        )
+    else:
+        for name in (WEIGHTS_NAME, "README.md"):
+            (folder / name).unlink()
+        result.files[CONFIG_NAME] = "config"
+    if "onnx" not in chosen:
+        return
+    log(f"exporting {config.arch} to ONNX ...")
+    core = export_onnx(model)
+    variants: dict[str, onnx.ModelProto] = {"fp32": core}
+    if fp16:
+        variants["fp16"] = to_fp16(core)
+    if int8:
+        calibration_data = None if calib is None else calib.tensors.numpy()
+        result.int8_mode = "dynamic" if calib is None else f"static ({len(calib.names)} images)"
+        log(f"quantizing to int8, {result.int8_mode} ...")
+        variants["int8"] = quantize_int8(core, calibration=calibration_data)
+    for precision, proto in variants.items():
+        suffix = "" if precision == "fp32" else f".{precision}"
+        graphs = {f"model{suffix}.onnx": proto}
+        if with_preprocessing:
+            graphs[f"model.preprocess{suffix}.onnx"] = pixels_graph(proto, config.preprocessing)
+        for name, graph in graphs.items():
+            digest = result.weights_sha256
+            save_onnx(
+                add_metadata(graph, config, precision=precision, weights_sha256=digest),
+                folder / name,
+            )
+            result.files[name] = precision
 
 
 def _log_skipped(

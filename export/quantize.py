@@ -38,23 +38,24 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from PIL import Image, UnidentifiedImageError
 
 from mocohub.errors import InputError
-from mocohub.preprocessing import Preprocessing, ResizeUnlessSize
+from mocohub.imageio import IMAGE_EXTENSIONS, DecodeError, decode_image, scan_inputs
+from mocohub.preprocessing import Preprocessing
 
-__all__ = ["IMAGE_SUFFIXES", "ImageSet", "load_image_folder", "quantize_int8"]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+__all__ = ["ImageSet", "load_image_folder", "quantize_int8"]
 
 
 @dataclass
 class ImageSet:
     """Decoded images, in both of the exported graphs' input forms.
 
-    ``tensors``: float32 (N, C, S, S), ``Preprocessing.transform()`` of each
-    image; ``pixels``: uint8 (N, S, S, 3) RGB, resized and cropped only;
-    ``names``: the file names; ``skipped``: files that could not be decoded.
+    ``tensors``: float32 (N, C, S, S), exactly what ``mocohub embed`` and
+    :meth:`~mocohub.features.FeatureExtractor.prepare` feed the model for each
+    file; ``pixels``: uint8 (N, S, S, 3), the same crops before normalisation
+    (gray ones repeated to three channels), for graphs with the preprocessing
+    inside; ``names``: the files, relative to the folder; ``skipped``: files
+    that could not be decoded.
     """
 
     tensors: torch.Tensor
@@ -66,42 +67,49 @@ class ImageSet:
 def load_image_folder(
     folder: str | os.PathLike[str], prep: Preprocessing, *, limit: int = 256
 ) -> ImageSet:
-    """The first ``limit`` images of ``folder`` (sorted by name, subfolders included).
+    """The first ``limit`` images of ``folder`` (sorted by path, subfolders included).
 
-    Files that Pillow cannot decode are skipped and listed in ``skipped``; a
-    folder with no decodable image is an :class:`~mocohub.errors.InputError`.
+    Files are found and decoded as ``mocohub embed`` finds and decodes them
+    (:func:`~mocohub.imageio.scan_inputs`, :func:`~mocohub.imageio.decode_image`:
+    EXIF orientation, mode conversion, pixel limit) and cropped by the same
+    :class:`~mocohub.features.CropToTensor`. Files that cannot be decoded are
+    skipped and listed in ``skipped``; a folder with no decodable image is an
+    :class:`~mocohub.errors.InputError`.
 
     Example:
         >>> load_image_folder("samples/fashion-mnist", prep, limit=64).tensors.shape
         torch.Size([64, 1, 28, 28])
     """
+    from mocohub.features import CropToTensor
+
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"{root} is not a folder; pass a folder of images.")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    transform, resize = prep.transform(), ResizeUnlessSize(prep)
-    tensors: list[torch.Tensor] = []
-    pixels: list[np.ndarray] = []
+    crop = CropToTensor(prep)
+    crops: list[torch.Tensor] = []
     names: list[str] = []
     skipped: list[str] = []
-    for file in files:
+    for path in scan_inputs([root]):
         if len(names) >= limit:
             break
+        name = str(Path(path).relative_to(root))
         try:
-            with Image.open(file) as image:
-                image.load()
-                tensors.append(transform(image))
-                pixels.append(np.asarray(resize(image).convert("RGB"), dtype=np.uint8))
-        except (UnidentifiedImageError, OSError, ValueError):
-            skipped.append(str(file.relative_to(root)))
+            image = decode_image(path, mode=crop.mode, min_size=prep.resize_size)
+        except DecodeError:
+            skipped.append(name)
             continue
-        names.append(str(file.relative_to(root)))
+        crops.append(crop(image))
+        names.append(name)
     if not names:
         raise InputError(
-            f"{root} holds no image Pillow can read ({', '.join(IMAGE_SUFFIXES)}); "
+            f"{root} holds no image mocohub can decode ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
             "point it at a folder of images."
         )
-    return ImageSet(torch.stack(tensors), np.stack(pixels), names, skipped)
+    stacked = torch.stack(crops)
+    pixels = stacked.permute(0, 2, 3, 1).numpy()
+    if pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    return ImageSet(prep.batch()(stacked), np.ascontiguousarray(pixels), names, skipped)
 
 
 class _Batches(CalibrationDataReader):

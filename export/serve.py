@@ -59,7 +59,8 @@ from mocohub.errors import InputError
 from mocohub.sysinfo import usable_cpus
 
 from .batcher import Batcher
-from .onnx_embedder import OnnxEmbedder, find_model_file
+from .model_files import find_model_file
+from .onnx_embedder import OnnxEmbedder
 from .serve_connections import ClientErrorLog, ConnectionGuard
 from .serve_request import RequestError, decode_for_model, probe_images, read_images
 
@@ -326,12 +327,20 @@ def open_served_model(
     precision: str | None = None,
     providers: str = "auto",
     threads: int | None = None,
+    max_batch: int = ServeSettings.max_batch,
 ) -> OnnxEmbedder:
-    """The model ``mocohub serve`` runs: a file, or in a folder a pixels graph when present."""
+    """The model ``mocohub serve`` runs: a file, or in a folder a pixels graph when present.
+
+    ``max_batch``: the server's (``ServeSettings.max_batch``), TensorRT's batch range.
+
+    Example:
+        >>> open_served_model("out/onnx", max_batch=32).path.name
+        'model.preprocess.onnx'
+    """
     source = Path(path)
     if source.is_dir():
         source = find_model_file(source, precision=precision, pixels=None)
-    return OnnxEmbedder(source, providers, threads=threads)
+    return OnnxEmbedder(source, providers, threads=threads, max_batch=max_batch)
 
 
 def serve(

@@ -238,11 +238,13 @@ def probe_images(
 def decode_for_model(
     data: bytes, embedder: OnnxEmbedder, label: str, settings: ServeSettings | None = None
 ) -> np.ndarray:
-    """One encoded image -> uint8 (S, S, 3) at the model's crop size; RequestError if unusable.
+    """One encoded image -> uint8 (S, S, C) at the model's crop size; RequestError if unusable.
 
-    Decoded as ``mocohub embed`` decodes files (EXIF orientation, first frame,
-    large JPEGs at a reduced scale still twice the resize size, transparency on
-    white). With ``settings``, the image is first checked from its header as
+    Decoded and cropped as ``mocohub embed`` decodes and crops files
+    (:func:`mocohub.imageio.load_image`: EXIF orientation, first frame, any
+    mode to the model's RGB or gray, large JPEGs at a reduced scale still twice
+    the resize size, transparency on white; then :meth:`OnnxEmbedder.pixels`).
+    With ``settings``, the image is first checked from its header as
     :func:`probe_images` checks a one-image request (without: the caller has
     probed it).
     """
@@ -255,7 +257,7 @@ def decode_for_model(
                 width, height = image.size
                 check_size(width, height, settings, resize_size, label)
                 _check_request_pixels([width * height], settings)
-            decoded = load_image(image, mode="RGB", min_size=resize_size)
+            decoded = load_image(image, mode=embedder.mode, min_size=resize_size)
     except DecodeError as e:
         raise RequestError(400, f"{label} could not be decoded ({e.reason}).") from e
     pixels: np.ndarray = embedder.pixels([decoded])[0]

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mocohub.artifact import get_config
 from mocohub.errors import MocohubError
-from mocohub.models import get_config
 
 from .onnx import PIXELS
 from .onnx_embedder import OnnxEmbedder

@@ -27,18 +27,20 @@ _LAZY = {
     "resnet18": "mocohub.backbones",
     "resnet34": "mocohub.backbones",
     "resnet50": "mocohub.backbones",
-    "load": "mocohub.hub",
+    "load": "mocohub.loading",
     "Weights": "mocohub.registry",
     "WeightsFile": "mocohub.registry",
     "get_weights": "mocohub.registry",
     "list_models": "mocohub.registry",
     "register_weights": "mocohub.registry",
+    "registered": "mocohub.registry",
+    "unregister_weights": "mocohub.registry",
     "save_pretrained": "mocohub.hf",
     "from_pretrained": "mocohub.hf",
     "push_to_hub": "mocohub.hf",
     "FeatureExtractor": "mocohub.features",
     "Index": "mocohub.index",
-    "ModelConfig": "mocohub.models",
+    "ModelConfig": "mocohub.artifact",
     "Preprocessing": "mocohub.preprocessing",
 }
 
@@ -63,13 +65,16 @@ __all__ = [
     "load",
     "push_to_hub",
     "register_weights",
+    "registered",
     "resnet18",
     "resnet34",
     "resnet50",
     "save_pretrained",
+    "unregister_weights",
 ]
 
 if TYPE_CHECKING:
+    from mocohub.artifact import ModelConfig
     from mocohub.backbones import (
         ARCHITECTURES,
         ResNet,
@@ -80,11 +85,18 @@ if TYPE_CHECKING:
     )
     from mocohub.features import FeatureExtractor
     from mocohub.hf import from_pretrained, push_to_hub, save_pretrained
-    from mocohub.hub import load
     from mocohub.index import Index
-    from mocohub.models import ModelConfig
+    from mocohub.loading import load
     from mocohub.preprocessing import Preprocessing
-    from mocohub.registry import Weights, WeightsFile, get_weights, list_models, register_weights
+    from mocohub.registry import (
+        Weights,
+        WeightsFile,
+        get_weights,
+        list_models,
+        register_weights,
+        registered,
+        unregister_weights,
+    )
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

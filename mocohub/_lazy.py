@@ -13,7 +13,7 @@ def lazy_exports(
     """The ``__getattr__`` and ``__dir__`` of ``package``: ``table`` maps a name to its module.
 
     Example (in a package's ``__init__.py``):
-        >>> __getattr__, __dir__ = lazy_exports(__name__, {"load": "mocohub.hub"}, globals())
+        >>> __getattr__, __dir__ = lazy_exports(__name__, {"load": "mocohub.loading"}, globals())
     """
 
     def __getattr__(name: str) -> Any:

@@ -19,13 +19,33 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.resnet import ResNet as _TorchvisionResNet
 
 from mocohub.errors import ConfigError
 
-__all__ = ["ARCHITECTURES", "ResNet", "build_backbone", "resnet18", "resnet34", "resnet50"]
+__all__ = [
+    "ARCHITECTURES",
+    "ResNet",
+    "build_backbone",
+    "feature_dim",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+]
+
+#: each architecture's residual block and blocks per stage
+_LAYOUTS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+}
+
+
+def _features(block: type[BasicBlock | Bottleneck], width: int) -> int:
+    return width * 8 * block.expansion  # the last stage's channels
 
 
 class ResNet(_TorchvisionResNet):
@@ -43,7 +63,7 @@ class ResNet(_TorchvisionResNet):
         norm_layer: normalisation layer class, ``nn.BatchNorm2d`` by default.
     """
 
-    #: the :class:`~mocohub.models.ModelConfig` of a model built by mocohub.models / mocohub.load
+    #: the :class:`~mocohub.artifact.ModelConfig` of a model built by mocohub (build_model, load)
     mocohub_config: Any = None
 
     def __init__(
@@ -89,8 +109,8 @@ class ResNet(_TorchvisionResNet):
         self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
         self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
-        self.feature_dim = width * 8 * block.expansion
+        self.feature_dim = _features(block, width)
+        self.fc = nn.Linear(self.feature_dim, num_classes)
 
         # torchvision's initialisation, so a default ResNet starts the same way.
         for m in self.modules():
@@ -106,6 +126,23 @@ class ResNet(_TorchvisionResNet):
                 elif isinstance(m, BasicBlock):
                     nn.init.constant_(m.bn2.weight, 0)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map, before pooling: N x feature_dim x H/32 x W/32
+        (H/8 x W/8 with ``small_stem``, whose stem keeps the resolution).
+
+        ``forward`` is ``fc(flatten(avgpool(forward_features(x))))``, as timm's models.
+
+        Example:
+            >>> resnet18(small_stem=True, width=8).forward_features(torch.zeros(1, 3, 32, 32)).shape
+            torch.Size([1, 64, 4, 4])
+        """
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``fc`` of the pooled :meth:`forward_features` (``fc`` is Identity for features)."""
+        return self.fc(torch.flatten(self.avgpool(self.forward_features(x)), 1))
+
 
 def resnet18(*, num_classes: int = 1000, **kwargs: Any) -> ResNet:
     """ResNet-18 (512-d features). Options: see :class:`ResNet`.
@@ -114,17 +151,17 @@ def resnet18(*, num_classes: int = 1000, **kwargs: Any) -> ResNet:
         >>> resnet18(num_classes=128, small_stem=True, in_channels=1, width=32).fc
         Linear(in_features=256, out_features=128, bias=True)
     """
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, **kwargs)
+    return ResNet(*_LAYOUTS["resnet18"], num_classes, **kwargs)
 
 
 def resnet34(*, num_classes: int = 1000, **kwargs: Any) -> ResNet:
     """ResNet-34 (512-d features). Options: see :class:`ResNet`."""
-    return ResNet(BasicBlock, [3, 4, 6, 3], num_classes, **kwargs)
+    return ResNet(*_LAYOUTS["resnet34"], num_classes, **kwargs)
 
 
 def resnet50(*, num_classes: int = 1000, **kwargs: Any) -> ResNet:
     """ResNet-50 (2048-d features). Options: see :class:`ResNet`."""
-    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, **kwargs)
+    return ResNet(*_LAYOUTS["resnet50"], num_classes, **kwargs)
 
 
 ARCHITECTURES: dict[str, Callable[..., ResNet]] = {
@@ -132,6 +169,18 @@ ARCHITECTURES: dict[str, Callable[..., ResNet]] = {
     "resnet34": resnet34,
     "resnet50": resnet50,
 }
+
+
+def feature_dim(arch: str, width: int = 64) -> int:
+    """Size of the pooled features of ``arch`` at ``width``, without building it.
+
+    Example:
+        >>> feature_dim("resnet50"), feature_dim("resnet18", width=16)
+        (2048, 128)
+    """
+    if arch not in _LAYOUTS:
+        raise ConfigError(f"Unknown architecture {arch!r}; choose one of: {', '.join(_LAYOUTS)}.")
+    return _features(_LAYOUTS[arch][0], width)
 
 
 def build_backbone(arch: str, **kwargs: Any) -> ResNet:

@@ -1,6 +1,6 @@
 """The model card (``README.md``) of a published mocohub artifact folder or Hub repo.
 
-:func:`model_card` writes it from the model's :class:`~mocohub.models.ModelConfig`
+:func:`model_card` writes it from the model's :class:`~mocohub.artifact.ModelConfig`
 alone, so the card, ``config.json`` and the registry never disagree: YAML
 front matter the Hugging Face Hub reads (licence, library, tags, pipeline),
 then what the model is, where it comes from, its published metrics, how it
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mocohub.models import ModelConfig
+from mocohub.artifact import ModelConfig
 
 __all__ = ["METRIC_KEYS", "model_card"]
 

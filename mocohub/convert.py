@@ -20,9 +20,10 @@ projection head ``fc.*``: one Linear in v1 (``fc.weight``), an MLP in v2
 Files are read with ``torch.load(weights_only=True)``, so reading one never
 runs its code. Writing other libraries' layouts is :mod:`mocohub.foreign`'s job.
 
-This module must not import ``mocohub.training`` (``training/`` imports from
-``mocohub``, never the other way round); the few facts it needs about
-mocohub's checkpoint format are repeated here.
+mocohub's own format (its keys, version and file names) is defined in
+:mod:`mocohub.checkpoint_format`; this module, like ``mocohub.training``, reads
+it from there. It must not import ``mocohub.training`` (``training/`` imports
+from ``mocohub``, never the other way round).
 
 Example:
     >>> model = model_from_checkpoint("moco_v2_800ep_pretrain.pth.tar")
@@ -43,10 +44,22 @@ from typing import Any
 
 import torch
 
+from mocohub.artifact import HeadConfig, ModelConfig, build_model
 from mocohub.backbones import ARCHITECTURES, ResNet
+from mocohub.checkpoint_format import (
+    check_format_version,
+    find_latest_checkpoint,
+    is_native_checkpoint,
+    verify_checkpoint,
+)
 from mocohub.errors import InputError, MissingHeadError
-from mocohub.models import HeadConfig, ModelConfig, build_model
-from mocohub.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from mocohub.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    eval_resize_size,
+    per_channel,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -57,14 +70,9 @@ __all__ = [
     "is_reference_checkpoint",
     "moco_state_from_reference",
     "model_from_checkpoint",
+    "optimizer_state_from_reference",
     "read_checkpoint",
 ]
-
-# Facts about mocohub's training checkpoints (training/checkpoint.py writes them).
-_NATIVE_FORMAT = "mocohub.training-checkpoint"
-_NATIVE_VERSION = 1
-_NUMBERED = re.compile(r"checkpoint_(\d+)_(\d+)\.pt")
-_LAST = "checkpoint_last.pt"
 
 _MOCO_KEYS = ("encoder_q.", "encoder_k.", "queue", "queue_ptr")
 _QUERY_ENCODER = "encoder_q."
@@ -86,15 +94,9 @@ def find_checkpoint_file(path: str | os.PathLike[str]) -> Path:
         return path
     if not path.exists():
         raise InputError(f"No model at {path}; pass a mocohub run folder or a checkpoint file.")
-    numbered = []
-    for entry in path.iterdir():
-        match = _NUMBERED.fullmatch(entry.name)
-        if match and entry.is_file():
-            numbered.append(((int(match[1]), int(match[2])), entry))
-    if numbered:
-        return max(numbered)[1]
-    if (path / _LAST).is_file():
-        return path / _LAST
+    latest = find_latest_checkpoint(path)
+    if latest is not None:
+        return latest
     raise InputError(
         f"The folder {path} holds no checkpoint_*.pt and no model (config.json + "
         "model.safetensors); pass the run folder of a `mocohub train` run, a checkpoint "
@@ -106,12 +108,20 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     """The object in a PyTorch checkpoint file, read safely (``weights_only=True``).
 
     A pickle that names any class or function beyond tensors and plain values
-    (and so could run code) is refused with an :class:`~mocohub.errors.InputError`.
+    (and so could run code) is refused with an :class:`~mocohub.errors.InputError`,
+    and so is a zip checkpoint whose bytes fail their CRCs or are truncated
+    (``torch.load`` alone would load damaged weights silently).
 
     Example:
         >>> read_checkpoint("moco_v2_800ep_pretrain.pth.tar")["arch"]
         'resnet50'
     """
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise InputError(
+            f"{path} is damaged: {problem}; pass an earlier checkpoint of the run "
+            "(or the run folder to `mocohub train --resume auto`, which skips damaged ones)."
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -139,7 +149,7 @@ def is_reference_checkpoint(ckpt: Any) -> bool:
         >>> is_reference_checkpoint(read_checkpoint("moco_v2_800ep_pretrain.pth.tar"))
         True
     """
-    if not isinstance(ckpt, Mapping) or ckpt.get("format") == _NATIVE_FORMAT:
+    if not isinstance(ckpt, Mapping) or is_native_checkpoint(ckpt):
         return False
     state = ckpt.get("state_dict")
     if not isinstance(state, Mapping):
@@ -165,6 +175,34 @@ def moco_state_from_reference(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor
             "encoder_k, queue and queue_ptr); pass a main_moco.py checkpoint."
         )
     return {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+
+
+def optimizer_state_from_reference(ckpt: Mapping[str, Any], num_params: int | None) -> Any:
+    """A reference checkpoint's optimizer state, cut to ``encoder_q`` when the optimizer holds it.
+
+    The reference optimizes ``model.parameters()``: encoder_q's P tensors,
+    then encoder_k's P, which never get a gradient and so have no state. An
+    optimizer with one parameter group of ``num_params`` = P tensors (over
+    ``encoder_q.parameters()``) takes the first P entries; any other shape
+    (``num_params`` None: several groups) gets the state as it is.
+
+    Example:
+        >>> optimizer.load_state_dict(optimizer_state_from_reference(ckpt, 62))
+    """
+    state = ckpt["optimizer"]
+    try:
+        (group,) = state["param_groups"]
+        cut = num_params is not None and len(group["params"]) == 2 * num_params
+        cut = cut and all(int(i) < num_params for i in state["state"])  # type: ignore[operator]
+    except (KeyError, TypeError, ValueError):
+        return state  # not the reference's shape: load_state_dict says what does not fit
+    if not cut:
+        return state
+    kept = group["params"][:num_params]
+    return {
+        "state": {i: s for i, s in state["state"].items() if i in kept},
+        "param_groups": [{**group, "params": kept}],
+    }
 
 
 def _query_encoder(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -210,19 +248,11 @@ def head_from_state(state: Mapping[str, torch.Tensor]) -> HeadConfig | None:
 
 
 def _per_channel(values: Any, channels: int, what: str, path: Path) -> tuple[float, ...]:
-    """``values`` (mean or std) as one float per channel: one value is repeated,
-    colour statistics are averaged for a grayscale model."""
+    """The run's ``values`` (mean or std) for ``channels`` (see :func:`per_channel`)."""
     try:
-        values = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        values = ()
-    if not values:
-        raise InputError(f"The config in {path} has no usable {what}; it is damaged.")
-    if len(values) == channels:
-        return values
-    if len(values) == 1:
-        return values * channels
-    return (sum(values) / len(values),) * channels
+        return per_channel(values, channels)
+    except (TypeError, ValueError) as e:  # ConfigError is a ValueError
+        raise InputError(f"The config in {path} has no usable {what}; it is damaged.") from e
 
 
 def _config_of(
@@ -245,7 +275,7 @@ def _config_of(
     size = int(run.get("image_size", 224))
     mean = _per_channel(run.get("mean", IMAGENET_MEAN), channels, "mean", path)
     std = _per_channel(run.get("std", IMAGENET_STD), channels, "std", path)
-    prep = Preprocessing(size, round(size * 256 / 224), mean, std, channels=channels)
+    prep = Preprocessing(size, eval_resize_size(size), mean, std, channels=channels)
     return ModelConfig(arch, kernel == 3, channels, width, preprocessing=prep)
 
 
@@ -253,13 +283,8 @@ def _encoder_of(
     ckpt: Mapping[str, Any], file: Path
 ) -> tuple[str, dict[str, torch.Tensor], Mapping[str, Any], str]:
     """``(arch, query encoder state, run settings, format)`` of a checkpoint dict."""
-    if ckpt.get("format") == _NATIVE_FORMAT:
-        version = ckpt.get("format_version")
-        if not isinstance(version, int) or version > _NATIVE_VERSION:
-            raise InputError(
-                f"{file} has checkpoint format version {version}, newer than this mocohub "
-                f"reads ({_NATIVE_VERSION}); upgrade mocohub."
-            )
+    if is_native_checkpoint(ckpt):
+        check_format_version(ckpt, file)
         state, run = ckpt.get("model"), ckpt.get("config")
         if not isinstance(state, Mapping) or not isinstance(run, Mapping):
             raise InputError(f"{file} lacks its model or config entry; it is damaged.")

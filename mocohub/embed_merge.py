@@ -12,23 +12,17 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from mocohub.embed import FORMAT, output_files, write_outputs
+from mocohub.embed_outputs import (
+    output_files,
+    read_meta,
+    remove_orphans,
+    verified_meta,
+    write_outputs,
+)
 from mocohub.errors import InputError
-from mocohub.fileio import atomic_write_text
+from mocohub.fileio import disk_errors
 
 __all__ = ["merge_outputs", "read_meta"]
-
-
-def read_meta(out: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``.meta.json`` of an embed output (InputError when missing or not one)."""
-    path = output_files(out)["meta"]
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"Cannot read {path} ({e}); is {out} the output of mocohub embed?") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise InputError(f"{path} is not a mocohub embed description.")
-    return meta
 
 
 def merge_outputs(
@@ -36,14 +30,17 @@ def merge_outputs(
 ) -> dict[str, Any]:
     """Concatenate the outputs of ``--shard 0/n`` ... ``--shard n-1/n`` into ``out``.
 
-    Every shard must be present once, from the same input list and settings;
-    the result equals one unsharded run. Returns the merged meta.
+    Every shard must be present once, from the same input list and settings,
+    and its files must agree with its record
+    (:func:`~mocohub.embed_outputs.verified_meta`); the result equals one
+    unsharded run, published as :mod:`mocohub.embed_outputs` describes.
+    Returns the merged record.
 
     Example:
         >>> merge_outputs(["f0.npy", "f1.npy"], "feats.npy")["rows"]
         2000
     """
-    metas = [read_meta(p) for p in parts]
+    metas = [verified_meta(p) for p in parts]
     if not metas:
         raise InputError("Name the shard outputs to merge.")
     count = metas[0]["shard"][1]
@@ -85,15 +82,11 @@ def merge_outputs(
             record = json.loads(line)
             errors.append((record["path"], record["reason"]))
     files = output_files(out)
-    write_outputs(
-        files, [s["features"] for s in sources], rows, errors, metas[0]["dim"], metas[0]["dtype"]
-    )
-    merged = {
-        **metas[0],
-        "rows": len(rows),
-        "skipped": len(errors),
-        "shard": [0, 1],
-        "key": None,
-    }
-    atomic_write_text(files["meta"], json.dumps(merged, indent=2) + "\n")
-    return merged
+    with disk_errors(files["features"]):
+        files["features"].parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(files)
+    recorded = {k: v for k, v in metas[0].items() if k not in ("files", "parts")}
+    merged = {**recorded, "shard": [0, 1], "key": None}
+    arrays = [s["features"] for s in sources]
+    dim, dtype = metas[0]["dim"], metas[0]["dtype"]
+    return write_outputs(files, arrays, rows, errors, dim, dtype, merged)

@@ -64,7 +64,11 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 @runtime_checkable
 class Embedder(Protocol):
-    """A backend: preprocessed float32 NCHW batch -> ``(N, dim)`` float32 raw features."""
+    """A backend: preprocessed float32 NCHW batch -> ``(N, dim)`` float32 raw features.
+
+    A backend whose ``takes_uint8`` attribute is True also takes the uint8 crops
+    (resized and cropped, not normalised) and normalises them on its device.
+    """
 
     preprocessing: Preprocessing
     dim: int
@@ -90,7 +94,7 @@ class TorchEmbedder:
     """The PyTorch backend: a mocohub ResNet on a device, at the fastest accurate precision.
 
     Args:
-        model: a model from :func:`mocohub.load` / ``mocohub.models.build_model``
+        model: a model from :func:`mocohub.load` / ``mocohub.artifact.build_model``
             (it carries ``mocohub_config``).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"`` ...
         precision: ``"auto"`` (see the module docstring), ``"fp32"``, ``"bf16"``
@@ -110,6 +114,9 @@ class TorchEmbedder:
         (2, 512)
     """
 
+    #: embed_batch also takes uint8 crops (N, C, S, S) and normalises them on the device
+    takes_uint8 = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -122,7 +129,7 @@ class TorchEmbedder:
         min_cosine: float = 0.999,
         check_images: int = 2,
     ) -> None:
-        from mocohub.models import get_config
+        from mocohub.artifact import get_config
 
         if output not in OUTPUTS:
             raise ConfigError(f"Unknown output {output!r}; use one of {', '.join(OUTPUTS)}.")
@@ -137,6 +144,7 @@ class TorchEmbedder:
             )
         self.device = _device(device)
         self.preprocessing: Preprocessing = config.preprocessing
+        self._normalise = config.preprocessing.batch().normalise  # of uint8 crops, on the device
         self.output = output
         self.dim = config.embedding_dim if output == "head" else config.feature_dim
         self.precision = resolve_precision(precision, self.device)
@@ -176,8 +184,7 @@ class TorchEmbedder:
         with torch.inference_mode():
             if dtype is not None:
                 x = x.to(dtype)
-            x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-            x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
+            x = m.forward_features(x)
             if output != "spatial":
                 x = torch.flatten(m.avgpool(x), 1)
                 if output == "head":
@@ -189,7 +196,10 @@ class TorchEmbedder:
         output = output or self.output
         if output not in OUTPUTS:
             raise ConfigError(f"Unknown output {output!r}; use one of {', '.join(OUTPUTS)}.")
-        x = images.to(self.device, torch.float32, non_blocking=True)
+        if images.dtype == torch.uint8:  # crops: normalised on the device, after a 1-byte copy
+            x = self._normalise(images.to(self.device, non_blocking=True).float().div_(255))
+        else:
+            x = images.to(self.device, torch.float32, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if not self.checked:
@@ -216,7 +226,8 @@ class TorchEmbedder:
         return low
 
     def embed_batch(self, images: torch.Tensor) -> np.ndarray:
-        """``(N, dim)`` float32 raw features of a preprocessed float32 NCHW batch."""
+        """``(N, dim)`` float32 raw features of a preprocessed float32 NCHW batch
+        (or of uint8 crops, normalised here on the device)."""
         if self.output == "spatial":
             raise ConfigError("embed_batch gives one vector per image; use forward() for maps.")
         return self.forward(images).numpy()
@@ -231,7 +242,7 @@ def open_torch_embedder(
 ) -> TorchEmbedder:
     """A :class:`TorchEmbedder` for anything :func:`mocohub.load` takes (or a loaded model)."""
     if not isinstance(model, nn.Module):
-        from mocohub.hub import load
+        from mocohub.loading import load
 
         try:
             model = load(model, head=output == "head")
@@ -398,9 +409,9 @@ class CropToTensor:
 
     The image is converted to the model's channels (:func:`~mocohub.imageio.to_mode`),
     then resized and centre-cropped as :meth:`Preprocessing.transform` does
-    (unless already ``image_size`` square). Normalisation is left to
-    :meth:`Preprocessing.batch` on whole batches: cheaper, and uint8 crops are a
-    quarter of the float32 bytes to move between decoding processes.
+    (unless already ``image_size`` square). Normalisation is left to the caller:
+    :meth:`Preprocessing.batch` on whole batches, or ``mocohub embed`` per image
+    on its decoding threads, from :meth:`hwc` (no transpose).
 
     Example:
         >>> CropToTensor(Preprocessing.imagenet())(Image.new("RGB", (320, 240))).shape
@@ -412,6 +423,18 @@ class CropToTensor:
         self.mode = "L" if prep.channels == 1 else "RGB"
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.hwc(image).transpose(2, 0, 1), order="C"))
+
+    def hwc(self, image: Image.Image) -> np.ndarray:
+        """The same pixels as a uint8 (S, S, C) array, as Pillow lays them out (no transpose).
+
+        A batch of these stacked is the (N, C, S, S) batch in channels_last order,
+        the layout the torch backend runs, so it is normalised without reordering.
+        The array may be read-only (it can be Pillow's own buffer).
+
+        Example:
+            >>> CropToTensor(Preprocessing.imagenet()).hwc(Image.new("RGB", (320, 240))).shape
+            (224, 224, 3)
+        """
         pixels = np.asarray(self.resize(to_mode(image, self.mode)))
-        chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-        return torch.from_numpy(np.array(chw, order="C"))  # one copy, writable
+        return pixels[..., None] if pixels.ndim == 2 else pixels

@@ -32,9 +32,9 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
+from mocohub.artifact import get_config
 from mocohub.errors import InputError
 from mocohub.fileio import atomic_writer
-from mocohub.models import get_config
 
 __all__ = [
     "FORMATS",

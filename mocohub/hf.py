@@ -1,7 +1,7 @@
 """mocohub models on the Hugging Face Hub: save_pretrained, from_pretrained, push_to_hub.
 
 A Hub repo of a mocohub model holds the same files as a local artifact folder
-(:func:`mocohub.models.save_pretrained`): ``model.safetensors``,
+(:func:`mocohub.artifact.save_pretrained`): ``model.safetensors``,
 ``config.json`` (architecture, preprocessing, meta) and ``README.md`` (the
 model card, :func:`mocohub.card.model_card`). huggingface_hub's
 ``PyTorchModelHubMixin`` would need the models to be its subclasses and would
@@ -29,12 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from mocohub.backbones import ResNet
-from mocohub.card import model_card
-from mocohub.download import NotAvailableError, offline
-from mocohub.errors import InputError, MissingHeadError
-from mocohub.fileio import atomic_write_text
-from mocohub.models import (
+from mocohub.artifact import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     ModelConfig,
@@ -43,7 +38,12 @@ from mocohub.models import (
     load_pretrained,
     read_config,
 )
-from mocohub.models import save_pretrained as _save_files
+from mocohub.artifact import save_pretrained as _save_files
+from mocohub.backbones import ResNet
+from mocohub.card import model_card
+from mocohub.download import NotAvailableError, offline
+from mocohub.errors import InputError, MissingHeadError
+from mocohub.fileio import atomic_write_text
 from mocohub.registry import HF_PREFIX
 
 __all__ = [
@@ -280,7 +280,7 @@ def save_pretrained(
 ) -> Path:
     """Write the artifact folder: ``model.safetensors``, ``config.json`` and a ``README.md`` card.
 
-    Every file is written atomically (see :func:`mocohub.models.save_pretrained`).
+    Every file is written atomically (see :func:`mocohub.artifact.save_pretrained`).
     ``repo_id`` fills the card's loading example.
 
     Example:
@@ -372,7 +372,7 @@ def push_to_hub(
 
 def _converted(path: Path) -> nn.Module:
     """The model in a local source that is not an artifact folder, ready to publish."""
-    from mocohub.hub import load
+    from mocohub.loading import load
 
     if not path.exists():
         raise InputError(

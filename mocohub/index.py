@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from mocohub.errors import ConfigError, InputError
-from mocohub.fileio import atomic_write_bytes, atomic_write_text, atomic_writer
+from mocohub.fileio import disk_errors, remove_dead_temporaries
+from mocohub.publish import Publication, check_files
 
 __all__ = ["IVF_FROM", "KINDS", "Index", "faiss_available", "knn_classify"]
 
@@ -45,6 +46,8 @@ IVF_FROM = 500_000
 FORMAT = "mocohub-index"
 _QUERY_CHUNK = 1024
 _VECTOR_CHUNK = 4096  # with _QUERY_CHUNK: 16 MiB of float32 scores, reused (cache-friendly)
+_DATA = {"exact": "vectors.npy", "faiss": "index.faiss"}  # the vectors' file, by kind
+_FILES = frozenset({"ids.json", "index.json", *_DATA.values()})
 
 
 def faiss_available() -> bool:
@@ -209,18 +212,34 @@ class Index:
         return found, scores
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the index into ``directory`` (each file atomically; ``index.json`` last)."""
+        """Write the index into ``directory``, its files published together.
+
+        ``index.json`` records the size and SHA-256 of the ids and the vectors
+        (:class:`mocohub.publish.Publication`), so an interrupted save over an
+        earlier index leaves it whole, or refused by :meth:`load`. A full,
+        read-only or unwritable disk is one :class:`InputError`.
+        """
         folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        ids = self.ids.tolist()
-        atomic_write_text(folder / "ids.json", json.dumps(ids, ensure_ascii=False) + "\n")
-        if self.faiss_index is not None:
-            data = _faiss().serialize_index(self.faiss_index)
-            atomic_write_bytes(folder / "index.faiss", data.tobytes())
-        else:
-            with atomic_writer(folder / "vectors.npy") as f:
-                np.save(f, self.vectors.numpy())  # type: ignore[union-attr]
-        header = {
+        with disk_errors(folder / "index.json"), Publication() as publication:
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_dead_temporaries(
+                folder, {"ids.json", "index.json", *_DATA.values()}.__contains__
+            )
+            with publication.writer(folder / "ids.json", "ids") as f:
+                f.write((json.dumps(self.ids.tolist(), ensure_ascii=False) + "\n").encode())
+            if self.faiss_index is not None:
+                with publication.writer(folder / _DATA["faiss"], "data") as f:
+                    f.write(_faiss().serialize_index(self.faiss_index))
+            else:
+                with publication.writer(folder / _DATA["exact"], "data") as f:
+                    np.save(f, self.vectors.numpy())  # type: ignore[union-attr]
+            publication.publish(folder / "index.json", self._header())
+        stale = folder / _DATA["exact" if self.faiss_index is not None else "faiss"]
+        stale.unlink(missing_ok=True)  # of an earlier index of the other kind
+        return folder
+
+    def _header(self) -> dict[str, Any]:
+        return {
             "format": FORMAT,
             "kind": self.kind,
             "count": len(self),
@@ -229,8 +248,6 @@ class Index:
             "params": self.params,
             "meta": self.meta,
         }
-        atomic_write_text(folder / "index.json", json.dumps(header, indent=2) + "\n")
-        return folder
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> Index:
@@ -243,8 +260,15 @@ class Index:
             raise InputError(
                 f"{folder} is not a readable mocohub index ({e}); build one with `mocohub index`."
             ) from e
-        if header.get("format") != FORMAT:
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise InputError(f"{folder}/index.json does not describe a mocohub index.")
+        data = folder / _DATA["exact" if header.get("kind") == "exact" else "faiss"]
+        problem = check_files(header, {"ids": folder / "ids.json", "data": data})
+        if problem is not None:
+            raise InputError(
+                f"The files of the index {folder} do not belong together: {problem}; "
+                "build it again with `mocohub index`."
+            )
         ids = np.asarray(ids_list, dtype=object)
         if all(isinstance(i, int) for i in ids_list):
             ids = ids.astype(np.int64)
@@ -296,14 +320,15 @@ def knn_classify(
     """Weighted k-NN labels of ``queries`` (InstDisc votes, as :mod:`mocohub.knn`).
 
     ``labels[i]`` is the class of the index's row ``i``. An exact index runs
-    :func:`mocohub.knn.knn_predict` itself on its vectors; a faiss index votes
-    over its (possibly approximate) neighbours with the same weights.
+    :func:`mocohub.knn.knn_predict` itself on its vectors; a faiss index takes
+    its (possibly approximate) neighbours to the same vote,
+    :func:`mocohub.knn.knn_vote`.
 
     Example:
         >>> knn_classify(index, train_labels, test_features, k=20).shape
         (1000,)
     """
-    from mocohub.knn import knn_predict
+    from mocohub.knn import knn_predict, knn_vote
 
     label_tensor = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     if len(label_tensor) != len(index):
@@ -313,7 +338,6 @@ def knn_classify(
     if index.vectors is not None:
         return knn_predict(index.vectors, label_tensor, q, k=k, t=t, num_classes=classes).numpy()
     positions, scores = index.search_positions(q.numpy(), k)
-    pos = torch.from_numpy(positions)
-    weights = (torch.from_numpy(scores) / t).exp() * (pos >= 0)
-    votes = torch.zeros(len(q), classes).scatter_add_(1, label_tensor[pos.clamp(min=0)], weights)
+    neighbours, similarity = torch.from_numpy(positions), torch.from_numpy(scores)
+    votes = knn_vote(similarity, neighbours, label_tensor, t=t, num_classes=classes)
     return votes.argmax(1).numpy()

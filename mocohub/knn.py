@@ -19,7 +19,39 @@ import torch
 
 from mocohub.errors import InputError
 
-__all__ = ["knn_accuracy", "knn_predict", "knn_scores"]
+__all__ = ["knn_accuracy", "knn_predict", "knn_scores", "knn_vote"]
+
+
+@torch.no_grad()
+def knn_vote(
+    similarity: torch.Tensor,
+    neighbours: torch.Tensor,
+    train_labels: torch.Tensor,
+    *,
+    t: float,
+    num_classes: int,
+) -> torch.Tensor:
+    """The weighted vote: per-class scores, ``len(similarity) x num_classes``.
+
+    Row ``i`` of ``neighbours`` holds the positions (in ``train_labels``) of
+    query ``i``'s nearest training features, and row ``i`` of ``similarity``
+    their cosine similarities; each neighbour adds ``exp(similarity / t)`` to
+    its label's score. A negative position (faiss' "no neighbour found") does
+    not vote. The one definition of the vote: :func:`knn_scores` and
+    :func:`mocohub.index.knn_classify` both call it.
+
+    Example:
+        >>> knn_vote(torch.tensor([[0.0, 0.0]]), torch.tensor([[1, -1]]),
+        ...          torch.tensor([0, 2]), t=0.1, num_classes=3)
+        tensor([[0., 0., 1.]])
+    """
+    found = neighbours >= 0
+    weights = torch.where(found, (similarity / t).exp(), 0.0)
+    # votes add up in at least float32, whatever the features' dtype
+    weights = weights.to(torch.promote_types(weights.dtype, torch.float32))
+    labels = train_labels.to(neighbours.device)[neighbours.clamp(min=0)]
+    votes = torch.zeros(len(similarity), num_classes, dtype=weights.dtype, device=weights.device)
+    return votes.scatter_add_(1, labels, weights)
 
 
 @torch.no_grad()
@@ -70,9 +102,7 @@ def knn_scores(
             own = torch.arange(len(queries), device=similarity.device)
             similarity[own, own + start] = float("-inf")
         similarity, neighbours = similarity.topk(k, dim=1)
-        votes = torch.zeros(len(queries), classes, device=train_features.device)
-        votes.scatter_add_(1, train_labels[neighbours], (similarity / t).exp())
-        scores.append(votes)
+        scores.append(knn_vote(similarity, neighbours, train_labels, t=t, num_classes=classes))
     return torch.cat(scores)
 
 
@@ -106,7 +136,9 @@ def knn_accuracy(
     """Top-1 and top-5 accuracy of the weighted k-NN classifier on labelled queries.
 
     Example (each sample classified by all the others):
-        >>> knn_accuracy(feats, labels, feats, labels, k=20, leave_one_out=True)["top1"]
+        >>> feats, labels = torch.eye(4).repeat(5, 1), torch.arange(4).repeat(5)
+        >>> knn_accuracy(feats, labels, feats, labels, k=4, leave_one_out=True)["top1"]
+        1.0
     """
     scores = knn_scores(
         train_features,

@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,10 +38,13 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "INTERPOLATIONS",
+    "LUMA_WEIGHTS",
     "BatchPreprocess",
     "Preprocessing",
     "ResizeUnlessSize",
+    "eval_resize_size",
     "match_channels",
+    "per_channel",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -51,7 +54,39 @@ INTERPOLATIONS: dict[str, InterpolationMode] = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
 }
-_LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+#: RGB -> gray weights for 1-channel backbones (torchvision's rgb_to_grayscale)
+LUMA_WEIGHTS: tuple[float, float, float] = (0.2989, 0.587, 0.114)
+
+
+def eval_resize_size(image_size: int) -> int:
+    """The evaluation resize for a crop of ``image_size``: the reference's 256 for 224, scaled.
+
+    Example:
+        >>> eval_resize_size(224), eval_resize_size(32)
+        (256, 37)
+    """
+    return round(image_size * 256 / 224)
+
+
+def per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
+    """Mean or std ``values`` for ``channels`` channels.
+
+    One value per channel is kept as it is; a single value is repeated (gray
+    statistics for a colour model); other counts are averaged into one value
+    per channel (colour statistics for a grayscale model).
+
+    Example:
+        >>> per_channel((0.5,), 3), per_channel((0.25, 0.5, 0.75), 1)
+        ((0.5, 0.5, 0.5), (0.5,))
+    """
+    values = tuple(float(v) for v in values)
+    if not values or channels < 1:
+        raise ConfigError(f"Need at least one value and one channel, got {values} for {channels}.")
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    return (sum(values) / len(values),) * channels
 
 
 @dataclass(frozen=True)
@@ -97,7 +132,7 @@ class Preprocessing:
     @classmethod
     def imagenet(cls, image_size: int = 224) -> Preprocessing:
         """Reference ImageNet evaluation: Resize(size * 256/224), CenterCrop, ImageNet mean/std."""
-        return cls(image_size, round(image_size * 256 / 224), IMAGENET_MEAN, IMAGENET_STD)
+        return cls(image_size, eval_resize_size(image_size), IMAGENET_MEAN, IMAGENET_STD)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the ``preprocessing`` entry of ``config.json``)."""
@@ -112,7 +147,7 @@ class Preprocessing:
             size = int(data["image_size"])
             return cls(
                 image_size=size,
-                resize_size=int(data.get("resize_size") or round(size * 256 / 224)),
+                resize_size=int(data.get("resize_size") or eval_resize_size(size)),
                 mean=tuple(float(v) for v in data["mean"]),
                 std=tuple(float(v) for v in data["std"]),
                 channels=int(data.get("channels", 3)),
@@ -186,7 +221,8 @@ def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
         return x.expand(-1, channels, -1, -1)
     if x.shape[1] == 3 and channels == 1:
         r, g, b = x.unbind(1)
-        return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+        luma = LUMA_WEIGHTS
+        return (luma[0] * r + luma[1] * g + luma[2] * b).unsqueeze(1)
     raise InputError(
         f"The images have {x.shape[1]} channels but the backbone takes {channels}; "
         "use gray or RGB images."
@@ -209,7 +245,9 @@ class BatchPreprocess:
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - mean) / std`` for float images in [0, 1]."""
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if self.mean.device != x.device:  # once, not a blocking copy every batch
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return (x - self.mean) / self.std
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         size = self.prep.image_size

@@ -1,13 +1,14 @@
 """Named MoCo weight sets: one table, in the spirit of torchvision's ``Weights`` enums.
 
-Each :class:`Weights` entry says what a weight set is (architecture and shape),
-where its file lives and the hash its content must have
-(:class:`WeightsFile`), how to feed it (:class:`~mocohub.preprocessing.Preprocessing`)
-and its meta (paper, epochs, published ImageNet linear top-1, licence,
-parameters). ``mocohub.load(NAME)`` fetches, verifies and loads one; the
-entry builds the same :class:`~mocohub.models.ModelConfig` that ends up on the
-model as ``model.mocohub_config``, and gives the matching evaluation
-transform.
+Each :class:`Weights` entry says what a weight set is and how to feed it (a
+:class:`~mocohub.artifact.ModelConfig`: architecture, shape, stored head and
+:class:`~mocohub.preprocessing.Preprocessing`), where its file lives and the
+hash its content must have (:class:`WeightsFile`), and its meta (paper,
+epochs, published ImageNet linear top-1, licence, parameters).
+``mocohub.load(NAME)`` fetches, verifies and loads one; the entry's config
+ends up on the model as ``model.mocohub_config``, and it gives the matching
+evaluation transform. :func:`registered` adds rows for a ``with`` block
+(weight sets of your own, or tests); :func:`register_weights` adds them for good.
 
 A file location is an ``https://`` URL (downloaded to the torch hub cache), an
 ``hf-hub:org/name[@revision]`` Hub repo (the Hugging Face cache), or a
@@ -19,23 +20,26 @@ safetensors ones are tried first.
 Example:
     >>> weights = get_weights("moco_v2_r50_800ep")
     >>> weights.meta["imagenet_linear_top1"], weights.url
-    (71.1, 'https://dl.fbaipublicfiles.com/moco/moco_checkpoints/moco_v2_800ep/...')
-    >>> batch = weights.transforms()(image).unsqueeze(0)  # 1 x 3 x 224 x 224
+    (71.1, 'https://dl.fbaipublicfiles.com/moco/moco_checkpoints/moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar')
+    >>> from PIL import Image
+    >>> weights.transforms()(Image.new("RGB", (320, 240))).shape
+    torch.Size([3, 224, 224])
     >>> [w.name for w in list_models()]
-    ['moco_v1_r50_200ep', 'moco_v2_r50_200ep', 'moco_v2_r50_800ep']
+    ['moco_r18_fashion_mnist', 'moco_v1_r50_200ep', 'moco_v2_r50_200ep', 'moco_v2_r50_800ep']
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mocohub.artifact import HeadConfig, ModelConfig
 from mocohub.errors import ConfigError, InputError, MissingHeadError
-from mocohub.models import HeadConfig, ModelConfig
 from mocohub.preprocessing import Preprocessing
 
 __all__ = [
@@ -47,6 +51,8 @@ __all__ = [
     "get_weights",
     "list_models",
     "register_weights",
+    "registered",
+    "unregister_weights",
 ]
 
 HF_PREFIX = "hf-hub:"
@@ -109,65 +115,84 @@ class WeightsFile:
 
 @dataclass(frozen=True)
 class Weights:
-    """A named weight set: architecture, files, preprocessing and meta.
+    """A named weight set: what it is and how to feed it, where its files are, and its meta.
 
     Args:
         name: the registry name, e.g. ``"moco_v2_r50_800ep"``.
-        arch, small_stem, in_channels, width: the backbone's shape
-            (:class:`~mocohub.backbones.ResNet` options).
+        model: the :class:`~mocohub.artifact.ModelConfig` of the weights:
+            architecture, shape options, the projection head stored with them
+            (if any) and their preprocessing.
         files: where the weights live, in order of preference (safetensors
             locations are tried before pickled checkpoints in any case).
-        preprocessing: how images are fed to the backbone.
-        head: the projection head stored with the weights, if any.
         meta: facts shown by ``mocohub info`` and copied into the model's
             config: ``paper``, ``epochs``, ``imagenet_linear_top1``,
             ``license``, ``num_params`` (backbone, without head) ...
+
+    Example:
+        >>> w = Weights("my_r18", ModelConfig("resnet18"), (WeightsFile("/models/my_r18"),))
+        >>> w.config().feature_dim, w.model.preprocessing.image_size
+        (512, 224)
     """
 
     name: str
-    arch: str
+    model: ModelConfig
     files: tuple[WeightsFile, ...]
-    preprocessing: Preprocessing = field(default_factory=Preprocessing.imagenet)
-    head: HeadConfig | None = None
-    small_stem: bool = False
-    in_channels: int = 3
-    width: int = 64
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.files:
             raise ConfigError(f"The weights {self.name!r} need at least one file location.")
-        self.config()  # validates arch, channels and preprocessing together
 
     def config(self, head: bool = False) -> ModelConfig:
-        """The :class:`~mocohub.models.ModelConfig` a model of these weights carries.
+        """The :class:`~mocohub.artifact.ModelConfig` a model of these weights carries.
+
+        ``head=False`` leaves the stored projection head out; ``meta`` holds the
+        registry name and the entry's meta.
 
         Example:
             >>> get_weights("moco_v2_r50_800ep").config().feature_dim
             2048
         """
-        if head and self.head is None:
+        if head and self.model.head is None:
             raise MissingHeadError(
                 f"The weights {self.name} hold no projection head; load them with head=False."
             )
-        return ModelConfig(
-            arch=self.arch,
-            small_stem=self.small_stem,
-            in_channels=self.in_channels,
-            width=self.width,
-            head=self.head if head else None,
-            preprocessing=self.preprocessing,
-            meta={"name": self.name, **self.meta},
+        meta = {**self.model.meta, "name": self.name, **self.meta}
+        return replace(self.model, head=self.model.head if head else None, meta=meta)
+
+    def summary(self) -> str:
+        """What the weights are, what they give and their published metrics, in a few sentences.
+
+        The docstring of the weights' torch.hub entry point (``hubconf.py``).
+
+        Example:
+            >>> print(get_weights("moco_v1_r50_200ep").summary())
+            MoCo v1 ResNet-50, 200 epochs on ImageNet-1k. Registry name ``moco_v1_r50_200ep``: 2048-d features of 224 px RGB images. Published: ImageNet linear classification top-1 60.6%.
+        """  # noqa: E501
+        from mocohub.card import METRIC_KEYS
+
+        config, prep = self.config(), self.model.preprocessing
+        colour = "RGB" if prep.channels == 3 else "grayscale"
+        text = (
+            f"{self.meta.get('description', self.name)}. Registry name ``{self.name}``: "
+            f"{config.feature_dim}-d features of {prep.image_size} px {colour} images."
         )
+        metrics = [
+            f"{_sentence_case(label.removesuffix(' (%)'))} {self.meta[key]}%"
+            for key, label in METRIC_KEYS.items()
+            if key in self.meta
+        ]
+        return f"{text} Published: {', '.join(metrics)}." if metrics else text
 
     def transforms(self) -> Any:
         """The evaluation transform (PIL image -> normalised float CHW tensor) of these weights.
 
         Example:
-            >>> get_weights("moco_v2_r50_800ep").transforms()(image).shape
+            >>> from PIL import Image
+            >>> get_weights("moco_v2_r50_800ep").transforms()(Image.new("RGB", (64, 48))).shape
             torch.Size([3, 224, 224])
         """
-        return self.preprocessing.transform()
+        return self.model.preprocessing.transform()
 
     @property
     def url(self) -> str | None:
@@ -177,6 +202,12 @@ class Weights:
     def files_by_preference(self) -> list[WeightsFile]:
         """The file locations to try, safetensors first, otherwise in the table's order."""
         return sorted(self.files, key=lambda f: not f.is_safetensors)
+
+
+def _sentence_case(label: str) -> str:
+    """``"Linear top-1"`` -> ``"linear top-1"`` inside a sentence; ``"ImageNet ..."`` stays."""
+    first = label.split()[0]
+    return label[0].lower() + label[1:] if first[1:].islower() else label
 
 
 def _reference(
@@ -192,9 +223,8 @@ def _reference(
     base = "https://dl.fbaipublicfiles.com/moco/moco_checkpoints"
     return Weights(
         name=name,
-        arch="resnet50",
+        model=ModelConfig("resnet50", head=HeadConfig("linear" if version == 1 else "mlp", 128)),
         files=(WeightsFile(f"{base}/{release}/{release}_pretrain.pth.tar", f"md5:{md5}"),),
-        head=HeadConfig("linear" if version == 1 else "mlp", 128),
         meta={
             "description": f"MoCo v{version} ResNet-50, {epochs} epochs on ImageNet-1k",
             "paper": paper,
@@ -219,12 +249,14 @@ def _reference(
 # a `mocohub train --preset fashion_mnist` run; its model card holds the command).
 _FASHION_MNIST = Weights(
     name="moco_r18_fashion_mnist",
-    arch="resnet18",
+    model=ModelConfig(
+        "resnet18",
+        small_stem=True,
+        in_channels=1,
+        width=16,
+        preprocessing=Preprocessing(28, 32, (0.286,), (0.353,), channels=1),
+    ),
     files=(WeightsFile("package:moco_r18_fashion_mnist", "sha256:4e514c9e7d5b0b10"),),
-    preprocessing=Preprocessing(28, 32, (0.286,), (0.353,), channels=1),
-    small_stem=True,
-    in_channels=1,
-    width=16,
     meta={
         "description": "MoCo ResNet-18 (small stem, width 16), 12 epochs on Fashion-MNIST "
         "train without labels; ships inside mocohub and loads offline",
@@ -239,10 +271,7 @@ _FASHION_MNIST = Weights(
 )
 
 # The one table. Names: moco_v{version}_{arch}_{epochs}ep. A weight set shipped
-# inside the package is one row with a package: location, e.g.
-#   Weights("moco_fmnist_r18", "resnet18", (WeightsFile("package:moco_fmnist_r18",
-#           "sha256:..."),), Preprocessing(28, 32, (0.286,), (0.353,), channels=1),
-#           small_stem=True, in_channels=1, width=32, meta={...})
+# inside the package is one row with a package: location, as _FASHION_MNIST above.
 _TABLE: dict[str, Weights] = {
     w.name: w
     for w in (
@@ -260,6 +289,7 @@ def list_models() -> list[Weights]:
     Example:
         >>> for w in list_models():
         ...     print(w.name, w.meta.get("imagenet_linear_top1"))
+        moco_r18_fashion_mnist None
         moco_v1_r50_200ep 60.6
         moco_v2_r50_200ep 67.7
         moco_v2_r50_800ep 71.1
@@ -286,11 +316,14 @@ def get_weights(name: str) -> Weights:
 
 
 def register_weights(weights: Weights, *, replace: bool = False) -> Weights:
-    """Add ``weights`` to the table (for weight sets of your own, or tests).
+    """Add ``weights`` to the table for the rest of the process; see :func:`registered`.
 
     Example:
-        >>> register_weights(Weights("my_r18", "resnet18", (WeightsFile("/models/my_r18"),)))
-        >>> mocohub.load("my_r18")
+        >>> mine = Weights("my_r18", ModelConfig("resnet18"), (WeightsFile("/models/my_r18"),))
+        >>> register_weights(mine) is get_weights("my_r18")
+        True
+        >>> unregister_weights("my_r18") is mine
+        True
     """
     if weights.name in _TABLE and not replace:
         raise ConfigError(
@@ -299,3 +332,46 @@ def register_weights(weights: Weights, *, replace: bool = False) -> Weights:
         )
     _TABLE[weights.name] = weights
     return weights
+
+
+def unregister_weights(name: str) -> Weights:
+    """Remove the weight set registered as ``name`` and return it.
+
+    Example:
+        >>> register_weights(Weights("tmp", ModelConfig(), (WeightsFile("/m"),))).name
+        'tmp'
+        >>> unregister_weights("tmp").name
+        'tmp'
+    """
+    weights = get_weights(name)  # an unknown name: the same error as a lookup
+    del _TABLE[name]
+    return weights
+
+
+@contextmanager
+def registered(*weights: Weights, replace: bool = False) -> Iterator[tuple[Weights, ...]]:
+    """Register ``weights`` for a ``with`` block; afterwards the table is as before.
+
+    With ``replace=True`` a row may stand in for a registered one (a test
+    pointing a published name at a small local file); the original comes back
+    when the block ends, also on an error.
+
+    Example:
+        >>> mine = Weights("my_r18", ModelConfig("resnet18"), (WeightsFile("/models/my_r18"),))
+        >>> with registered(mine):
+        ...     get_weights("my_r18").config().arch
+        'resnet18'
+        >>> "my_r18" in [w.name for w in list_models()]
+        False
+    """
+    before = {w.name: _TABLE.get(w.name) for w in weights}
+    try:
+        for w in weights:
+            register_weights(w, replace=replace)
+        yield weights
+    finally:
+        for name, old in before.items():
+            if old is None:
+                _TABLE.pop(name, None)
+            else:
+                _TABLE[name] = old

@@ -1,6 +1,15 @@
-"""What this machine offers mocohub: versions, devices, CPU matrix units, onnxruntime.
+"""What this machine offers mocohub: versions, devices, CPU flags and matrix units, onnxruntime.
 
-``mocohub env`` prints it; paste its output into bug reports.
+Library code, no command: :func:`cpu_flags` and :func:`usable_cpus` are read by
+the precision policy (:mod:`mocohub.precision`), data loading and the
+benchmarks; :func:`collect` is what ``mocohub env`` (:mod:`mocohub.cli.env`)
+prints. Nothing here imports another mocohub module at import time, so any
+module may import this one; :func:`collect` reads the precision policy when
+it runs.
+
+Example:
+    >>> usable_cpus() >= 1
+    True
 """
 
 from __future__ import annotations
@@ -13,12 +22,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import click
-
 __all__ = [
     "CPU_FLAGS_ENV",
     "collect",
-    "command",
     "cpu_flags",
     "cpu_model",
     "onnxruntime_distributions",
@@ -49,6 +55,28 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0)) or 1
     return os.cpu_count() or 1
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads of one core count once).
+
+    onnxruntime gets one intra-op thread per physical core: hyper-threads share a
+    core's vector units and only add contention.
+
+    Example:
+        >>> 1 <= physical_cores() <= usable_cpus()
+        True
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            cores.add((package, (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return len(cores) or os.cpu_count() or 1
 
 
 #: Replaces the detected CPU flags (space- or comma-separated) when set: tests emulate a
@@ -154,27 +182,3 @@ def collect() -> dict[str, Any]:
     except ImportError as error:
         info["onnxruntime_providers"] = f"cannot import onnxruntime: {error}"
     return info
-
-
-@click.command("env")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def command(as_json: bool) -> None:
-    """Show versions, devices and onnxruntime builds (for bug reports)."""
-    import json
-
-    info = collect()
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-    else:
-        width = max(map(len, info))
-        for key, value in info.items():
-            if isinstance(value, dict):
-                value = ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
-            click.echo(f"{key:>{width}}: {value}")
-    if len(info["onnxruntime"]) > 1:
-        click.echo(
-            "warning: several onnxruntime builds are installed "
-            f"({', '.join(info['onnxruntime'])}); they overwrite each other's files. "
-            "Uninstall all of them, then install exactly one.",
-            err=True,
-        )

@@ -26,8 +26,8 @@ import shlex
 from pathlib import Path
 
 import mocohub
+from mocohub.artifact import WEIGHTS_NAME, get_config, save_pretrained
 from mocohub.card import model_card
-from mocohub.models import WEIGHTS_NAME, get_config, save_pretrained
 from mocohub.registry import WEIGHTS_DIR
 from mocohub.training.data import FASHION_MNIST_DIR
 

@@ -11,9 +11,11 @@ emulates bf16 (slowly), so CI catches what only a bf16 machine would show.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -64,6 +66,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def registry_rows() -> Iterator[Callable[..., Any]]:
+    """``registry_rows(weights, ...)``: rows added to the weights registry, or standing in
+    for registered ones, until the test ends (through the public ``registry.registered``)."""
+    from mocohub.registry import registered
+
+    with contextlib.ExitStack() as stack:
+        yield lambda *weights: stack.enter_context(registered(*weights, replace=True))
 
 
 @pytest.fixture

@@ -6,12 +6,13 @@ import shutil
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from mocohub.models import HeadConfig, ModelConfig, build_model, save_pretrained
+from mocohub.artifact import HeadConfig, ModelConfig, build_model, save_pretrained
 from mocohub.preprocessing import Preprocessing
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "fashion-mnist"
@@ -139,6 +140,6 @@ class ScaledEmbedder:
         return self.inner.embed_batch(images) * 3.0
 
 
-def open_scaled_embedder(model_path: str) -> ScaledEmbedder:
-    """Opened as `mocohub.export.onnx_embedder:open_embedder` is: from the path alone."""
+def open_scaled_embedder(model_path: str, **options: Any) -> ScaledEmbedder:
+    """Opened as `mocohub.export.onnx_embedder:open_embedder` is (its options ignored)."""
     return ScaledEmbedder(model_path)

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from mocohub.artifact import HeadConfig, ModelConfig, build_model
 from mocohub.backbones import resnet18
+from mocohub.preprocessing import Preprocessing
 
 
 def reference_encoder(arch: str = "resnet18", mlp: bool = True, dim: int = 16, **options: Any):
@@ -34,6 +36,28 @@ def reference_encoder(arch: str = "resnet18", mlp: bool = True, dim: int = 16, *
     with torch.no_grad():
         encoder.train()(torch.rand(2, channels, 32, 32))
     return encoder.eval()
+
+
+def tiny_fmnist_model(
+    meta: dict[str, Any], *, head: bool = False, batch: int = 4, seed: int = 0
+) -> nn.Module:
+    """A Fashion-MNIST sized mocohub model (1 channel, 28 px, ResNet-18 width 8, small
+    stem; an MLP head to 16 dims with ``head``), seeded, in eval mode, with BN statistics
+    moved by one training-mode pass over ``batch`` random images."""
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        "resnet18",
+        small_stem=True,
+        in_channels=1,
+        width=8,
+        head=HeadConfig("mlp", 16) if head else None,
+        preprocessing=Preprocessing(28, 32, (0.286,), (0.353,), channels=1),
+        meta=meta,
+    )
+    model = build_model(config)
+    with torch.no_grad():
+        model.train()(torch.rand(batch, 1, 28, 28))
+    return model.eval()
 
 
 def reference_checkpoint(

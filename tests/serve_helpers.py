@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from aiohttp import web
 
+from mocohub.artifact import ModelConfig, build_model, save_pretrained
 from mocohub.export import export_model
 from mocohub.export.serve import start_server
-from mocohub.models import ModelConfig, build_model, save_pretrained
 from mocohub.preprocessing import Preprocessing
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "fashion-mnist"

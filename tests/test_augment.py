@@ -1,11 +1,12 @@
-"""MoCo augmentations: the reference per-image recipes and the batched, per-sample path."""
+"""MoCo augmentations: the recipe table, the reference per-image recipes and the batched,
+per-sample path (speed: bench/augment.py)."""
 
 from __future__ import annotations
 
 import math
 import pickle
-import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -31,6 +32,9 @@ from mocohub.training.augment import (
     small_transform,
     two_views,
 )
+from mocohub.training.batch_augment import AugmentParams, move_params
+from mocohub.training.batch_augment import BatchAugment as BatchAugmentFromItsModule
+from mocohub.training.recipes import RECIPES, AugmentRecipe, recipe
 
 
 def pil_image(height: int = 50, width: int = 60, seed: int = 0) -> Image.Image:
@@ -154,15 +158,121 @@ def test_two_crops_gives_two_views_and_pickles() -> None:
     assert moco_v1_transform(28, (0.5,), (0.5,))(gray).shape == (1, 28, 28)
 
 
-def test_small_recipe_matches_batch_small() -> None:
-    crop, flip, apply_jitter, gray = small_transform(28).transforms[:4]
-    batch = batch_small(28)
-    assert crop.size == (28, 28) and crop.scale == batch.scale and flip.p == batch.flip_p
-    (jitter,) = apply_jitter.transforms
-    assert apply_jitter.p == batch.jitter_p == 0.8 and gray.p == batch.grayscale_p
-    assert jitter.brightness == pytest.approx(batch.brightness)
-    assert jitter.contrast == pytest.approx(batch.contrast)
-    assert jitter.saturation is None and jitter.hue is None
+def per_image_values(transform: v2.Compose) -> tuple[list[str], dict[str, object]]:
+    """The steps of a per-image pipeline and the recipe values it holds, named as
+    BatchAugment names them."""
+    steps: list[str] = []
+    values: dict[str, object] = {}
+    for step in transform.transforms:
+        p = 1.0
+        if isinstance(step, v2.RandomApply):
+            p, (step,) = step.p, step.transforms
+        if isinstance(step, v2.RandomResizedCrop):
+            values.update(size=step.size[0], scale=step.scale, ratio=step.ratio)
+            steps.append("crop")
+        elif isinstance(step, v2.RandomHorizontalFlip):
+            values.update(flip_p=step.p)
+            steps.append("flip")
+        elif isinstance(step, v2.RandomGrayscale):
+            values.update(grayscale_p=step.p)
+            steps.append("grayscale")
+        elif isinstance(step, v2.ColorJitter):
+            for name, identity in (("brightness", (1.0, 1.0)), ("contrast", (1.0, 1.0))):
+                values[name] = tuple(getattr(step, name) or identity)
+            for name, identity in (("saturation", (1.0, 1.0)), ("hue", (0.0, 0.0))):
+                values[name] = tuple(getattr(step, name) or identity)
+            values.update(jitter_p=p)
+            steps.append("jitter")
+        elif isinstance(step, PILGaussianBlur):
+            values.update(blur_p=p, blur_sigma=step.sigma)
+            steps.append("blur")
+        elif isinstance(step, v2.Normalize):
+            values.update(mean=tuple(step.mean), std=tuple(step.std))
+    return steps, values
+
+
+def batched_values(augment: BatchAugment, steps: list[str]) -> dict[str, object]:
+    names = ["size", "scale", "ratio", "flip_p", "brightness", "contrast", "saturation", "hue"]
+    names += ["grayscale_p"]
+    values = {name: getattr(augment, name) for name in names}
+    values.update(mean=tuple(augment.mean.tolist()), std=tuple(augment.std.tolist()))
+    if "jitter" in steps:  # the per-image path has no jitter (or blur) step to compare
+        values.update(jitter_p=augment.jitter_p)
+        assert augment.grayscale_first == (
+            "grayscale" in steps and steps.index("grayscale") < steps.index("jitter")
+        )
+    if "blur" in steps:
+        values.update(blur_p=augment.blur_p, blur_sigma=augment.blur_sigma)
+    else:
+        assert augment.blur_p == 0.0
+    return values
+
+
+def assert_same_values(per_image: dict[str, object], batched: dict[str, object]) -> None:
+    assert per_image.keys() == batched.keys()
+    for name, value in batched.items():
+        assert per_image[name] == pytest.approx(value), name
+
+
+PAIRS = {
+    "v1": (moco_v1_transform, batch_moco_v1),
+    "v2": (moco_v2_transform, batch_moco_v2),
+    "small": (small_transform, batch_small),
+}
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_per_image_and_batched_recipes_hold_the_tables_values(name: str) -> None:
+    per_image_builder, batched_builder = PAIRS[name]
+    steps, per_image = per_image_values(per_image_builder(28))
+    assert steps == list(RECIPES[name].steps)
+    assert_same_values(per_image, batched_values(batched_builder(28), steps))
+    assert per_image["mean"] == pytest.approx(RECIPES[name].mean)  # the recipe's by default
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_a_changed_table_value_reaches_both_paths(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    changed = replace(
+        RECIPES[name],
+        scale=(0.5, 0.9),
+        ratio=(0.8, 1.25),
+        flip_p=0.3,
+        brightness=0.25,
+        contrast=0.15,
+        jitter_p=0.6,
+        grayscale_p=0.35,
+        mean=(0.4,),
+        std=(0.2,),
+    )
+    if "blur" in changed.steps:
+        changed = replace(changed, blur_p=0.45, blur_sigma=(0.2, 1.5))
+    monkeypatch.setitem(RECIPES, name, changed)
+    per_image_builder, batched_builder = PAIRS[name]
+    steps, per_image = per_image_values(per_image_builder(24))
+    assert per_image["scale"] == (0.5, 0.9) and per_image["grayscale_p"] == 0.35
+    assert per_image["jitter_p"] == 0.6 and per_image["mean"] == (0.4,)
+    assert_same_values(per_image, batched_values(batched_builder(24), steps))
+    views = BatchAugmentFromItsModule.from_recipe(recipe(name), 24)
+    assert_same_values(per_image, batched_values(views, steps))
+
+
+def test_recipes_that_contradict_themselves_are_refused() -> None:
+    with pytest.raises(ConfigError, match="start with 'crop'"):
+        AugmentRecipe(("flip", "crop"), flip_p=0.5)
+    with pytest.raises(ConfigError, match="leaves out the step 'blur'"):
+        AugmentRecipe(("crop",), blur_p=0.5)
+    with pytest.raises(ConfigError, match="lists the step 'grayscale'"):
+        AugmentRecipe(("crop", "grayscale"))
+    with pytest.raises(ConfigError, match="Unknown augmentation 'v3'; use one of v1, v2, small"):
+        recipe("v3")
+    assert BatchAugmentFromItsModule is BatchAugment  # the old import name still works
+
+
+def test_small_recipe_on_gray_images() -> None:
+    jitter = small_transform(28).transforms[2].transforms[0]
+    assert jitter.saturation is None and jitter.hue is None  # nothing drawn for them
     image = Image.fromarray(np.full((28, 28), 200, dtype=np.uint8), mode="L")
     out = small_transform(28, (0.286,), (0.353,))(image)
     assert out.shape == (1, 28, 28) and out.dtype == torch.float32
@@ -389,6 +499,28 @@ def test_bad_images_raise_input_error() -> None:
         augment.apply_params(torch.rand(4, 3, 16, 16), augment.sample_params(3, 16, 16))
 
 
+def test_views_are_separate_calls_whose_parameters_travel_packed() -> None:
+    images = uint8_batch(6, 3, 24)
+    augment = batch_moco_v2(16)
+    query, key = augment.views(images, 2, generator=torch.Generator().manual_seed(5))
+    one_by_one = torch.Generator().manual_seed(5)
+    assert torch.equal(query, augment(images, generator=one_by_one))
+    assert torch.equal(key, augment(images, generator=one_by_one))
+    augment.generator = torch.Generator().manual_seed(5)
+    assert all(map(torch.equal, two_views(augment, images), (query, key)))
+    # Packing loses nothing: crops are whole pixels, flags 0 or 1.
+    params = augment.sample_params(6, 24, 24, torch.Generator().manual_seed(1))
+    packed = params.pack()
+    assert packed.shape == (6, 11) and packed.dtype == torch.float64
+    unpacked = vars(AugmentParams.unpack(packed)).values()
+    for before, after in zip(vars(params).values(), unpacked, strict=True):
+        assert before.dtype == after.dtype and torch.equal(before, after)
+    # Both views' parameters reach the device as one tensor (meta stands in for a GPU).
+    moved = move_params([params, params], torch.device("meta"))
+    assert [p.crops.device.type for p in moved] == ["meta", "meta"]
+    assert moved[0].jitter._base is not None and moved[0].jitter._base is moved[1].jitter._base
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_gives_what_the_cpu_gives() -> None:
@@ -401,17 +533,3 @@ def test_cuda_gives_what_the_cpu_gives() -> None:
     torch.testing.assert_close(on_cuda.cpu(), on_cpu, atol=1e-3, rtol=1e-3)
     cuda_generator = torch.Generator("cuda").manual_seed(0)
     assert augment(images.cuda(), generator=cuda_generator).shape == (32, 3, 32, 32)
-
-
-def test_time_batch_small_on_a_fashion_mnist_sized_batch() -> None:
-    # Not an assertion: speed is measured, not tested. On the 2-core development
-    # VM (1 torch thread) batch_small(28) takes about 10 ms for 512 x 1 x 28 x 28 uint8.
-    augment = batch_small(28, (0.286,), (0.353,))
-    images = uint8_batch(512, 1, 28)
-    augment(images)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        augment(images)
-        times.append(time.perf_counter() - start)
-    print(f"batch_small(28), 512 x 1 x 28 x 28 uint8: {1000 * sorted(times)[2]:.1f} ms")

@@ -5,7 +5,14 @@ import torch
 import torchvision
 
 import mocohub
-from mocohub.backbones import ResNet, build_backbone, resnet18, resnet34, resnet50
+from mocohub.backbones import (
+    ResNet,
+    build_backbone,
+    feature_dim,
+    resnet18,
+    resnet34,
+    resnet50,
+)
 
 
 @pytest.mark.parametrize(
@@ -42,6 +49,26 @@ def test_resnet50_feature_width_and_fc() -> None:
     assert net.fc.in_features == 2048
     assert net.feature_dim == 2048
     assert net(torch.randn(2, 3, 64, 64)).shape == (2, 128)
+
+
+def test_forward_features_is_the_map_forward_pools() -> None:
+    torch.manual_seed(0)
+    net = resnet18(num_classes=10, small_stem=True, width=8).eval()
+    x = torch.randn(2, 3, 28, 28)
+    trunk = torch.nn.Sequential(*list(net.children())[:-2])  # stem + stages, as torchvision
+    with torch.no_grad():
+        spatial = net.forward_features(x)
+        torch.testing.assert_close(spatial, trunk(x), rtol=0, atol=0)
+        assert spatial.shape == (2, net.feature_dim, 4, 4)
+        pooled = net.fc(torch.flatten(net.avgpool(spatial), 1))
+        torch.testing.assert_close(net(x), pooled, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("arch", "width", "dim"), [("resnet18", 16, 128), ("resnet50", 64, 2048)])
+def test_feature_dim_without_building(arch: str, width: int, dim: int) -> None:
+    assert feature_dim(arch, width) == dim == build_backbone(arch, width=width).feature_dim
+    with pytest.raises(mocohub.ConfigError, match="Unknown architecture"):
+        feature_dim("vit_b16")
 
 
 def test_small_image_options() -> None:

@@ -49,7 +49,7 @@ def test_every_loading_path_gives_the_same_model(monkeypatch: pytest.MonkeyPatch
             torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     # The registry row and the shipped folder's config.json (its model card's source) agree.
     row, shipped = get_weights(NAME), by_folder.mocohub_config
-    assert by_name.mocohub_config.preprocessing == shipped.preprocessing == row.preprocessing
+    assert by_name.mocohub_config.preprocessing == shipped.preprocessing == row.model.preprocessing
     for key in ("knn_top1", "epochs", "license"):
         assert shipped.meta[key] == row.meta[key], key
     assert "mocohub train" in shipped.meta["command"]

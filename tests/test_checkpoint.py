@@ -23,17 +23,16 @@ from mocohub.training.checkpoint import (
     FORMAT_VERSION,
     LAST_NAME,
     atomic_save,
-    capture_rng_state,
     find_latest_checkpoint,
     is_reference_checkpoint,
     load_checkpoint,
     moco_state_from_reference,
-    restore_rng_state,
     restore_training_state,
     save_checkpoint,
     training_state,
 )
 from mocohub.training.moco import MoCo
+from mocohub.training.rng import capture_rng_state, restore_rng_state
 
 BATCH, K = 4, 16
 
@@ -216,7 +215,18 @@ def test_cuda_rng_state_round_trips() -> None:
 # --- resume -----------------------------------------------------------------
 
 
-def test_resume_continues_bit_for_bit(tmp_path: Path) -> None:
+def as_version_1(path: Path) -> None:
+    """Rewrite a checkpoint as format version 1 wrote it: the shuffle-BN generator's
+    state beside the model (``shuffle_rng``, None before its first use)."""
+    state = torch.load(path, weights_only=True)
+    generator = state["model"].pop("_extra_state")
+    state["shuffle_rng"] = generator if generator.numel() else None
+    state["format_version"] = 1
+    atomic_save(state, path)
+
+
+@pytest.mark.parametrize("version", [FORMAT_VERSION, 1])
+def test_resume_continues_bit_for_bit(tmp_path: Path, version: int) -> None:
     model = tiny_moco(seed=0)
     optimizer, scaler, scheduler = run_objects(model)
     random.seed(1)
@@ -225,8 +235,11 @@ def test_resume_continues_bit_for_bit(tmp_path: Path) -> None:
     for _ in range(2):
         train_step(model, optimizer, scaler, scheduler)
     state = training_state(model, optimizer, scaler, scheduler, 0, 2, {"lr": 0.1, "arch": "r18"})
-    save_checkpoint(tmp_path, state, epoch=0, step=2)
+    saved = save_checkpoint(tmp_path, state, epoch=0, step=2)
     del state  # it shares tensors with the live model
+    assert model.get_extra_state().numel() > 0  # bn_splits=2: the shuffle generator is in use
+    if version == 1:
+        as_version_1(saved)
     losses = [train_step(model, optimizer, scaler, scheduler) for _ in range(2)]
 
     # A new process: other weights, other generator states, fresh optimizer.
@@ -263,11 +276,11 @@ def test_checkpoint_loads_weights_only_with_the_documented_keys(tmp_path: Path) 
         raw = torch.load(file, weights_only=True)
         assert set(raw) == {
             "format", "format_version", "mocohub_version", "epoch", "step", "model",
-            "optimizer", "scaler", "scheduler", "rng", "shuffle_rng", "config",
+            "optimizer", "scaler", "scheduler", "rng", "config",
         }  # fmt: skip
         assert (raw["format"], raw["format_version"]) == (FORMAT, FORMAT_VERSION)
         assert (raw["epoch"], raw["step"], raw["config"]) == (1, 7, {"a": [1, 2]})
-        assert {"queue", "queue_ptr"} <= set(raw["model"])
+        assert {"queue", "queue_ptr", "_extra_state"} <= set(raw["model"])
         assert not is_reference_checkpoint(raw)
 
 
@@ -347,6 +360,7 @@ def write_truncated(path: Path) -> None:
         (lambda p: torch.save({"fc.weight": torch.zeros(2)}, p), "neither"),
         (lambda p: torch.save(torch.zeros(2), p), "neither"),
         (lambda p: torch.save({"format": FORMAT, "format_version": 99}, p), "upgrade mocohub"),
+        (lambda p: torch.save({"format": FORMAT, "format_version": "2"}, p), "no valid"),
         (lambda p: torch.save({"format": FORMAT, "format_version": 1, "epoch": 0}, p), "lacks"),
     ],
     ids=[
@@ -358,6 +372,7 @@ def write_truncated(path: Path) -> None:
         "foreign",
         "tensor",
         "newer",
+        "no-version",
         "incomplete",
     ],
 )

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from cli_helpers import TINY_TRAIN, run_cli
+from train_helpers import SAMPLES, assert_same_weights, records
 
 from mocohub.errors import InputError
 from mocohub.fileio import temporary_name, temporary_owner
@@ -25,14 +26,11 @@ from mocohub.training.monitor import truncate_metrics
 from mocohub.training.run_folder import run_contents
 from mocohub.training.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "samples" / "fashion-mnist"
 TINY = {**TINY_TRAIN, "epochs": 2}  # 300 images / 32 = 9 steps per epoch
 TINY_FLAGS = [
     "--preset", "fashion_mnist", "--width", "8", "--dim", "16", "--queue-size", "64",
     "--batch-size", "32", "--workers", "0", "--precision", "fp32", "--epochs", "2", "--quiet",
 ]  # fmt: skip
-WALL_CLOCK = ("time", "img_per_s")
 
 
 def run(run_dir: Path, **kwargs: Any) -> dict[str, Any]:
@@ -53,22 +51,9 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def records(run_dir: Path) -> list[dict[str, Any]]:
-    """The metrics log without its wall-clock fields, in order."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK} for line in lines]
-
-
 def assert_same_run(a: Path, b: Path) -> None:
     """Bit-identical final weights and optimizer state, and the same metrics log."""
-    state_a = ckpt.load_checkpoint(a / ckpt.LAST_NAME)
-    state_b = ckpt.load_checkpoint(b / ckpt.LAST_NAME)
-    assert (state_a["epoch"], state_a["step"]) == (state_b["epoch"], state_b["step"])
-    for key, value in state_a["model"].items():
-        assert torch.equal(value, state_b["model"][key]), key
-    for key, value in state_a["optimizer"]["state"].items():
-        momentum = state_b["optimizer"]["state"][key]["momentum_buffer"]
-        assert torch.equal(value["momentum_buffer"], momentum), key
+    assert_same_weights(a, b)
     assert records(a) == records(b)
 
 
@@ -180,8 +165,11 @@ class Killed(BaseException):
     """Stands for kill -9: nothing after it runs (an Exception would trigger clean-ups)."""
 
 
-def kill_at_save(monkeypatch: pytest.MonkeyPatch, epoch: int, *, after: bool) -> None:
-    """Make the save of checkpoint (epoch, 0) die just before or just after it is written."""
+def run_killed_at_save(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, epoch: int, *, after: bool
+) -> None:
+    """Run into ``run_dir`` until the save of checkpoint (epoch, 0) dies just before or
+    just after it is written."""
     real = ckpt.save_checkpoint
 
     def save(run_dir: Path, state: Any, **kwargs: Any) -> Path:
@@ -193,16 +181,16 @@ def kill_at_save(monkeypatch: pytest.MonkeyPatch, epoch: int, *, after: bool) ->
         return path
 
     monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    with pytest.raises(Killed):
+        run(run_dir)
+    monkeypatch.undo()
 
 
 def test_killed_before_a_checkpoint_the_log_is_cut_back_on_resume(
     tmp_path: Path, straight: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_dir = tmp_path / "run"
-    kill_at_save(monkeypatch, 2, after=False)
-    with pytest.raises(Killed):
-        run(run_dir)
-    monkeypatch.undo()
+    run_killed_at_save(run_dir, monkeypatch, 2, after=False)
     # The log holds epoch 2's records, written after the last checkpoint (1, 0),
     # and a line torn by the kill.
     with (run_dir / "metrics.jsonl").open("a") as log:
@@ -216,10 +204,7 @@ def test_killed_right_after_a_checkpoint_the_log_keeps_the_epoch_summary(
     tmp_path: Path, straight: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_dir = tmp_path / "run"
-    kill_at_save(monkeypatch, 1, after=True)
-    with pytest.raises(Killed):
-        run(run_dir)
-    monkeypatch.undo()
+    run_killed_at_save(run_dir, monkeypatch, 1, after=True)
     run(run_dir, resume="auto")
     assert_same_run(straight, run_dir)
 
@@ -293,10 +278,7 @@ def test_train_resume_cleans_orphans_of_a_killed_save(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_dir = tmp_path / "run"
-    kill_at_save(monkeypatch, 2, after=False)
-    with pytest.raises(Killed):
-        run(run_dir)
-    monkeypatch.undo()
+    run_killed_at_save(run_dir, monkeypatch, 2, after=False)
     orphan = run_dir / f".checkpoint_0002_00000000.pt.{dead_pid()}.1a2b3c4d.tmp"
     orphan.write_bytes(b"PK\x03\x04half")
     live = run_dir / f".checkpoint_0002_00000000.pt.{os.getppid()}.0badcafe.tmp"

@@ -48,6 +48,23 @@ def test_import_mocohub_is_light() -> None:
     assert run.returncode == 0, run.stderr
 
 
+def test_every_command_resolves_to_the_click_command_of_its_name() -> None:
+    group = cli.cli
+    with click.Context(group) as ctx:
+        for name in group.list_commands(ctx):
+            command = group.get_command(ctx, name)
+            assert isinstance(command, click.Command), name
+            assert command.name == name, (name, cli.COMMANDS[name][0])
+
+
+def test_library_modules_do_not_import_the_command_line() -> None:
+    """The library (CPU flags, precision, index, grid, k-NN) is usable without click."""
+    modules = "mocohub.sysinfo, mocohub.precision, mocohub.index, mocohub.grid, mocohub.knn"
+    code = f"import sys, {modules}; assert 'click' not in sys.modules, 'click was imported'"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
 def test_env_command_reports_json(capsys: pytest.CaptureFixture[str]) -> None:
     cli.main(["env", "--json"])
     info = json.loads(capsys.readouterr().out)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from mocohub.artifact import HeadConfig, ModelConfig
 from mocohub.backbones import resnet18, resnet50
 from mocohub.convert import (
     IMAGENET_MEAN,
@@ -18,7 +19,6 @@ from mocohub.convert import (
     model_from_checkpoint,
 )
 from mocohub.errors import InputError
-from mocohub.models import HeadConfig, ModelConfig
 from mocohub.training.checkpoint import save_checkpoint, training_state
 from mocohub.training.config import preset
 from mocohub.training.moco import MoCo
@@ -197,3 +197,17 @@ def test_mocohub_run_keeps_its_head_and_preprocessing_on_request(tmp_path: Path)
     with pytest.raises(InputError, match="holds no projection head"):
         model_from_checkpoint(tmp_path / "headless.pth.tar", head=True)
     assert model_from_checkpoint(tmp_path / "headless.pth.tar").mocohub_config.head is None
+
+
+def test_a_checkpoint_with_damaged_bytes_is_refused_not_loaded(tmp_path: Path) -> None:
+    """torch.load does not check the zip CRCs: 4 KiB zeroed inside a checkpoint loaded silently."""
+    run = tmp_path / "run"
+    path = save_run(tiny_moco(), run, epoch=1)
+    model_from_checkpoint(run)  # intact: loads
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+    for source in (run, path):
+        with pytest.raises(InputError, match=r"is damaged: the entry .* fails its CRC check"):
+            model_from_checkpoint(source)

@@ -14,6 +14,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -153,44 +154,104 @@ def test_default_workers_use_the_cores_the_model_leaves_free(
     monkeypatch.setattr(embed.torch.cuda, "is_available", lambda: True)
     assert embed.default_workers("auto") == embed.default_workers("cuda:1") == 8
     assert embed.default_workers("cpu") == 4  # the model stays on the CPU: as above
-    # no workers: each batch is decoded on the model's threads, unless files may be
-    # larger than Pillow's own limit (decode_image lifts it process-wide then)
-    assert embed.decode_threads(0, DEFAULT_MAX_PIXELS) == 1  # get_num_threads() is 1 now
+    # no workers: each batch is decoded on the model's threads, whatever --max-pixels
+    assert embed.decode_threads(0) == 1  # get_num_threads() is 1 now
     monkeypatch.setattr(embed.torch, "get_num_threads", lambda: 6)
-    assert embed.decode_threads(0, DEFAULT_MAX_PIXELS) == 6
-    assert embed.decode_threads(2, DEFAULT_MAX_PIXELS) == 1
-    assert embed.decode_threads(0, DEFAULT_MAX_PIXELS + 1) == embed.decode_threads(0, None) == 1
+    assert embed.decode_threads(0) == 6
+    assert embed.decode_threads(2) == 1
+
+
+def test_decoding_threads_write_the_batch_in_place_with_the_numbers_of_one_thread(dataset) -> None:
+    """Threads write each crop into its row of one batch array, which becomes the batch
+    without a stacking copy; with a broken file among them the good rows are stacked."""
+    from mocohub.embed_decode import Collate, DecodedFiles
+    from mocohub.preprocessing import Preprocessing
+
+    paths = scan_inputs([dataset[0]])
+    good = [i for i, p in enumerate(paths) if "broken" not in p][:5]
+    mixed = [*good[:2], next(i for i, p in enumerate(paths) if "broken" in p), *good[2:]]
+    prep = Preprocessing(28, 32, (0.286,), (0.353,), channels=1)
+    collate = Collate(prep, channels_last=True)
+    threaded = DecodedFiles(paths, prep, None, threads=2)
+    try:
+        for indices in (good, mixed):
+            items = threaded.__getitems__(indices)
+            batch = collate(items)["images"]
+            serial = collate(DecodedFiles(paths, prep, None).__getitems__(indices))["images"]
+            assert torch.equal(batch, serial) and len(batch) == len(good)
+            assert batch.is_contiguous(memory_format=torch.channels_last)
+            rows = [x for _, x, _ in items if x is not None]
+            assert np.shares_memory(batch.numpy(), rows[0]) == (indices == good)
+    finally:
+        threaded.close()
+
+
+def test_threads_decode_files_over_pillows_own_limit_without_touching_it(
+    tmp_path: Path, dataset, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --max-pixels above Pillow's limit, batches are still decoded on the model's
+    threads (the limit is checked per call, Pillow's process-wide one is left alone)."""
+    import threading
+
+    from mocohub import embed
+
+    paths = [p for p in scan_inputs([dataset[0]]) if "broken" not in p][:6]
+    settings = EmbedSettings(model=str(model_dir), batch_size=3, device="cpu", precision="fp32")
+    opener = lambda precision: open_torch_embedder(str(model_dir), device="cpu")  # noqa: E731
+    embed_files(paths, tmp_path / "ref.npy", settings, opener)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # every file is over Pillow's limit
+    monkeypatch.setattr(embed.torch, "get_num_threads", lambda: 3)  # the model's threads
+    seen: list[tuple[str, int | None]] = []  # (thread, Pillow's limit) as each file decodes
+    load = Image.Image.load
+
+    def spy(self: Image.Image):
+        seen.append((threading.current_thread().name, Image.MAX_IMAGE_PIXELS))
+        return load(self)
+
+    monkeypatch.setattr(Image.Image, "load", spy)
+    for max_pixels in (None, DEFAULT_MAX_PIXELS + 1):
+        lifted = EmbedSettings(**{**settings.__dict__, "max_pixels": max_pixels})
+        out = tmp_path / f"{max_pixels}.npy"
+        embed_files(paths, out, lifted, opener)
+        np.testing.assert_array_equal(np.load(out), np.load(tmp_path / "ref.npy"))
+    assert {limit for _, limit in seen} == {100} and Image.MAX_IMAGE_PIXELS == 100
+    assert all(name.startswith("mocohub-decode") for name, _ in seen), seen
+    capped = EmbedSettings(**{**settings.__dict__, "max_pixels": 200})
+    embed_files(paths, tmp_path / "capped.npy", capped, opener, restart=True)
+    reasons = {e["reason"][:15] for e in read_outputs(tmp_path / "capped.npy")[2]}
+    assert reasons == {"too many pixels"}
 
 
 def test_decoding_threads_give_what_one_thread_gives(dataset) -> None:
-    from mocohub.embed import _Decoded
+    from mocohub.embed_decode import DecodedFiles
     from mocohub.preprocessing import Preprocessing
 
     paths = scan_inputs([dataset[0]])
     prep = Preprocessing(28, 32, (0.286,), (0.353,), channels=1)
-    one, three = _Decoded(paths, prep, None, threads=1), _Decoded(paths, prep, None, threads=3)
+    one = DecodedFiles(paths, prep, None, threads=1)
+    three = DecodedFiles(paths, prep, None, threads=3)
     indices = list(range(len(paths)))
     filters = list(warnings.filters)
     try:
         serial, threaded = one.__getitems__(indices), three.__getitems__(indices)
     finally:
         three.close()
-    assert warnings.filters == filters  # decode_image's catch_warnings in threads: restored
+    assert warnings.filters == filters  # decoding on threads leaves the filters alone
     assert [(i, reason) for i, _, reason in threaded] == [(i, r) for i, _, r in serial]
     assert sum(x is None for _, x, _ in serial) == 8  # the broken files
     for (_, a, _), (_, b, _) in zip(serial, threaded, strict=True):
-        assert (a is None and b is None) or torch.equal(a, b)
+        assert (a is None and b is None) or np.array_equal(a, b)
 
 
 def test_batches_are_normalised_exactly_as_the_preprocessing_says() -> None:
-    from mocohub.embed import _Collate
+    from mocohub.embed_decode import Collate
     from mocohub.preprocessing import Preprocessing
 
     for prep in (Preprocessing.imagenet(32), Preprocessing(28, 32, (0.286,), (0.353,), channels=1)):
         crops = torch.randint(0, 256, (5, prep.channels, prep.image_size, prep.image_size))
         crops = crops.to(torch.uint8)
         for channels_last in (False, True):
-            x = _Collate(prep, channels_last).to_model(crops)
+            x = Collate(prep, channels_last).to_model(crops)
             assert torch.equal(x, prep.batch()(crops))  # bit for bit
             layout = torch.channels_last if channels_last else torch.contiguous_format
             assert x.is_contiguous(memory_format=layout)
@@ -200,10 +261,11 @@ def test_decoding_processes_yield_the_cpu_to_a_model_on_the_cpu(
     tmp_path: Path, dataset, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Workers decode at nice 19, so they never take a core from the model's threads."""
-    from mocohub.embed import _Decoded
+    from mocohub.embed_decode import DecodedFiles
 
     # each worker (forked with this patch) reports its niceness as the "reason" a file failed
-    monkeypatch.setattr(_Decoded, "__getitem__", lambda self, i: (i, None, f"nice {os.nice(0)}"))
+    niceness = lambda self, i: (i, None, f"nice {os.nice(0)}")  # noqa: E731
+    monkeypatch.setattr(DecodedFiles, "__getitem__", niceness)
     paths = scan_inputs([dataset[0]])[:8]
     settings = EmbedSettings(model=str(model_dir), batch_size=4, device="cpu")
     opener = lambda precision: open_torch_embedder(str(model_dir), device="cpu")  # noqa: E731
@@ -293,12 +355,12 @@ def test_bad_arguments_give_one_clear_error(
 
 
 def test_backend_seam_reports_a_missing_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mocohub import embed_cli
+    from mocohub import backends
 
-    monkeypatch.setitem(embed_cli.BACKENDS, "onnxruntime", "mocohub.no_such_module:open_embedder")
+    monkeypatch.setitem(backends.BACKENDS, "onnxruntime", "mocohub.no_such_module:open_embedder")
     with pytest.raises(ConfigError, match="onnxruntime backend needs"):
-        embed_cli.open_backend("onnxruntime")
-    assert embed_cli.open_backend("torch") is open_torch_embedder
+        backends.open_backend("onnxruntime")
+    assert backends.open_backend("torch") is open_torch_embedder
 
 
 def test_another_backend_plugs_into_the_same_pipeline(
@@ -308,15 +370,15 @@ def test_another_backend_plugs_into_the_same_pipeline(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The backend seam: `--backend onnxruntime` opens its embedder from the model path alone.
+    """The backend seam: `--backend onnxruntime` opens its embedder from the model path.
 
     A stand-in for mocohub.export's ONNX embedder (exporting takes longer than
     this whole file may) returns the torch features times 3: the pipeline's
     normalisation must give the torch backend's rows.
     """
-    from mocohub import embed_cli
+    from mocohub import backends
 
-    monkeypatch.setitem(embed_cli.BACKENDS, "onnxruntime", "embed_helpers:open_scaled_embedder")
+    monkeypatch.setitem(backends.BACKENDS, "onnxruntime", "embed_helpers:open_scaled_embedder")
     torch_out, other_out = tmp_path / "torch.npy", tmp_path / "other.npy"
     common = ["embed", str(dataset[0]), "--workers", "0", "--quiet", "--model", str(model_dir)]
     main([*common, "--out", str(torch_out)])
@@ -535,3 +597,96 @@ def test_a_run_that_failed_before_any_part_does_not_block_the_next(
     np.testing.assert_allclose(
         run_embed(paths, out, model_dir), run_embed(paths, tmp_path / "r.npy", model_dir)
     )
+
+
+def test_the_next_batch_is_decoded_while_the_model_runs_this_one(
+    dataset, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """workers=0: batch i + 1 is decoded on a background thread while the caller embeds batch i,
+    with the records of plain, one-at-a-time decoding, and errors raised at their own batch."""
+    import threading
+
+    from mocohub.embed_decode import Collate, DecodedFiles, open_batches
+    from mocohub.features import open_torch_embedder
+
+    embedder = open_torch_embedder(str(model_dir), device="cpu", precision="fp32")
+    paths = scan_inputs([dataset[0]])[:12]
+    sampler = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    prep = embedder.preprocessing
+    plain, collate = DecodedFiles(paths, prep, None, threads=1), Collate(prep, True)
+    expected = [collate(plain.__getitems__(indices)) for indices in sampler]
+    expected = [(b["rows"], b["failed"], b["images"]) for b in expected]
+
+    decoded_on: list[str] = []
+    decode = DecodedFiles.__getitems__
+
+    def recording(self: DecodedFiles, indices: list[int]) -> list:
+        decoded_on.append(threading.current_thread().name)
+        if indices[0] == 8:
+            raise OSError("the disk went away")
+        return decode(self, indices)
+
+    monkeypatch.setattr(DecodedFiles, "__getitems__", recording)
+    batches = open_batches(paths, sampler, embedder, "cpu", None, workers=0)
+    try:
+        for rows, failed, images in expected[:2]:
+            got = next(batches)
+            assert (got["rows"], got["failed"]) == (rows, failed)
+            assert torch.equal(got["images"], images)
+        with pytest.raises(OSError, match="the disk went away"):
+            next(batches)  # batch 3's error, at batch 3
+    finally:
+        batches.close()
+    assert len(decoded_on) == 3 and all(n.startswith("mocohub-prefetch") for n in decoded_on)
+
+
+def test_a_gpu_backend_gets_uint8_crops_and_normalises_them_itself(
+    dataset, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU the torch backend is sent uint8 crops (a quarter of the bytes, no float work
+    on the CPU) and normalises them on its device, to the numbers of CPU normalisation."""
+    from mocohub import embed_decode
+    from mocohub.features import open_torch_embedder
+
+    embedder = open_torch_embedder(str(model_dir), device="cpu", precision="fp32")
+    paths = scan_inputs([dataset[0]])[:8]
+    sampler = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    plain = embed_decode.open_batches(paths, sampler, embedder, "cpu", None, workers=0)
+    try:
+        floats = [b["images"] for b in plain]
+    finally:
+        plain.close()
+    monkeypatch.setattr(embed_decode.torch.cuda, "is_available", lambda: True)  # a GPU machine
+    loader = embed_decode.DataLoader
+
+    def unpinned(*args: Any, **options: Any) -> Any:  # pinning memory needs a real GPU
+        return loader(*args, **{**options, "pin_memory": False})
+
+    monkeypatch.setattr(embed_decode, "DataLoader", unpinned)
+    batches = embed_decode.open_batches(paths, sampler, embedder, "cuda", None, workers=0)
+    try:
+        crops = [b["images"] for b in batches]
+    finally:
+        batches.close()
+    assert [c.dtype for c in crops] == [torch.uint8, torch.uint8]
+    for crop, x in zip(crops, floats, strict=True):
+        assert crop.shape == x.shape
+        np.testing.assert_array_equal(embedder.embed_batch(crop), embedder.embed_batch(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_uint8_crops_normalised_on_the_gpu_give_the_cpu_numbers(dataset, model_dir: Path) -> None:
+    from mocohub import embed_decode
+    from mocohub.features import open_torch_embedder
+
+    gpu = open_torch_embedder(str(model_dir), device="cuda", precision="fp32")
+    cpu = open_torch_embedder(str(model_dir), device="cpu", precision="fp32")
+    paths = scan_inputs([dataset[0]])[:8]
+    batches = embed_decode.open_batches(paths, [list(range(8))], gpu, "cuda", None, workers=0)
+    try:
+        crops = next(batches)["images"]
+    finally:
+        batches.close()
+    assert crops.dtype == torch.uint8 and crops.is_pinned()
+    np.testing.assert_allclose(gpu.embed_batch(crops), cpu.embed_batch(crops), atol=1e-4)

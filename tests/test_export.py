@@ -16,12 +16,12 @@ from safetensors import safe_open
 
 import mocohub
 from mocohub import cli
+from mocohub.artifact import ModelConfig, build_model, save_pretrained
 from mocohub.errors import InputError
 from mocohub.export.onnx import OPSET, read_metadata
 from mocohub.export.onnx_embedder import OnnxEmbedder, open_embedder
 from mocohub.export.quantize import ImageSet, load_image_folder, quantize_int8
 from mocohub.export.verify import BOUNDS, VerificationError, neighbour_agreement, verify_files
-from mocohub.models import ModelConfig, build_model, save_pretrained
 from mocohub.preprocessing import Preprocessing
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "fashion-mnist"

@@ -20,7 +20,7 @@ import mocohub
 from mocohub.errors import ConfigError, InputError
 from mocohub.features import Embedder, FeatureExtractor, TorchEmbedder
 from mocohub.fusion import fuse_batchnorm
-from mocohub.hub import load
+from mocohub.loading import load
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_batchnorm_is_folded_on_a_copy_without_changing_features(rgb_dir: Path) 
 
 
 def _tiny() -> torch.nn.Module:
-    from mocohub.models import ModelConfig, build_model
+    from mocohub.artifact import ModelConfig, build_model
     from mocohub.preprocessing import Preprocessing
 
     torch.manual_seed(0)
@@ -244,3 +244,28 @@ def test_an_embedder_is_a_backend(gray_dir: Path) -> None:
     )
     with pytest.raises(ConfigError, match="PyTorch model"):
         FeatureExtractor(Wrapped(), output="spatial")
+
+
+def test_crops_in_pillows_layout_hold_the_pixels_the_transform_normalises() -> None:
+    """CropToTensor.hwc (what embed decodes to) is CropToTensor's crop, untransposed, and
+    embed's per-image normalisation of it gives the evaluation transform's numbers."""
+    from mocohub.embed_decode import Collate
+    from mocohub.features import CropToTensor
+    from mocohub.preprocessing import Preprocessing
+
+    rng = np.random.default_rng(0)
+    for prep, mode in (
+        (Preprocessing.imagenet(32), "RGB"),
+        (Preprocessing(28, 32, (0.3,), (0.4,), 1), "L"),
+    ):
+        crop = CropToTensor(prep)
+        for size in ((50, 37), (prep.image_size, prep.image_size)):  # resized, or kept as is
+            image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), np.uint8))
+            hwc = crop.hwc(image.convert(mode))
+            assert hwc.shape == (prep.image_size, prep.image_size, prep.channels)
+            assert torch.equal(torch.from_numpy(hwc.copy()).permute(2, 0, 1), crop(image))
+            collate = Collate(prep, channels_last=True)
+            batch = collate.stack([collate.normalise(hwc)])
+            assert batch.is_contiguous(memory_format=torch.channels_last)
+            expected = prep.transform()(image.convert(mode))[None]
+            torch.testing.assert_close(batch, expected, rtol=0, atol=1e-6)

@@ -16,17 +16,16 @@ from typing import Any, ClassVar
 import huggingface_hub
 import pytest
 import torch
-from hub_helpers import no_retries, serve, short_chain
+from hub_helpers import no_retries, serve, short_chain, tiny_fmnist_model
 from huggingface_hub import constants
 
 import mocohub
 from mocohub import hf
+from mocohub.artifact import read_config
 from mocohub.backbones import resnet18
 from mocohub.card import model_card
 from mocohub.download import NotAvailableError
 from mocohub.errors import InputError
-from mocohub.models import HeadConfig, ModelConfig, build_model, read_config
-from mocohub.preprocessing import Preprocessing
 from mocohub.registry import get_weights
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -34,20 +33,8 @@ FILES = ("config.json", "model.safetensors", "README.md")
 
 
 def tiny_model(head: bool = False) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = ModelConfig(
-        "resnet18",
-        small_stem=True,
-        in_channels=1,
-        width=8,
-        head=HeadConfig("mlp", 16) if head else None,
-        preprocessing=Preprocessing(28, 32, (0.286,), (0.353,), channels=1),
-        meta={"name": "tiny-fmnist", "epochs": 5, "knn_top1": 80.8, "license": "mit"},
-    )
-    model = build_model(config)
-    with torch.no_grad():  # BN statistics that must travel too
-        model.train()(torch.rand(4, 1, 28, 28))
-    return model.eval()
+    meta = {"name": "tiny-fmnist", "epochs": 5, "knn_top1": 80.8, "license": "mit"}
+    return tiny_fmnist_model(meta, head=head)  # its BN statistics must travel too
 
 
 def fill_hf_cache(cache: Path, repo_id: str, folder: Path, files: tuple[str, ...] = FILES) -> Path:

@@ -10,16 +10,17 @@ import os
 import site
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
 from hub_helpers import backbone_features, reference_checkpoint, reference_encoder
 from torch import nn
 
-from mocohub import registry
 from mocohub.errors import InputError
 from mocohub.registry import WeightsFile, get_weights
 
@@ -94,7 +95,9 @@ def test_entry_points_state_their_weights(hubconf: ModuleType) -> None:
         assert importlib.util.find_spec(dependency) is not None, dependency
     for entry, (name, top1) in ENTRIES.items():
         function = getattr(hubconf, entry)
-        assert top1 in function.__doc__ and "ImageNet linear top-1" in function.__doc__
+        assert function.__name__ == entry
+        assert f"ImageNet linear classification top-1 {top1}%" in function.__doc__
+        assert function.__doc__.endswith(get_weights(name).summary())  # generated, not copied
         signature = inspect.signature(function)
         assert signature.parameters["pretrained"].default is True
         assert signature.parameters["kwargs"].kind is inspect.Parameter.VAR_KEYWORD
@@ -117,7 +120,7 @@ def test_entry_points_pass_keywords_to_mocohub_load(
 
 
 def test_pretrained_entry_point_loads_verified_registry_weights(
-    hubconf: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hubconf: ModuleType, tmp_path: Path, registry_rows: Callable[..., Any]
 ) -> None:
     """moco_r50 with the v2 800ep entry pointed at a small local stand-in file."""
     encoder = reference_encoder("resnet18", mlp=True, dim=128, width=8)  # small stand-in
@@ -125,10 +128,8 @@ def test_pretrained_entry_point_loads_verified_registry_weights(
     torch.save(reference_checkpoint(encoder), path)
     md5 = hashlib.md5(path.read_bytes()).hexdigest()[:8]
     entry = get_weights("moco_v2_r50_800ep")
-    standin = replace(
-        entry, arch="resnet18", width=8, files=(WeightsFile(str(path), f"md5:{md5}"),)
-    )
-    monkeypatch.setitem(registry._TABLE, entry.name, standin)
+    small = replace(entry.model, arch="resnet18", width=8)
+    registry_rows(replace(entry, model=small, files=(WeightsFile(str(path), f"md5:{md5}"),)))
     model = hubconf.moco_r50(progress=False)
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():

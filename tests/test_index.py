@@ -105,6 +105,35 @@ def test_knn_classify_matches_mocohub_knn() -> None:
         knn_classify(index, labels[:10], queries)
 
 
+class TorchTopK:
+    """Stands in for a faiss index: ``search`` returns faiss' (scores, positions) layout,
+    with the last ``missing`` columns unfound (-1, -FLT_MAX) as an approximate index does."""
+
+    def __init__(self, vectors: np.ndarray, missing: int) -> None:
+        self.vectors = F.normalize(torch.from_numpy(vectors), dim=1)
+        self.missing = missing
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, positions = (torch.from_numpy(queries) @ self.vectors.T).topk(k, dim=1)
+        scores[:, k - self.missing :] = -torch.finfo(torch.float32).max
+        positions[:, k - self.missing :] = -1
+        return scores.numpy(), positions.numpy()
+
+
+@pytest.mark.parametrize("missing", [0, 3])
+def test_faiss_and_exact_paths_vote_alike_on_the_same_neighbours(missing: int) -> None:
+    vectors, queries = clustered(300), clustered(50, seed=5)
+    labels = np.random.default_rng(1).integers(0, 6, 300)
+    searcher = TorchTopK(vectors, missing)
+    by_faiss_path = Index("flat", np.arange(300), 32, faiss_index=searcher)
+    predicted = knn_classify(by_faiss_path, labels, queries, k=12, t=0.05)
+    # unfound neighbours do not vote: the exact path with k - missing neighbours agrees
+    exact = Index.build(vectors, kind="exact")
+    np.testing.assert_array_equal(
+        predicted, knn_classify(exact, labels, queries, k=12 - missing, t=0.05)
+    )
+
+
 # --- faiss -----------------------------------------------------------------
 
 

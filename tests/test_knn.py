@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mocohub.errors import InputError
-from mocohub.knn import knn_accuracy, knn_predict, knn_scores
+from mocohub.knn import knn_accuracy, knn_predict, knn_scores, knn_vote
 
 
 def test_scores_follow_the_weighted_vote_definition() -> None:
@@ -60,3 +60,29 @@ def test_leave_one_out_ignores_each_querys_own_row() -> None:
     assert torch.equal(loo.argmax(1), labels[nearest_other])
     with pytest.raises(InputError, match="leave_one_out needs"):
         knn_scores(features, labels, features[:10], leave_one_out=True)
+
+
+def test_vote_weights_each_found_neighbour_by_exp_similarity_over_t() -> None:
+    similarity = torch.tensor([[0.9, 0.5, 0.2], [0.7, -3.4e38, -3.4e38]])
+    # row 1: an approximate index found one neighbour; faiss pads with -1 and -FLT_MAX
+    neighbours = torch.tensor([[2, 0, 1], [1, -1, -1]])
+    train_labels = torch.tensor([1, 0, 1])
+    votes = knn_vote(similarity, neighbours, train_labels, t=0.5, num_classes=3)
+    # positions 0 and 2 have label 1, position 1 label 0
+    expected = torch.tensor(
+        [[torch.e**0.4, torch.e**1.8 + torch.e**1.0, 0.0], [torch.e**1.4, 0, 0]]
+    )
+    torch.testing.assert_close(votes, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_features_of_any_float_dtype_vote_like_float32(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    centres = F.normalize(torch.randn(3, 16), dim=1)
+    labels = torch.arange(90) % 3
+    train = F.normalize(centres[labels] + 0.2 * torch.randn(90, 16), dim=1)
+    query = F.normalize(centres[torch.arange(12) % 3] + 0.2 * torch.randn(12, 16), dim=1)
+    scores = knn_scores(train.to(dtype), labels, query, k=10)
+    assert scores.dtype == torch.promote_types(dtype, torch.float32)
+    expected = knn_predict(train, labels, query, k=10)
+    assert torch.equal(knn_predict(train.to(dtype), labels, query.to(dtype), k=10), expected)

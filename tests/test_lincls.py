@@ -149,6 +149,27 @@ def test_reference_schedule() -> None:
     assert lr_at(cosine, 0) == 30 and lr_at(cosine, 5) == pytest.approx(15)
 
 
+@pytest.mark.parametrize("schedule", ["steps", "cosine"])
+def test_pretraining_and_linear_evaluation_share_one_schedule(schedule: str) -> None:
+    from mocohub.training.config import TrainConfig
+    from mocohub.training.schedule import epoch_lr
+    from mocohub.training.train import lr_at as pretraining_lr_at
+
+    pretraining = TrainConfig(
+        epochs=12, lr=0.06, batch_size=128, schedule=schedule, lr_steps=(4, 9)
+    )
+    linear = LinclsConfig(epochs=12, lr=0.03, schedule=schedule, lr_steps=(4, 9))
+    assert pretraining.scaled_lr() == linear.lr
+    got = [lr_at(linear, e) for e in range(12)]
+    assert got == [pretraining_lr_at(pretraining, e) for e in range(12)]
+    kwargs = {"epochs": 12, "schedule": schedule, "milestones": (4, 9)}
+    assert got == [epoch_lr(0.03, e, **kwargs) for e in range(12)]
+    if schedule == "steps":
+        assert got == pytest.approx([0.03] * 4 + [0.003] * 5 + [0.0003] * 3)
+    else:
+        assert got[0] == 0.03 and got[6] == pytest.approx(0.015) and got[-1] < got[-2]
+
+
 def test_frozen_backbone_check(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A bug that leaves the backbone in train mode: its BN statistics drift.
     def forgets_eval_mode(backbone: torch.nn.Module) -> torch.nn.Module:

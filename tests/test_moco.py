@@ -44,8 +44,10 @@ def test_loads_a_reference_checkpoint_state_dict() -> None:
     model = MoCo(torchvision.models.resnet50, dim=128, K=65536, m=0.999, T=0.2, mlp=True)
     reference = reference_checkpoint_state_dict(128, 65536)
     stripped = {k.removeprefix("module."): v for k, v in reference.items()}
-    assert set(model.state_dict()) == set(stripped)
+    # The reference's keys, plus MoCo's own state (the shuffle generator, none yet).
+    assert set(model.state_dict()) == {*stripped, "_extra_state"}
     model.load_state_dict(stripped, strict=True)
+    assert model.get_extra_state().numel() == 0
     assert torch.equal(model.queue, stripped["queue"])
     assert int(model.queue_ptr) == 256
     assert isinstance(model.encoder_q.fc, torch.nn.Sequential)
@@ -171,6 +173,29 @@ def test_split_bn_shuffles_keys_and_returns_each_its_own() -> None:
         model(im_q, im_k)
         k = F.normalize(model.encoder_k(im_k), dim=1)
     torch.testing.assert_close(model.queue[:, 8:16].T, k, atol=1e-5, rtol=1e-5)
+
+
+def test_state_dict_carries_the_shuffle_generator() -> None:
+    torch.manual_seed(0)
+    model = MoCo(tiny, dim=16, K=32, bn_splits=4)
+    model(images(8, 1), images(8, 2))  # the first shuffle seeds the generator
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert state["_extra_state"].dtype == torch.uint8 and state["_extra_state"].numel() > 0
+
+    torch.manual_seed(1)  # another default generator: only a restored one shuffles alike
+    twin = MoCo(tiny, dim=16, K=32, bn_splits=4)
+    twin.load_state_dict(state, strict=True)
+    logits, _ = model(images(8, 3), images(8, 4))
+    logits2, _ = twin(images(8, 3), images(8, 4))
+    assert torch.equal(logits, logits2)
+    assert torch.equal(model.get_extra_state(), twin.get_extra_state())
+
+    # Without the entry a strict load leaves no generator (a reference checkpoint's case).
+    del state["_extra_state"]
+    twin.load_state_dict(state, strict=True)
+    assert twin.get_extra_state().numel() == 0
+    with pytest.raises(InputError, match="shuffle generator's uint8 tensor"):
+        twin.set_extra_state({"generator": None})
 
 
 def test_k_must_be_a_multiple_of_the_batch() -> None:

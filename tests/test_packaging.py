@@ -1,4 +1,4 @@
-"""The wheel ships mocohub, mocohub.training, mocohub.export and nothing else."""
+"""The wheel ships mocohub (with mocohub.cli), mocohub.training, mocohub.export, nothing else."""
 
 from __future__ import annotations
 
@@ -35,8 +35,15 @@ def test_wheel_contents(tmp_path: Path) -> None:
     }
     assert top_level == {"mocohub"}
     packages = {str(Path(n).parent) for n in names if n.endswith("__init__.py")}
-    assert packages == {"mocohub", "mocohub/training", "mocohub/export"}
+    assert packages == {"mocohub", "mocohub/cli", "mocohub/training", "mocohub/export"}
     assert "mocohub/py.typed" in names
+    cli = {
+        "mocohub/cli/embed.py",
+        "mocohub/cli/hub.py",
+        "mocohub/cli/search.py",
+        "mocohub/cli/env.py",
+    }
+    assert cli <= set(names)
     assert "mocohub/training/moco.py" in names
     assert not any(n.startswith(("tests/", "bench/", "hubconf")) for n in names)
 

@@ -42,7 +42,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +191,7 @@ COMMANDS: dict[str, Line] = {
     ),
     # Pretrained models
     "torch.load(weights_only=True)": Line(
-        "tests/test_hub.py::test_pickle_that_would_run_code_is_refused",
+        "tests/test_loading.py::test_pickle_that_would_run_code_is_refused",
         why="says how mocohub reads pickles; that test shows a code-running pickle refused",
     ),
     "mocohub list": Line("test_command_line_basics"),
@@ -448,32 +448,33 @@ def copy_fm_run(fm_run: tuple[Path, Result], user: Path) -> None:
 
 
 def tiny_moco_v2_r50_800ep(
-    data: UserData, monkeypatch: pytest.MonkeyPatch, location: str | None = None
+    data: UserData, registry_rows: Callable[..., Any], location: str | None = None
 ) -> None:
     """Registry entry ``moco_v2_r50_800ep`` with the reference checkpoint's tiny network
     (ResNet-18 of width 8, 16-d MLP head) and md5 in place of the 200 MB ResNet-50's; its
     name, file name, preprocessing and md5 check stay. ``location``: where its file is
     downloaded from (default: the real URL)."""
     from mocohub import registry
-    from mocohub.models import HeadConfig
+    from mocohub.artifact import HeadConfig
 
     real = registry.get_weights("moco_v2_r50_800ep")
     md5 = hashlib.md5(data.reference.read_bytes()).hexdigest()
     file = registry.WeightsFile(location or real.files[0].location, f"md5:{md5[:8]}")
-    tiny = dataclasses.replace(
-        real, arch="resnet18", width=8, head=HeadConfig("mlp", 16), files=(file,)
-    )
-    monkeypatch.setitem(registry._TABLE, "moco_v2_r50_800ep", tiny)
+    small = dataclasses.replace(real.model, arch="resnet18", width=8, head=HeadConfig("mlp", 16))
+    registry_rows(dataclasses.replace(real, model=small, files=(file,)))
 
 
 @pytest.fixture
 def served_weights(
-    data: UserData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    data: UserData,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    registry_rows: Callable[..., Any],
 ) -> Iterator[list[str]]:
     """``moco_v2_r50_800ep`` (tiny) downloads from 127.0.0.1 into an empty torch hub cache;
     yields the paths requested from the server."""
     with serve(data.reference.parent) as (base, requests):
-        tiny_moco_v2_r50_800ep(data, monkeypatch, f"{base}/{REFERENCE}")
+        tiny_moco_v2_r50_800ep(data, registry_rows, f"{base}/{REFERENCE}")
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
         yield requests
 
@@ -739,7 +740,11 @@ def test_convert_and_push_offline(fm_run: tuple[Path, Result], user: Path) -> No
 
 
 def test_pretrained_snippet(
-    data: UserData, fm_run: tuple[Path, Result], user: Path, monkeypatch: pytest.MonkeyPatch
+    data: UserData,
+    fm_run: tuple[Path, Result],
+    user: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    registry_rows: Callable[..., Any],
 ) -> None:
     """Every source of the README's ``mocohub.load`` block, and torch.hub from GitHub, with
     no network: the reference download already in the torch hub cache (a previous
@@ -763,7 +768,7 @@ def test_pretrained_snippet(
     monkeypatch.setattr(torch.hub, "urlopen", no_network)
     # The reference ResNet-50 download (200 MB): the tiny checkpoint, cached under its name.
     shutil.copy(data.reference, hub / "checkpoints" / REFERENCE)
-    tiny_moco_v2_r50_800ep(data, monkeypatch)
+    tiny_moco_v2_r50_800ep(data, registry_rows)
     loaded: list[Any] = []  # every model the block loads, in order
     real_load = importlib.import_module("mocohub").load
 

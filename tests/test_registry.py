@@ -6,21 +6,24 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from cli_helpers import run_cli
+from hub_helpers import tiny_fmnist_model
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mocohub
 from mocohub import registry
+from mocohub.artifact import HeadConfig, ModelConfig, read_config
 from mocohub.backbones import resnet50
 from mocohub.errors import ConfigError, InputError
 from mocohub.hf import save_pretrained
-from mocohub.models import HeadConfig, ModelConfig, build_model, read_config
 from mocohub.preprocessing import Preprocessing
 from mocohub.registry import Weights, WeightsFile, get_weights, list_models
 
@@ -42,13 +45,13 @@ def test_published_reference_releases(name: str) -> None:
     (file,) = weights.files
     assert file.location == f"{BASE}/{release}/{release}_pretrain.pth.tar" == weights.url
     assert file.hash == f"md5:{md5}" and file.kind == "url" and not file.is_safetensors
-    assert (weights.arch, weights.meta["epochs"], weights.meta["imagenet_linear_top1"]) == (
+    assert (weights.model.arch, weights.meta["epochs"], weights.meta["imagenet_linear_top1"]) == (
         "resnet50",
         epochs,
         top1,
     )
-    assert weights.head == HeadConfig(head, 128)
-    assert weights.preprocessing == Preprocessing.imagenet()
+    assert weights.model.head == HeadConfig(head, 128)
+    assert weights.model.preprocessing == Preprocessing.imagenet()
     for key in ("paper", "license", "source", "num_params", "description"):
         assert weights.meta[key], key
     config = weights.config()
@@ -71,43 +74,56 @@ def test_transforms_are_the_entry_preprocessing() -> None:
     torch.testing.assert_close(out, Preprocessing.imagenet().transform()(image))
 
 
-def test_names_and_registration_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert [w.name for w in mocohub.list_models()] == sorted([*PUBLISHED, FASHION_MNIST])
+def test_names_and_registration_errors() -> None:
+    names = sorted([*PUBLISHED, FASHION_MNIST])
+    assert [w.name for w in mocohub.list_models()] == names
     with pytest.raises(InputError, match="did you mean moco_v1_r50_200ep"):
         get_weights("moco_v1_r50_200")
-    monkeypatch.setattr(registry, "_TABLE", dict(registry._TABLE))
-    extra = Weights("mine", "resnet18", (WeightsFile("/models/mine"),))
-    assert mocohub.register_weights(extra) is extra and get_weights("mine") is extra
-    with pytest.raises(ConfigError, match="already registered"):
-        mocohub.register_weights(extra)
-    mocohub.register_weights(extra, replace=True)
+    extra = Weights("mine", ModelConfig("resnet18"), (WeightsFile("/models/mine"),))
+    try:
+        assert mocohub.register_weights(extra) is extra and get_weights("mine") is extra
+        with pytest.raises(ConfigError, match="already registered"):
+            mocohub.register_weights(extra)
+        mocohub.register_weights(extra, replace=True)
+    finally:
+        assert registry.unregister_weights("mine") is extra
+    assert [w.name for w in mocohub.list_models()] == names
+    with pytest.raises(InputError, match="No weights named 'mine'"):
+        registry.unregister_weights("mine")
     with pytest.raises(ConfigError, match="md5"):
         WeightsFile("https://x/y.pth", "crc:1234")
     with pytest.raises(ConfigError, match="at least one file"):
-        Weights("none", "resnet18", ())
+        Weights("none", ModelConfig("resnet18"), ())
     with pytest.raises(InputError, match="no projection head"):
         extra.config(head=True)
+
+
+def test_registered_rows_last_for_the_block_and_restore_what_they_replaced() -> None:
+    published = get_weights("moco_v2_r50_800ep")
+    mine = Weights("mine", ModelConfig("resnet18"), (WeightsFile("/models/mine"),))
+    standin = Weights(published.name, ModelConfig("resnet18"), (WeightsFile("/models/x"),))
+    with registry.registered(mine, standin, replace=True):
+        assert get_weights("mine") is mine and get_weights(published.name) is standin
+    assert get_weights(published.name) is published
+    with pytest.raises(InputError, match="No weights named"):
+        get_weights("mine")
+    with pytest.raises(ConfigError, match="already registered"), registry.registered(standin):
+        pass  # never reached: without replace=True a registered name is refused
+    assert get_weights(published.name) is published  # the refused row left nothing behind
+    with pytest.raises(RuntimeError, match="inside"), registry.registered(mine):
+        raise RuntimeError("inside")
+    assert "mine" not in [w.name for w in list_models()]
 
 
 def tiny_fmnist(folder: Path, dtype: torch.dtype) -> nn.Module:
     """An artifact folder like the one issue 7 ships: 1-channel 28 px ResNet-18, stored in
     ``dtype``. Returns the model as it should load (weights rounded through ``dtype``)."""
-    torch.manual_seed(0)
-    config = ModelConfig(
-        "resnet18",
-        small_stem=True,
-        in_channels=1,
-        width=8,
-        preprocessing=Preprocessing(28, 32, (0.286,), (0.353,), channels=1),
-        meta={"name": "moco_fmnist_tiny"},
-    )
-    model = build_model(config)
+    model = tiny_fmnist_model({"name": "moco_fmnist_tiny"}, batch=8)
     with torch.no_grad():
-        model.train()(torch.rand(8, 1, 28, 28))
         for tensor in model.state_dict().values():
             if tensor.is_floating_point():
                 tensor.copy_(tensor.to(dtype).float())
-    save_pretrained(model.eval(), folder)
+    save_pretrained(model, folder)
     state = load_file(str(folder / "model.safetensors"))
     save_file(
         {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
@@ -126,7 +142,10 @@ def sample_images(count: int) -> list[Image.Image]:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_weights_shipped_in_the_package_load_offline(
-    dtype: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    registry_rows: Callable[..., Any],
 ) -> None:
     monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path / "weights")
     expected = tiny_fmnist(tmp_path / "weights" / "moco_fmnist_tiny", dtype)
@@ -136,15 +155,11 @@ def test_weights_shipped_in_the_package_load_offline(
     prep = expected.mocohub_config.preprocessing
     row = Weights(  # the one table row a bundled weight set needs
         "moco_fmnist_tiny",
-        "resnet18",
+        ModelConfig("resnet18", small_stem=True, in_channels=1, width=8, preprocessing=prep),
         (WeightsFile("package:moco_fmnist_tiny", f"sha256:{digest[:16]}"),),
-        prep,
-        small_stem=True,
-        in_channels=1,
-        width=8,
         meta={"epochs": 5, "knn_top1": 80.0},
     )
-    monkeypatch.setitem(registry._TABLE, row.name, row)
+    registry_rows(row)
     monkeypatch.setenv("MOCOHUB_OFFLINE", "1")
     model = mocohub.load("moco_fmnist_tiny")
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -174,8 +189,8 @@ def test_shipped_rows_match_their_folders(weights: Weights) -> None:
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in folder.iterdir()}
     stored = read_config(folder)
     expected = weights.config()
-    for key in ("arch", "small_stem", "in_channels", "width", "preprocessing"):
-        assert getattr(stored, key) == getattr(expected, key), key
+    assert stored.network() == expected.network()
+    assert stored.preprocessing == expected.preprocessing
     mocohub.load(weights.name)
 
 

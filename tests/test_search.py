@@ -12,8 +12,8 @@ from embed_helpers import copy_samples, make_model
 from PIL import Image
 
 from mocohub.cli import main
+from mocohub.grid import draw_grid
 from mocohub.index import Index
-from mocohub.search_cli import draw_grid
 
 
 @pytest.fixture(scope="module")

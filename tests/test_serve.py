@@ -243,6 +243,44 @@ def test_batcher_groups_submissions_and_spreads_failures() -> None:
     asyncio.run(scenario())
 
 
+def test_batcher_never_calls_the_model_with_more_than_max_batch_rows() -> None:
+    """Requests of 63 and 64 images once became one call of 127 (a TensorRT engine built
+    for 1..64 then rebuilds); one larger than max_batch is spread over several calls."""
+    calls: list[int] = []
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        return batch[:, :1] * 2.0
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = Batcher(run, max_batch=64, wait_s=0.2)
+        await batcher.start()
+        try:
+            sizes = (63, 64, 1, 200)
+            parts = [np.arange(k, dtype=np.float64)[:, None] + 1000 * k for k in sizes]
+            outs = await asyncio.gather(*(batcher.submit(p) for p in parts))
+            for part, out in zip(parts, outs, strict=True):
+                np.testing.assert_array_equal(out, part * 2.0)  # every row, in order
+            return outs
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    assert max(calls) <= 64 and sum(calls) == 63 + 64 + 1 + 200
+    assert len(calls) == -(-(63 + 64 + 1 + 200) // 64)  # and no call left part-empty
+
+
+def test_the_command_opens_the_model_for_its_max_batch(
+    server: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mocohub serve --max-batch 8`: the session's batch range (TensorRT's profile) is 8."""
+    served: list = []
+    monkeypatch.setattr(serve_module, "serve", lambda embedder, **kw: served.append(embedder))
+    cli.main(["serve", str(server["out"]), "--max-batch", "8", "--threads", "1"])
+    cli.main(["serve", str(server["out"]), "--threads", "1"])
+    assert [e.max_batch for e in served] == [8, ServeSettings().max_batch]
+
+
 @pytest.mark.slow  # a new process imports torch and onnxruntime
 def test_the_command_serves_until_sigterm_and_exits_cleanly(server: dict) -> None:
     command = [sys.executable, "-m", "mocohub", "serve", str(server["out"]), "--port", "0"]

@@ -1,36 +1,21 @@
-"""Native training checkpoints: save, find, load and resume a MoCo run bit for bit.
+"""Native training checkpoints: save, load and resume a MoCo run bit for bit.
 
-A checkpoint is a plain dict saved with ``torch.save`` that loads with
-``torch.load(..., weights_only=True)`` (tensors, numbers, strings, lists and
-dicts only, so loading one never runs code from the file)::
+The format itself (its keys, version, file names, how the newest is found and
+how damaged bytes are detected) is defined once in
+:mod:`mocohub.checkpoint_format`, which :mod:`mocohub.convert` reads too; the
+names it defines are re-exported here. The global random generators' state is
+:mod:`.rng`'s job; MoCo's shuffle-BN generator travels in the model's own
+state (``MoCo.get_extra_state``). Checkpoints of format version 1, which kept
+that generator beside the model, are upgraded on load and resume exactly.
 
-    format            "mocohub.training-checkpoint"
-    format_version    1
-    mocohub_version   the mocohub that wrote it, e.g. "0.1.0"
-    epoch             the epoch in progress: the first epoch to run on resume
-    step              steps of that epoch already done: where to continue (0 at its start)
-    model             MoCo's state_dict: encoder_q.*, encoder_k.*, queue, queue_ptr
-    optimizer         optimizer.state_dict()
-    scaler            GradScaler.state_dict(), or None
-    scheduler         LR scheduler's state_dict(), or None
-    rng               capture_rng_state(): Python, NumPy, torch CPU and CUDA
-    shuffle_rng       MoCo's shuffle-BN generator state (uint8 tensor), or None
-    config            the run's settings, a JSON-able dict
-
-A run folder holds ``checkpoint_{epoch:04d}_{step:08d}.pt`` files (newest =
-highest (epoch, step)) and ``checkpoint_last.pt``, a hard link to (or, where
-links are not supported, a copy of) the newest, for a fixed name to resume
-from. Every file is written to a hidden temporary file and renamed into place,
+Every file is written to a hidden temporary file and renamed into place,
 so a crash leaves either the old file or the new one, never half of one.
 The temporary names carry the writer's pid (:func:`mocohub.fileio.temporary_name`):
 :func:`remove_orphan_temporaries` deletes those whose writer is gone.
 
-Bytes damaged after the write are caught on load: ``torch.load`` does not
-check the zip archive's CRCs, so :func:`load_checkpoint` first runs
-:func:`verify_checkpoint` (every entry's CRC, or a truncated archive), and
-:func:`find_resumable_checkpoint` skips damaged checkpoints for the newest
-intact one. ``checkpoint_last.pt`` shares its target's bytes, so it is
-verified the same way.
+Bytes damaged after the write are caught on load: :func:`load_checkpoint`
+first runs :func:`verify_checkpoint`, and :func:`find_resumable_checkpoint`
+skips damaged checkpoints for the newest intact one.
 
 The reference code's ``.pth.tar`` (facebookresearch/moco ``main_moco.py``) is
 understood too: see :func:`is_reference_checkpoint`.
@@ -48,32 +33,43 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
-import shutil
-import zipfile
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from mocohub import __version__
-from mocohub.convert import is_reference_checkpoint, moco_state_from_reference, read_checkpoint
+from mocohub.checkpoint_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    LAST_NAME,
+    checkpoint_name,
+    find_latest_checkpoint,
+    find_resumable_checkpoint,
+    is_native_checkpoint,
+    numbered_checkpoints,
+    upgrade_checkpoint,
+    verify_checkpoint,
+)
+from mocohub.convert import (
+    is_reference_checkpoint,
+    moco_state_from_reference,
+    optimizer_state_from_reference,
+    read_checkpoint,
+)
 from mocohub.errors import ConfigError, InputError
-from mocohub.fileio import atomic_writer, fsync_dir, temporary_name, temporary_owner
+from mocohub.fileio import atomic_link, atomic_writer, fsync_dir, remove_dead_temporaries
 
-from .moco import MoCo
+from .rng import capture_rng_state, restore_rng_state
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "LAST_NAME",
     "atomic_save",
-    "capture_rng_state",
     "checkpoint_point",
     "find_latest_checkpoint",
     "find_resumable_checkpoint",
@@ -82,7 +78,6 @@ __all__ = [
     "moco_state_from_reference",
     "numbered_checkpoints",
     "remove_orphan_temporaries",
-    "restore_rng_state",
     "restore_training_state",
     "save_checkpoint",
     "set_aside_damaged",
@@ -90,12 +85,7 @@ __all__ = [
     "verify_checkpoint",
 ]
 
-FORMAT = "mocohub.training-checkpoint"
-FORMAT_VERSION = 1
-LAST_NAME = "checkpoint_last.pt"
-_NAME = re.compile(r"checkpoint_(\d+)_(\d+)\.pt")  # temp files start with "." and end ".tmp"
 _NATIVE_KEYS = {"epoch", "step", "model", "optimizer", "rng"}
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
 DAMAGED_SUFFIX = ".damaged"
 
 
@@ -110,72 +100,6 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """
     with atomic_writer(path) as f:
         torch.save(obj, f)
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """The state of every global random generator, in a ``weights_only``-loadable form.
-
-    Covers Python's ``random``, NumPy's legacy global generator, torch's CPU
-    generator and, once CUDA is initialised, every CUDA device's generator.
-    Under DDP each process has its own state: this is the calling process's.
-
-    Example:
-        >>> state = capture_rng_state()
-        >>> a = torch.rand(1); restore_rng_state(state); bool(torch.rand(1) == a)
-        True
-    """
-    version, internal, gauss_next = random.getstate()
-    numpy_state = np.random.get_state(legacy=True)  # noqa: NPY002 (the global generator)
-    name, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], numpy_state)
-    return {
-        "python": {
-            "version": int(version),
-            "state": torch.tensor(internal, dtype=torch.int64),
-            "gauss_next": gauss_next,
-        },
-        "numpy": {
-            "bit_generator": str(name),
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-        # Only once CUDA is in use: reading the states would otherwise start CUDA.
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-    }
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Put every global random generator back to ``state`` from :func:`capture_rng_state`.
-
-    CUDA states are restored for the devices present in both the checkpoint
-    and this machine; on another device count the run continues, not bit for bit.
-
-    Example:
-        >>> restore_rng_state(load_checkpoint("runs/a/checkpoint_last.pt")["rng"])
-    """
-    try:
-        py, npy = state["python"], state["numpy"]
-        random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
-        np.random.set_state(  # noqa: NPY002 (the global generator)
-            (
-                npy["bit_generator"],
-                npy["keys"].numpy().astype(np.uint32),
-                npy["pos"],
-                npy["has_gauss"],
-                npy["cached_gaussian"],
-            )
-        )
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(cuda_state, device)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise InputError(
-            f"The checkpoint's random-generator state is incomplete ({_reason(e)}); "
-            "resume from a checkpoint written by mocohub."
-        ) from e
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -219,37 +143,19 @@ def training_state(
             f"The run config must hold only JSON values ({e}); convert paths and "
             "objects to strings or numbers before checkpointing."
         ) from e
-    model = _unwrap(model)
-    generator = model._shuffle_generator if isinstance(model, MoCo) else None
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "mocohub_version": __version__,
         "epoch": int(epoch),
         "step": int(step),
-        "model": model.state_dict(),
+        "model": _unwrap(model).state_dict(),  # MoCo's includes its shuffle generator
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": capture_rng_state(),
-        "shuffle_rng": generator.get_state() if generator is not None else None,
         "config": plain_config,
     }
-
-
-def numbered_checkpoints(run_dir: Path) -> list[tuple[tuple[int, int], Path]]:
-    """``((epoch, step), path)`` of the finished checkpoints in ``run_dir``, oldest first.
-
-    Example:
-        >>> numbered_checkpoints(Path("runs/a"))[-1]
-        ((3, 0), PosixPath('runs/a/checkpoint_0003_00000000.pt'))
-    """
-    found = []
-    for path in run_dir.iterdir():
-        match = _NAME.fullmatch(path.name)
-        if match and path.is_file():
-            found.append(((int(match[1]), int(match[2])), path))
-    return sorted(found)
 
 
 def save_checkpoint(
@@ -258,13 +164,13 @@ def save_checkpoint(
     *,
     epoch: int,
     step: int,
-    keep_last: int = 2,
+    keep_last: int | None = 2,
 ) -> Path:
     """Write ``state`` as ``run_dir/checkpoint_{epoch:04d}_{step:08d}.pt``; return its path.
 
     Each file is written atomically, then ``checkpoint_last.pt`` is pointed at
     it, then older checkpoints beyond ``keep_last`` are deleted (the new one
-    always stays). Checkpoints numbered *after* the new one belong to another
+    always stays; None deletes none). Checkpoints numbered *after* the new one belong to another
     history (a later resume would jump back into it): they are never deleted
     here, the save is refused instead (``mocohub train --restart`` discards
     them knowingly). Under DDP call it on rank 0 only.
@@ -273,7 +179,7 @@ def save_checkpoint(
         >>> save_checkpoint("runs/a", state, epoch=3, step=1200, keep_last=2).name
         'checkpoint_0003_00001200.pt'
     """
-    if keep_last < 1:
+    if keep_last is not None and keep_last < 1:
         raise ConfigError(f"keep_last must be at least 1, got {keep_last}.")
     if epoch < 0 or step < 0:
         raise ConfigError(f"epoch ({epoch}) and step ({step}) must be non-negative.")
@@ -296,116 +202,14 @@ def save_checkpoint(
             f"{run_dir} holds checkpoints after epoch {epoch} step {step} ({', '.join(later[:3])}) "
             "from another history; move them away or save into another folder."
         )
-    path = run_dir / f"checkpoint_{epoch:04d}_{step:08d}.pt"
+    path = run_dir / checkpoint_name(epoch, step)
     atomic_save(dict(state), path)
-    _point_last_at(path)
+    atomic_link(path, path.with_name(LAST_NAME))
 
     older = [p for number, p in numbered_checkpoints(run_dir) if number < (epoch, step)]
-    for stale in older[: max(len(older) - (keep_last - 1), 0)]:
+    for stale in older[: max(len(older) - (keep_last - 1), 0)] if keep_last else []:
         stale.unlink(missing_ok=True)
     return path
-
-
-def _point_last_at(path: Path) -> None:
-    """Atomically make ``checkpoint_last.pt`` a hard link to ``path`` (a copy if links fail)."""
-    last = path.with_name(LAST_NAME)
-    tmp = temporary_name(last)
-    try:
-        try:
-            os.link(path, tmp)
-        except OSError:  # no hard links on this file system: copy, and sync the copy
-            with open(path, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-                dst.flush()
-                os.fsync(dst.fileno())
-        os.replace(tmp, last)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def find_latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest finished checkpoint in ``run_dir`` (highest epoch, then step), or None.
-
-    Temporary files left by a crash are ignored. ``checkpoint_last.pt`` is
-    returned only when no numbered checkpoint is there; a missing folder has none.
-
-    Example:
-        >>> find_latest_checkpoint("runs/a")
-        PosixPath('runs/a/checkpoint_0003_00001200.pt')
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        return None
-    if not run_dir.is_dir():
-        raise InputError(f"{run_dir} is a file, not a run folder; pass the folder of the run.")
-    found = numbered_checkpoints(run_dir)
-    if found:
-        return found[-1][1]
-    last = run_dir / LAST_NAME
-    return last if last.is_file() else None
-
-
-def verify_checkpoint(path: str | os.PathLike[str]) -> str | None:
-    """What is wrong with the bytes of checkpoint ``path``, or None when they are intact.
-
-    A zip checkpoint (what ``torch.save`` writes) must have its end record
-    (else it is truncated) and every entry must match the CRC stored for it
-    (else bytes inside it were damaged). Other formats (PyTorch's legacy
-    pickle files) have no checksums and pass. Reads the whole file once.
-
-    Example:
-        >>> verify_checkpoint("runs/a/checkpoint_0003_00000000.pt") is None
-        True
-    """
-    path = Path(path)
-    try:
-        with path.open("rb") as f:
-            if f.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
-                return None
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except zipfile.BadZipFile as e:
-        if "not a zip file" in str(e):
-            return "it is truncated: its zip archive has no end record"
-        return f"its zip archive is damaged ({e})"
-    except (EOFError, zlib.error) as e:
-        return f"its zip archive is damaged ({type(e).__name__}: {e})"
-    except OSError as e:
-        return f"it cannot be read ({e.strerror or e})"
-    if bad is not None:
-        return f"the entry {bad} fails its CRC check, so bytes inside it are damaged"
-    return None
-
-
-def find_resumable_checkpoint(
-    run_dir: str | os.PathLike[str],
-) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest *intact* checkpoint in ``run_dir``, and the damaged ones newer than it.
-
-    Checkpoints are verified newest first (:func:`verify_checkpoint`); each
-    damaged one is skipped. Returns
-    ``(path or None, [(damaged path, what is wrong), ...])``.
-
-    Example:
-        >>> path, damaged = find_resumable_checkpoint("runs/a")
-        >>> path.name, [p.name for p, _ in damaged]
-        ('checkpoint_0002_00000000.pt', ['checkpoint_0003_00000000.pt'])
-    """
-    run_dir = Path(run_dir)
-    if find_latest_checkpoint(run_dir) is None:  # also refuses a file for a folder
-        return None, []
-    candidates = [path for _, path in numbered_checkpoints(run_dir)][::-1]
-    if not candidates:
-        candidates = [run_dir / LAST_NAME]
-    damaged: list[tuple[Path, str]] = []
-    for path in candidates:
-        problem = verify_checkpoint(path)
-        if problem is None:
-            return path, damaged
-        damaged.append((path, problem))
-    return None, damaged
 
 
 def set_aside_damaged(paths: list[Path]) -> list[Path]:
@@ -431,18 +235,6 @@ def set_aside_damaged(paths: list[Path]) -> list[Path]:
     return moved
 
 
-def _process_is_gone(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OSError):
-        return False  # alive under another user, or cannot tell: keep its file
-    return False
-
-
 def remove_orphan_temporaries(run_dir: str | os.PathLike[str]) -> list[Path]:
     """Delete the checkpoint temporaries in ``run_dir`` whose writing process is gone.
 
@@ -455,17 +247,7 @@ def remove_orphan_temporaries(run_dir: str | os.PathLike[str]) -> list[Path]:
         >>> remove_orphan_temporaries("runs/a")
         [PosixPath('runs/a/.checkpoint_0003_00000000.pt.4242.9f3a1c0d.tmp')]
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    removed = []
-    for path in sorted(run_dir.glob(".checkpoint_*.tmp")):
-        owner = temporary_owner(path)
-        if owner is None or not path.is_file() or not _process_is_gone(owner[1]):
-            continue
-        path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
+    return remove_dead_temporaries(run_dir, lambda name: name.startswith("checkpoint_"))
 
 
 def checkpoint_point(checkpoint: Mapping[str, Any]) -> tuple[int, int]:
@@ -504,13 +286,8 @@ def load_checkpoint(
             "or resume with --resume auto, which continues from the newest intact one."
         )
     ckpt = read_checkpoint(path, map_location)
-    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
-        version = ckpt.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise InputError(
-                f"{path} has checkpoint format version {version}, newer than this mocohub "
-                f"({__version__}) reads ({FORMAT_VERSION}); upgrade mocohub."
-            )
+    if is_native_checkpoint(ckpt):
+        ckpt = upgrade_checkpoint(ckpt, path)  # refuses a newer format version
         missing = sorted(_NATIVE_KEYS - ckpt.keys())
         if missing:
             raise InputError(
@@ -524,30 +301,6 @@ def load_checkpoint(
         f"{path} is neither a mocohub training checkpoint nor a reference MoCo "
         "checkpoint; pass a file written by mocohub train or by the reference main_moco.py."
     )
-
-
-def _reference_optimizer_state(ckpt: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> Any:
-    """The reference optimizer state, cut to ``encoder_q`` when ``optimizer`` holds only that.
-
-    The reference optimizes ``model.parameters()``: encoder_q's P tensors, then
-    encoder_k's P, which never get a gradient and so have no state. An
-    optimizer over ``encoder_q.parameters()`` takes the first P entries.
-    """
-    state = ckpt["optimizer"]
-    try:
-        (group,) = state["param_groups"]
-        own = len(optimizer.param_groups[0]["params"])
-        cut = len(optimizer.param_groups) == 1 and len(group["params"]) == 2 * own
-        cut = cut and all(int(i) < own for i in state["state"])
-    except (KeyError, TypeError, ValueError):
-        return state  # not the reference's shape: load_state_dict says what does not fit
-    if not cut:
-        return state
-    kept = group["params"][:own]
-    return {
-        "state": {i: s for i, s in state["state"].items() if i in kept},
-        "param_groups": [{**group, "params": kept}],
-    }
 
 
 def _reason(error: BaseException) -> str:
@@ -597,12 +350,15 @@ def restore_training_state(
         >>> epoch, step = restore_training_state(load_checkpoint(path), model, optimizer)
     """
     target = _unwrap(model)
-    if checkpoint.get("format") != FORMAT:
+    if not is_native_checkpoint(checkpoint):
         _load("model", target, moco_state_from_reference(checkpoint))
         if optimizer is not None and checkpoint.get("optimizer") is not None:
-            _load("optimizer", optimizer, _reference_optimizer_state(checkpoint, optimizer))
+            groups = optimizer.param_groups
+            own = len(groups[0]["params"]) if len(groups) == 1 else None
+            _load("optimizer", optimizer, optimizer_state_from_reference(checkpoint, own))
         return int(checkpoint.get("epoch", 0)), 0
 
+    checkpoint = upgrade_checkpoint(checkpoint, "the checkpoint")  # a version-1 one, too
     _load("model", target, checkpoint["model"])
     if optimizer is not None:
         _load("optimizer", optimizer, checkpoint["optimizer"])
@@ -617,12 +373,4 @@ def restore_training_state(
             )
         _load("scheduler", scheduler, checkpoint["scheduler"])
     restore_rng_state(checkpoint["rng"])
-    if isinstance(target, MoCo):
-        shuffle_rng = checkpoint.get("shuffle_rng")
-        generator = None
-        if shuffle_rng is not None:
-            generator = torch.Generator()
-            generator.set_state(shuffle_rng)
-        # None: as in the saved run, the next step seeds it from the restored torch RNG.
-        target._shuffle_generator = generator
     return int(checkpoint["epoch"]), int(checkpoint["step"])

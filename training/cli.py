@@ -165,6 +165,14 @@ def _launch(
     "--compile/--no-compile", "compile_", default=None, help="torch.compile the encoders."
 )
 @click.option("--channels-last", type=click.Choice(["auto", "on", "off"]))
+@click.option(
+    "--checkpoint-every",
+    metavar="N|Nm",
+    help="Also checkpoint inside epochs, every N optimizer steps (500) or N minutes (30m); "
+    "--resume auto continues from such a checkpoint exactly as from an epoch's. Kept: the "
+    "last 2 epoch checkpoints and, until the next epoch ends, only the newest mid-epoch one. "
+    "Default 0: epoch ends only.",
+)
 @click.option("--knn-every", type=int, help="Epochs between k-NN checks (0: at the end only).")
 @click.option("--knn-train", help="Labelled data for the k-NN memory bank (default: DATA).")
 @click.option("--knn-val", help="Labelled data to classify with k-NN (enables the monitor).")

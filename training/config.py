@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,25 +76,49 @@ class TrainConfig:
     knn_every: int = 0  # epochs between k-NN checks (0: only at the end)
     knn_k: int = 200
     knn_t: float = 0.1
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Mid-epoch checkpoints: every N optimizer steps (500 or "500") or every N
+    # minutes ("30m"); 0 for checkpoints at epoch ends only.
+    checkpoint_every: int | str = 0
 
     def scaled_lr(self) -> float:
         """The optimiser's learning rate for this batch size (linear scaling)."""
         return self.lr * self.batch_size / self.lr_batch
 
+    def checkpoint_interval(self) -> tuple[int, float]:
+        """``checkpoint_every`` as ``(steps, seconds)``, one of them 0 (both 0: off).
+
+        Example:
+            >>> TrainConfig(checkpoint_every="30m").checkpoint_interval()
+            (0, 1800.0)
+        """
+        value = str(self.checkpoint_every).strip().lower()
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(m|min)?", value)
+        if match is None or (match[2] is None and "." in match[1]):
+            raise ConfigError(
+                f"--checkpoint-every {self.checkpoint_every!r} is neither a number of steps "
+                "(500) nor of minutes (30m); pass one of those, or 0 for epoch ends only."
+            )
+        if match[2] is None:
+            return int(match[1]), 0.0
+        return 0, float(match[1]) * 60.0
+
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` for settings that cannot work together."""
         if self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("--batch-size and --epochs must be positive.")
-        if self.K % self.batch_size:
+        # Each step enqueues the global batch's keys, both views' with --symmetric.
+        keys_per_step = self.batch_size * (2 if self.symmetric else 1)
+        if self.K % keys_per_step:
+            what = "twice the global batch size" if self.symmetric else "the global batch size"
             raise ConfigError(
-                f"The queue size K={self.K} must be a multiple of the global batch size "
-                f"{self.batch_size}; change --batch-size or --queue-size."
+                f"The queue size K={self.K} must be a multiple of {what}, {keys_per_step} "
+                "keys enqueued per step; change --batch-size or --queue-size."
             )
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError("--lr must be positive and --weight-decay not negative.")
         if len(self.mean) != len(self.std):
             raise ConfigError("mean and std must have one value per image channel.")
+        self.checkpoint_interval()
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,7 +137,10 @@ class TrainConfig:
         return cls(**values)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the settings as JSON to ``path`` (atomically: never half a file)."""
+        from mocohub.fileio import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 _V1: dict[str, Any] = {

@@ -35,6 +35,7 @@ __all__ = [
     "DistributedEnv",
     "all_gather_no_grad",
     "any_rank",
+    "broadcast_buffers_from_rank0",
     "check_same_batch_size",
     "get_rank",
     "get_world_size",
@@ -103,6 +104,25 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> DistributedDataParallel
 
 
 @torch.no_grad()
+def broadcast_buffers_from_rank0(module: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) into ``module`` on every rank.
+
+    :func:`wrap_ddp` syncs no buffers, so each rank's BN statistics follow its
+    own batches; anything that uses the model in eval mode on several ranks (the
+    k-NN monitor) calls this first, so that every rank runs rank 0's model, the
+    one checkpoints save. Buffers are only read in eval mode, so training is
+    unchanged. Every rank must call it.
+
+    Example:
+        >>> broadcast_buffers_from_rank0(model.encoder_q)  # one process: nothing to do
+    """
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+@torch.no_grad()
 def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from all ranks along dim 0 (rank order), no gradient.
 
@@ -116,16 +136,43 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def check_same_batch_size(batch_size: int, device: torch.device) -> None:
-    """Raise :class:`InputError` on every rank unless all ranks hold ``batch_size``."""
+_CPU_GROUPS: dict[int, Any] = {}
+
+
+def _host_group() -> Any:
+    """A process group whose collectives run on the host: the default one when it is
+    gloo, else a gloo group over the same ranks (made on first use, by every rank)."""
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _CPU_GROUPS:
+        _CPU_GROUPS.clear()  # a group of an earlier, destroyed default group
+        _CPU_GROUPS[key] = dist.new_group(backend="gloo")
+    return _CPU_GROUPS[key]
+
+
+def check_same_batch_size(batch_size: int) -> None:
+    """Raise :class:`InputError` on every rank unless all ranks hold ``batch_size``.
+
+    Every rank must call it at the same points (MoCo does, at every step): one
+    all-gather of one integer, on the host (a gloo group beside NCCL), so the
+    GPU's stream is not synchronised. A rank that skipped it while another
+    called it would leave both waiting on different collectives.
+
+    Example:
+        >>> check_same_batch_size(32)  # one process: nothing to compare
+    """
     if not is_distributed():
         return
-    sizes = all_gather_no_grad(torch.tensor([batch_size], device=device)).tolist()
-    if len(set(sizes)) > 1:
+    group = _host_group()
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(get_world_size())]
+    dist.all_gather(sizes, torch.tensor([batch_size]), group=group)
+    values = [int(size) for size in sizes]
+    if len(set(values)) > 1:
         raise InputError(
-            f"The ranks got different batch sizes {sizes}; MoCo needs the same batch on "
-            "every rank: give each rank the same per-rank batch size and drop the last "
-            "incomplete batch (DataLoader(drop_last=True))."
+            f"The ranks got different batch sizes {values} (rank order); MoCo needs the same "
+            "batch on every rank: give each rank the same per-rank batch size and drop the "
+            "last incomplete batch (DataLoader(drop_last=True))."
         )
 
 

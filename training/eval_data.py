@@ -18,7 +18,7 @@ A linear classifier trains on a :data:`FeatureSource`: :class:`AugmentedFeatures
 or :class:`CachedFeatures` (un-augmented features extracted once).
 
 The backbone comes from :func:`load_backbone`, i.e. from :func:`mocohub.load`
-(any source it accepts), and carries its :class:`~mocohub.models.ModelConfig`
+(any source it accepts), and carries its :class:`~mocohub.artifact.ModelConfig`
 (preprocessing included) as ``backbone.mocohub_config``.
 
 Example:
@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from mocohub.artifact import ModelConfig, get_config
 from mocohub.errors import ConfigError, InputError
-from mocohub.models import ModelConfig, get_config
 from mocohub.sysinfo import usable_cpus
 
 from .data import DatasetInfo, TensorImageDataset
@@ -92,7 +92,7 @@ def load_backbone(model: ModelSource) -> nn.Module:
     """The backbone (pooled features, ``fc`` is ``Identity``) with its ``mocohub_config``.
 
     A source goes through :func:`mocohub.load`; a module must be one it (or
-    :func:`mocohub.models.build_model`) returned.
+    :func:`mocohub.artifact.build_model`) returned.
 
     Example:
         >>> load_backbone("moco_r18_fashion_mnist").mocohub_config.preprocessing.image_size
@@ -101,7 +101,7 @@ def load_backbone(model: ModelSource) -> nn.Module:
     if isinstance(model, nn.Module):
         get_config(model)  # a clear error for a module without a mocohub config
         return model
-    from mocohub.hub import load
+    from mocohub.loading import load
 
     return load(model)
 
@@ -210,7 +210,12 @@ class TrainBatches:
                 raise InputError("Linear evaluation needs labelled images; pass labels.")
             self.images = dataset.images.to(env.device)
             self.labels = dataset.labels.to(env.device)
-            self.generator = torch.Generator(env.device)
+            # The reference recipe's BatchAugment reads the sizes of its work from its
+            # parameters on the host, so it draws them there and copies them once a
+            # batch without blocking; pad-crop-flip reads nothing back and draws on the
+            # device. (On the CPU both are the CPU generator: results are unchanged.)
+            on_host = recipe == "reference"
+            self.generator = torch.Generator() if on_host else torch.Generator(env.device)
             self.augment = batch_train_transform(prep, recipe, self.generator)
         else:
             dataset.transform = per_image_transform(prep, recipe, "reference")
@@ -227,7 +232,10 @@ class TrainBatches:
             for images, labels in self.loader:
                 yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             return
-        order = torch.tensor(list(self.sampler), device=device)
+        order = torch.tensor(list(self.sampler))  # the epoch's indices: one copy
+        if device.type == "cuda":
+            order = order.pin_memory()
+        order = order.to(device, non_blocking=True)
         # Each (seed, epoch, rank) has its own augmentation stream.
         self.generator.manual_seed((self.seed * 1_000_003 + epoch) * 1009 + self.env.rank)
         for start in range(0, len(order), self.local_batch):
@@ -268,6 +276,8 @@ class EvalBatches:
         self.images: torch.Tensor | None = None
         if isinstance(dataset, TensorImageDataset):
             self.images, self.labels = dataset.batch(indices)
+            if env.device.type == "cuda":  # so that each batch's copy does not block
+                self.images, self.labels = _pinned(self.images), _pinned(self.labels)
             self.transform = BatchEvalTransform(prep, resize)
         else:
             dataset.transform = per_image_transform(prep, None, resize)
@@ -281,7 +291,13 @@ class EvalBatches:
             return
         for start in range(0, len(self.images), self.batch_size):
             images = self.images[start : start + self.batch_size].to(device, non_blocking=True)
-            yield self.transform(images), self.labels[start : start + self.batch_size].to(device)
+            labels = self.labels[start : start + self.batch_size].to(device, non_blocking=True)
+            yield self.transform(images), labels
+
+
+def _pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in pinned memory if it is on the CPU (a GPU copies from it without blocking)."""
+    return tensor.pin_memory() if tensor.device.type == "cpu" else tensor
 
 
 def backbone_features(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -36,7 +37,14 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from mocohub.errors import ConfigError
-from mocohub.preprocessing import BatchPreprocess, Preprocessing, ResizeUnlessSize, match_channels
+from mocohub.imageio import to_mode
+from mocohub.preprocessing import (
+    BatchPreprocess,
+    Preprocessing,
+    ResizeUnlessSize,
+    eval_resize_size,
+    match_channels,
+)
 
 __all__ = [
     "BatchEvalTransform",
@@ -60,7 +68,8 @@ def preprocessing_at(prep: Preprocessing, image_size: int | None) -> Preprocessi
     """``prep`` with its crop changed to ``image_size`` (None: unchanged).
 
     The evaluation resize follows the crop as in the reference
-    (``image_size * 256 / 224``); mean, std, channels and interpolation stay.
+    (:func:`~mocohub.preprocessing.eval_resize_size`); mean, std, channels and
+    interpolation stay.
 
     Example:
         >>> preprocessing_at(Preprocessing.imagenet(), 160).resize_size
@@ -70,7 +79,7 @@ def preprocessing_at(prep: Preprocessing, image_size: int | None) -> Preprocessi
         return prep
     if image_size < 1:
         raise ConfigError(f"The image size must be positive, got {image_size}.")
-    return replace(prep, image_size=image_size, resize_size=round(image_size * 256 / 224))
+    return replace(prep, image_size=image_size, resize_size=eval_resize_size(image_size))
 
 
 # --- batched (in-memory) transforms --------------------------------------------------------------
@@ -188,4 +197,6 @@ def per_image_transform(prep: Preprocessing, recipe: Recipe | None, resize: Eval
         first = [v2.CenterCrop(size)]
     else:
         first = [ResizeUnlessSize(prep)]
+    if recipe is None:  # evaluation: gray as mocohub embed makes it (before resizing)
+        first.insert(0, partial(to_mode, mode="L" if prep.channels == 1 else "RGB"))
     return v2.Compose([*first, *_to_model_tensor(prep)])

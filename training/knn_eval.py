@@ -21,9 +21,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mocohub.artifact import get_config
 from mocohub.errors import InputError
 from mocohub.knn import knn_accuracy
-from mocohub.models import get_config
 
 from .data import resolve_dataset
 from .distributed import init_from_env

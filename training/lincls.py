@@ -10,6 +10,8 @@ RandomResizedCrop + horizontal flip, validation images Resize(size * 256 / 224)
 training, the backbone's weights and buffers are compared with their values
 before training, and any difference is an error (:class:`BackboneChangedError`).
 Top-1/top-5 go to ``lincls.json``, one line per epoch to ``lincls_epochs.jsonl``.
+The settings, the schedule and the resume state live in
+:mod:`~mocohub.training.lincls_config`.
 
 Also:
 
@@ -32,15 +34,13 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,9 +49,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from mocohub.errors import ConfigError, InputError, MocohubError
+from mocohub.artifact import get_config
+from mocohub.errors import InputError, MocohubError
 from mocohub.fileio import atomic_write_text
-from mocohub.models import get_config
 
 from .checkpoint import atomic_save
 from .data import DatasetInfo, resolve_dataset
@@ -64,7 +64,6 @@ from .eval_data import (
     ModelSource,
     TrainBatches,
     autocast_dtype,
-    default_workers,
     describe_model,
     freeze_backbone,
     load_backbone,
@@ -72,7 +71,18 @@ from .eval_data import (
     place_backbone,
     same_images,
 )
-from .eval_transforms import EvalResize, Recipe, preprocessing_at
+from .eval_transforms import EvalResize, preprocessing_at
+from .lincls_config import (
+    EPOCHS_NAME,
+    HEAD_NAME,
+    RESULT_NAME,
+    STATE_NAME,
+    LinclsConfig,
+    epoch_line,
+    lr_at,
+    protocol_name,
+    resumable_state,
+)
 
 __all__ = [
     "BackboneChangedError",
@@ -84,13 +94,6 @@ __all__ = [
     "protocol_name",
 ]
 
-RESULT_NAME = "lincls.json"
-EPOCHS_NAME = "lincls_epochs.jsonl"
-HEAD_NAME = "linear_head.pt"
-STATE_NAME = "lincls_state.pt"
-# Settings that change no result, so a run may resume with other values.
-_FREE_SETTINGS = ("workers", "eval_every")
-
 
 class BackboneChangedError(MocohubError, RuntimeError):
     """The frozen backbone's weights or buffers changed during linear evaluation."""
@@ -98,80 +101,6 @@ class BackboneChangedError(MocohubError, RuntimeError):
 
 class LinearEvalDivergedError(MocohubError):
     """The linear classifier's loss became NaN or infinite."""
-
-
-@dataclass
-class LinclsConfig:
-    """Settings of a linear evaluation; the defaults are the reference protocol.
-
-    ``batch_size`` is global (over all processes); ``lr`` is used as given (the
-    reference does not scale it with the batch size). ``image_size`` overrides
-    the backbone's crop size. ``eval_every``: epochs between validations (the
-    last epoch is always validated).
-
-    Example:
-        >>> LinclsConfig(epochs=10, lr_steps=(6, 8)).validate().lr
-        30.0
-    """
-
-    preset: Recipe = "reference"
-    epochs: int = 100
-    batch_size: int = 256
-    lr: float = 30.0
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: Literal["steps", "cosine"] = "steps"
-    lr_steps: tuple[int, ...] = (60, 80)
-    workers: int = dataclasses.field(default_factory=default_workers)
-    seed: int = 0
-    image_size: int | None = None
-    cached_features: bool = False
-    eval_every: int = 1
-    precision: Literal["fp32", "bf16"] = "fp32"
-
-    def validate(self) -> LinclsConfig:
-        """Raise :class:`ConfigError` for settings that cannot work."""
-        if self.preset not in ("reference", "small"):
-            raise ConfigError(f"Unknown preset {self.preset!r}; use reference or small.")
-        if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1:
-            raise ConfigError("--epochs, --batch-size and --eval-every must be positive.")
-        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ConfigError("--lr must be positive, --weight-decay >= 0, momentum in [0, 1).")
-        if self.schedule not in ("steps", "cosine"):
-            raise ConfigError(f"Unknown schedule {self.schedule!r}; use steps or cosine.")
-        if any(step < 1 for step in self.lr_steps) or self.workers < 0:
-            raise ConfigError("--lr-steps must be positive epochs and --workers >= 0.")
-        autocast_dtype(self.precision)
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def protocol_name(config: LinclsConfig) -> str:
-    """The protocol a linear evaluation follows, as recorded and printed.
-
-    ``"reference"`` (``main_lincls.py``'s augmentation) or ``"small"``
-    (the small-image recipe), with ``"+cached-features"`` when the classifier
-    trains on features of un-augmented images extracted once.
-
-    Example:
-        >>> protocol_name(LinclsConfig(preset="small", cached_features=True))
-        'small+cached-features'
-    """
-    return config.preset + ("+cached-features" if config.cached_features else "")
-
-
-def lr_at(config: LinclsConfig, epoch: int) -> float:
-    """The reference's learning rate for ``epoch``: x0.1 at each milestone, or cosine.
-
-    Example:
-        >>> [round(lr_at(LinclsConfig(), e), 6) for e in (0, 59, 60, 80)]
-        [30.0, 30.0, 3.0, 0.3]
-    """
-    if config.schedule == "cosine":
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
-    return config.lr * 0.1 ** sum(epoch >= step for step in config.lr_steps)
 
 
 def check_backbone_unchanged(backbone: nn.Module, before: dict[str, torch.Tensor]) -> None:
@@ -255,6 +184,29 @@ def _validate(head: nn.Module, features: FeatureSource) -> dict[str, float]:
     return {"top1": float(hits[:, 0].float().mean()), "top5": float(hits.any(1).float().mean())}
 
 
+def _train_step(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor,
+    labels: torch.Tensor,
+    totals: torch.Tensor,
+) -> None:
+    """One SGD step of the classifier; adds its loss sum, hits and samples to ``totals``.
+
+    Nothing is read back to the host and nothing is copied to the device: the
+    sums stay on the device until the epoch's end.
+    """
+    logits = net(batch)
+    loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    correct = (logits.detach().argmax(1) == labels).sum()
+    n = len(labels)  # a Python number: a tensor of it would be a copy to the device
+    totals[:2] += torch.stack([loss.detach().double() * n, correct.double()])
+    totals[2] += n
+
+
 def _train_head(
     head: nn.Linear,
     features: FeatureSource,
@@ -304,14 +256,7 @@ def _train_head(
             leave=False,
         )
         for batch, labels in bar:
-            logits = net(batch)
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            correct = (logits.detach().argmax(1) == labels).sum()
-            n = totals.new_tensor(len(labels))
-            totals += torch.stack([loss.detach().double() * n, correct.double(), n])
+            _train_step(net, optimizer, batch, labels, totals)
         if features.sharded and is_distributed():
             dist.all_reduce(totals)
         loss_mean = float(totals[0] / totals[2])
@@ -414,7 +359,7 @@ def linear_eval(
     head = _new_head(model_config.feature_dim, num_classes).to(env.device)
 
     described = describe_model(model)
-    resumed = _resumable_state(out_dir, described, config) if resume else None
+    resumed = resumable_state(out_dir, described, config) if resume else None
     out = Path(out_dir) if out_dir is not None and env.is_main else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -429,7 +374,7 @@ def linear_eval(
             with open(out / EPOCHS_NAME, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if log is not None and env.is_main:
-            log(_epoch_line(record, config.epochs))
+            log(epoch_line(record, config.epochs))
 
     records = _train_head(head, features, backbone, config, env, epoch_done, progress, resumed)
     check_backbone_unchanged(backbone, before)
@@ -465,46 +410,3 @@ def linear_eval(
             out / HEAD_NAME,
         )
     return result
-
-
-def _resumable_state(
-    out_dir: str | os.PathLike[str] | None, described: Any, config: LinclsConfig
-) -> dict[str, Any] | None:
-    """The saved state in ``out_dir`` to continue from, or None to start afresh."""
-    if out_dir is None or not (Path(out_dir) / STATE_NAME).is_file():
-        return None
-    path = Path(out_dir) / STATE_NAME
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged state file: unpickling raises many types
-        raise InputError(
-            f"{path} cannot be read ({type(e).__name__}); delete it, or pass --restart, "
-            "to start the evaluation afresh."
-        ) from e
-
-    def comparable(settings: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in settings.items() if k not in _FREE_SETTINGS}
-
-    saved, wanted = comparable(state.get("config", {})), comparable(config.to_dict())
-    differs = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
-    if state.get("model") != described or differs:
-        what = "with other settings (" + ", ".join(differs) + ")"
-        if state.get("model") != described:
-            what = "of another model"
-        raise InputError(
-            f"{out_dir} holds a linear evaluation {what}; "
-            "use another --out, or pass --restart to discard it."
-        )
-    return state
-
-
-def _epoch_line(record: dict[str, Any], epochs: int) -> str:
-    line = (
-        f"epoch {record['epoch']}/{epochs}  lr {record['lr']:.4g}  loss {record['loss']:.4f}  "
-        f"train top-1 {100 * record['train_top1']:.2f}%"
-    )
-    if "val_top1" in record:
-        line += (
-            f"  val top-1 {100 * record['val_top1']:.2f}%  top-5 {100 * record['val_top5']:.2f}%"
-        )
-    return line + f"  ({record['seconds']:.1f} s)"

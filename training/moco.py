@@ -5,6 +5,8 @@ A drop-in for the reference ``moco/builder.py``: the same constructor, the same
 the same state-dict keys (``encoder_q.*``, ``encoder_k.*``, ``queue``,
 ``queue_ptr``), so a reference checkpoint's ``state_dict`` (``module.`` prefix
 stripped) loads as it is. Read ``forward`` next to the paper's Algorithm 1.
+The state dict adds one entry, ``_extra_state``: the shuffle-BN generator's
+state (:meth:`MoCo.get_extra_state`), so that a saved model resumes exactly.
 
 What differs from the reference, none of it changing the maths:
 - the key encoder's momentum update is one ``torch._foreach_lerp_`` call over
@@ -30,6 +32,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +56,15 @@ __all__ = ["MoCo"]
 def _at_least_float32(features: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 features (autocast) up to float32; float32 and float64 as they are."""
     return features.to(torch.promote_types(features.dtype, torch.float32))
+
+
+def _no_generator_unless_given(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, _: Any, strict: bool, *__: Any
+) -> None:
+    """A strict load of a state dict without ``_extra_state`` (a reference
+    checkpoint's) leaves MoCo with no shuffle generator yet, instead of failing."""
+    if strict:
+        state_dict.setdefault(prefix + "_extra_state", torch.empty(0, dtype=torch.uint8))
 
 
 class MoCo(nn.Module):
@@ -126,6 +138,7 @@ class MoCo(nn.Module):
         self.queue_ptr: torch.Tensor
         self._shuffle_generator: torch.Generator | None = None
         self._checked_batch_size: int | None = None
+        self.register_load_state_dict_pre_hook(_no_generator_unless_given)
 
     def set_shuffle_seed(self, seed: int) -> None:
         """Seed the key-batch shuffle; every rank must pass the same seed.
@@ -134,6 +147,41 @@ class MoCo(nn.Module):
         A training loop that must resume identically seeds it at each step.
         """
         self._shuffle_generator = torch.Generator().manual_seed(seed)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The shuffle-BN generator's state (uint8), empty until the first shuffle seeds it.
+
+        ``state_dict()`` stores it as ``_extra_state`` and ``load_state_dict``
+        gives it to :meth:`set_extra_state`, so a checkpoint of the model
+        carries the generator with it.
+
+        Example:
+            >>> model.set_shuffle_seed(0)
+            >>> model.state_dict()["_extra_state"].dtype
+            torch.uint8
+        """
+        generator = self._shuffle_generator
+        return generator.get_state() if generator is not None else torch.empty(0, dtype=torch.uint8)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the shuffle-BN generator from :meth:`get_extra_state`'s tensor.
+
+        An empty tensor means none yet: as in the saved run, the next shuffle
+        seeds it from the (restored) torch RNG.
+
+        Example:
+            >>> twin.set_extra_state(model.get_extra_state())
+        """
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
+            raise InputError(
+                f"MoCo's extra state is the shuffle generator's uint8 tensor, got "
+                f"{type(state).__name__}; load a state dict written by MoCo.state_dict()."
+            )
+        generator = None
+        if state.numel():
+            generator = torch.Generator()
+            generator.set_state(state)
+        self._shuffle_generator = generator
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self) -> None:
@@ -183,9 +231,11 @@ class MoCo(nn.Module):
                 f"{im_k.shape[0]}); pass two views of the same images."
             )
         batch = im_q.shape[0]
-        if batch != self._checked_batch_size:
-            check_same_batch_size(batch, im_q.device)
-            self._checked_batch_size = batch
+        # On every step and every rank, never only where the batch changed: a rank
+        # that skipped it while another checked would leave both waiting forever.
+        check_same_batch_size(batch)
+        if batch == self._checked_batch_size:
+            return
         keys_per_step = batch * get_world_size() * (2 if self.symmetric else 1)
         if self.K % keys_per_step:
             what = (
@@ -198,6 +248,7 @@ class MoCo(nn.Module):
                 f"keys per step ({batch} per process x {get_world_size()} processes); "
                 "choose K and the batch size so that it is."
             )
+        self._checked_batch_size = batch
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One MoCo step's logits: ``(logits, labels)``, the positive in column 0.

@@ -2,13 +2,16 @@
 and the k-NN monitor.
 
 Only rank 0 writes; the k-NN monitor runs on every rank (each embeds a share
-of the data) and its result is the same everywhere.
+of the data with rank 0's encoder, BN statistics included) and its result is
+the same everywhere.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -20,9 +23,11 @@ from torch import nn
 from mocohub.knn import knn_accuracy
 
 from .config import TrainConfig
-from .distributed import DistributedEnv
+from .distributed import DistributedEnv, broadcast_buffers_from_rank0
 
 __all__ = ["KnnMonitor", "MetricsLog", "plot_curves", "pooled_features", "truncate_metrics"]
+
+logger = logging.getLogger(__name__)
 
 
 def _position(record: dict[str, Any]) -> tuple[int, int] | None:
@@ -112,33 +117,50 @@ class MetricsLog:
                 ):
                     self._tensorboard.add_scalar(f"{prefix}/{key}", value, position)
 
-    def close(self) -> None:
+    def close(self, *, quiet: bool = False) -> None:
+        """Close the log and draw ``curves.png`` from it.
+
+        The curves are a convenience: when they cannot be drawn or written
+        (a full or read-only disk), a warning says so (none when ``quiet``,
+        for a run already failing with its own message) and nothing is raised.
+        """
         if self._file is not None:
-            self._file.close()
-            self._file = None
-            plot_curves(self.path, self.path.with_name("curves.png"))
+            file, self._file = self._file, None
+            file.close()
+            try:
+                plot_curves(self.path, self.path.with_name("curves.png"))
+            except (OSError, ValueError, RuntimeError) as error:
+                if not quiet:
+                    logger.warning("mocohub: could not draw curves.png (%s).", error)
         if self._tensorboard is not None:
             self._tensorboard.close()
+            self._tensorboard = None
 
 
 def plot_curves(metrics: Path, out: Path) -> Path | None:
     """Draw the loss and k-NN accuracy per epoch from ``metrics.jsonl`` as a PNG.
 
-    Uses matplotlib when it is installed; without it, nothing is drawn (the
-    JSONL file holds the same numbers).
+    Uses matplotlib when it is installed (without it, nothing is drawn: the
+    JSONL file holds the same numbers), through a bare ``Figure``: pyplot and
+    the process's backend (a notebook's, say) are left alone. The PNG is
+    written atomically.
+
+    Example:
+        >>> plot_curves(Path("runs/a/metrics.jsonl"), Path("runs/a/curves.png"))
+        PosixPath('runs/a/curves.png')
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         return None
+    from mocohub.fileio import atomic_write_bytes
+
     epochs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     epochs = [r for r in epochs if r.get("event") == "epoch"]
     if not epochs:
         return None
-    figure, loss_axis = plt.subplots(figsize=(6, 3.5), dpi=120)
+    figure = Figure(figsize=(6, 3.5), dpi=120)
+    loss_axis = figure.add_subplot()
     loss_axis.plot([r["epoch"] for r in epochs], [r.get("loss", math.nan) for r in epochs], "C0")
     loss_axis.set(xlabel="epoch", ylabel="InfoNCE loss")
     knn = [r for r in epochs if "knn_top1" in r]
@@ -147,8 +169,9 @@ def plot_curves(metrics: Path, out: Path) -> Path | None:
         accuracy_axis.plot([r["epoch"] for r in knn], [r["knn_top1"] for r in knn], "C1o-")
         accuracy_axis.set_ylabel("k-NN top-1", color="C1")
     figure.tight_layout()
-    figure.savefig(out)
-    plt.close(figure)
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    atomic_write_bytes(out, png.getvalue())
     return out
 
 
@@ -178,7 +201,7 @@ class KnnMonitor:
     def __init__(
         self, data: tuple[Any, Any], config: TrainConfig, info: Any, env: DistributedEnv
     ) -> None:
-        from mocohub.preprocessing import Preprocessing
+        from mocohub.preprocessing import Preprocessing, eval_resize_size
 
         from .data import resolve_dataset
         from .eval_data import EvalBatches
@@ -187,7 +210,7 @@ class KnnMonitor:
         self.config, self.env = config, env
         size = config.image_size
         mean, std = channel_stats(config, info.channels)
-        prep = Preprocessing(size, round(size * 256 / 224), mean, std, channels=info.channels)
+        prep = Preprocessing(size, eval_resize_size(size), mean, std, channels=info.channels)
         self.batches = []
         for source, split in zip(data, ("train", "val"), strict=True):
             dataset, data_info = resolve_dataset(source, split)
@@ -196,8 +219,19 @@ class KnnMonitor:
             )
 
     def __call__(self, encoder: nn.Module) -> dict[str, float]:
+        """k-NN top-1/top-5 of ``encoder``'s pooled features; every rank must call it.
+
+        Under DDP each rank's BatchNorm running statistics follow its own
+        batches (no buffer sync per step), so rank 0's are copied to every rank
+        first: all shares are embedded by the model that rank 0 saves.
+
+        Example:
+            >>> monitor(model.encoder_q)
+            {'knn_top1': 0.71, 'knn_top5': 0.97}
+        """
         from .eval_data import extract_features
 
+        broadcast_buffers_from_rank0(encoder)
         with pooled_features(encoder) as backbone:
             bank, queries = (extract_features(backbone, b, self.env) for b in self.batches)
         result = knn_accuracy(*bank, *queries, k=self.config.knn_k, t=self.config.knn_t)

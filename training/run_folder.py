@@ -18,7 +18,8 @@ destroys an earlier run:
 before any of them writes; :func:`open_run` then creates the folder and its
 ``config.json``; :class:`FailedStartCleanup` removes what a start wrote when
 it fails before its first checkpoint, so that a failed start leaves no
-half-made run behind.
+half-made run behind. :func:`prune_checkpoints` keeps the checkpoints a run
+needs, and :func:`disk_errors` turns a full or read-only disk into one line.
 
 Example:
     >>> discard = check_start(Path("runs/a"), resume=None, resume_point=None, restart=False)
@@ -33,11 +34,14 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from mocohub.errors import ConfigError
+from mocohub.fileio import disk_error
 
 from .checkpoint import LAST_NAME, numbered_checkpoints
 from .config import TrainConfig
-from .distributed import DistributedEnv, any_rank
+from .distributed import DistributedEnv, all_gather_no_grad
 from .monitor import MetricsLog, truncate_metrics
 
 __all__ = [
@@ -46,8 +50,11 @@ __all__ = [
     "check_start",
     "claim_run_folder",
     "discard_files",
+    "disk_errors",
     "open_run",
+    "prune_checkpoints",
     "run_contents",
+    "tensor_bytes",
 ]
 
 #: What a run writes besides its checkpoints.
@@ -140,9 +147,13 @@ def claim_run_folder(
 ) -> list[Path]:
     """:func:`check_start` on every rank of a run, before any rank writes.
 
-    The all-reduce is the barrier, and all ranks refuse together, so no rank
-    is left waiting for the others. ``source`` is the checkpoint that
-    ``resume`` found (or names) and ``point`` its ``(epoch, step)``.
+    One all-gather is the barrier: all ranks refuse together, so no rank is
+    left waiting for the others. ``source`` is the checkpoint that ``resume``
+    found (or names) and ``point`` its ``(epoch, step)``; the ranks must have
+    found the same one. Where they did not (``--resume auto`` on nodes that do
+    not share the run folder's filesystem: only rank 0's node holds the
+    checkpoints), every rank refuses with one line instead of running
+    different epochs and waiting on each other for ever.
 
     Example:
         >>> discard = claim_run_folder(Path("runs/a"), env, "auto", latest, (3, 0), False)
@@ -154,9 +165,29 @@ def claim_run_folder(
         discard = check_start(run_dir, resume=wanted, resume_point=point, restart=restart)
     except ConfigError as error:
         refusal = error
-    if any_rank(refusal is not None, env.device):
+    mine = [int(refusal is not None), int(point is not None), *(point or (0, 0))]
+    everyone = all_gather_no_grad(torch.tensor([mine], device=env.device)).tolist()
+    if any(refused for refused, *_ in everyone):
         raise refusal or ConfigError(
             f"Another process refused to start in {run_dir}; its message says why."
+        )
+    found = [tuple(where) if has else None for _, has, *where in everyone]
+    if len(set(found)) > 1:
+        ranks: dict[tuple[int, ...] | None, list[int]] = {}
+        for rank, where in enumerate(found):
+            ranks.setdefault(where, []).append(rank)
+        seen = "; ".join(
+            ("rank " if len(r) == 1 else "ranks ")
+            + ", ".join(map(str, r[:4]))
+            + (" ..." if len(r) > 4 else "")
+            + (f": epoch {where[0]} step {where[1]}" if where else ": none")
+            for where, r in ranks.items()
+        )
+        raise ConfigError(
+            f"The processes found different checkpoints to resume from in {run_dir} ({seen}): "
+            "each node sees its own copy of the run folder. Put --out on a filesystem that "
+            "every node shares, or copy the newest checkpoint into every node's run folder, "
+            "or pass --resume with the path of the same checkpoint on every node."
         )
     return discard
 
@@ -184,8 +215,16 @@ def open_run(
         config.save(run_dir / "config.json")
         if resume_point is not None:
             truncate_metrics(run_dir / "metrics.jsonl", resume_point)
-    with contextlib.closing(MetricsLog(run_dir, enabled=env.is_main)) as log:
+    log = MetricsLog(run_dir, enabled=env.is_main)
+    try:
         yield log
+    except BaseException:
+        # The error in flight says what went wrong; closing (say, flushing the log
+        # onto the same full disk) must not replace it with a second traceback.
+        with contextlib.suppress(OSError):
+            log.close(quiet=True)
+        raise
+    log.close()
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -236,3 +275,82 @@ class FailedStartCleanup:
         discard_files(run_contents(self.run_dir))
         if self.created and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
             self.run_dir.rmdir()
+
+
+def prune_checkpoints(run_dir: Path, keep_epochs: int = 2) -> list[Path]:
+    """Delete the checkpoints a run no longer needs; return them.
+
+    Kept: the newest ``keep_epochs`` epoch-end checkpoints (step 0) and, when
+    the newest checkpoint of all is a mid-epoch one (``--checkpoint-every``, or
+    a stop signal), that one: at most one mid-epoch checkpoint, and only while
+    no epoch-end checkpoint is newer.
+
+    Example:
+        >>> [p.name for p in prune_checkpoints(Path("runs/a"))]
+        ['checkpoint_0001_00000000.pt', 'checkpoint_0002_00000500.pt']
+    """
+    found = numbered_checkpoints(run_dir)
+    epoch_ends = [path for (_, step), path in found if step == 0]
+    keep = set(epoch_ends[-keep_epochs:])
+    if found and found[-1][0][1] != 0:
+        keep.add(found[-1][1])
+    stale = [path for _, path in found if path not in keep]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``error``: itself, or the one in its cause or context
+    (``torch.save`` reports a failed write as a ``RuntimeError`` raised while
+    handling the ``OSError``)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def tensor_bytes(state: object) -> int:
+    """The bytes of the tensors in a (nested) checkpoint dict: about its size on disk.
+
+    Example:
+        >>> tensor_bytes({"model": {"w": torch.zeros(1000)}, "epoch": 3})
+        4000
+    """
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(value) for value in state.values())
+    if isinstance(state, list | tuple):
+        return sum(tensor_bytes(value) for value in state)
+    return 0
+
+
+@contextlib.contextmanager
+def disk_errors(run_dir: Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a write into ``run_dir`` that failed for lack of space or of write access
+    (:func:`mocohub.fileio.disk_error`) into one :class:`~mocohub.errors.InputError`
+    line, even where ``torch.save`` wrapped it in a ``RuntimeError``.
+
+    How much to free is ``needed`` bytes (a checkpoint's :func:`tensor_bytes`)
+    or else the size of the run's newest checkpoint, when it has one.
+
+    Example:
+        >>> with disk_errors(Path("runs/a"), needed=tensor_bytes(state)):
+        ...     save_checkpoint(Path("runs/a"), state, epoch=1, step=0)
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        cause = _os_error(error)
+        if cause is None:
+            raise
+        if needed is None and run_dir.is_dir():
+            found = numbered_checkpoints(run_dir)
+            needed = found[-1][1].stat().st_size if found else None
+        clear = disk_error(cause, run_dir / LAST_NAME, needed=needed)
+        if clear is None:
+            raise
+        raise clear from error

@@ -4,11 +4,13 @@
 or one per GPU under torchrun/srun): it joins the process group the
 environment describes, builds MoCo, and loops over epochs with mixed
 precision, channels_last and ``torch.compile`` where they are safe. Only rank
-0 writes checkpoints, metrics and logs. SIGTERM/SIGINT save a checkpoint at
-the next step and stop; ``resume="auto"`` continues from the newest checkpoint
-in the run folder, identically: the batch order, the augmentations and the
-key shuffle all derive from (seed, epoch, step), and the RNG states travel in
-the checkpoint.
+0 writes checkpoints, metrics and logs. Checkpoints come at each epoch's end
+and, with ``checkpoint_every``, inside epochs; SIGTERM/SIGINT save one at the
+next agreement point and stop. ``resume="auto"`` continues from the newest
+checkpoint in the run folder, identically, also mid-epoch: the batch order,
+the augmentations and the key shuffle all derive from (seed, epoch, step),
+and the RNG states and the epoch's loss sum travel in the checkpoint. The
+bookkeeping around the step is :class:`~mocohub.training.progress.TrainingProgress`'s.
 
 Example:
     >>> from mocohub.training.config import preset
@@ -17,36 +19,37 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import math
 import os
 import signal
-import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from mocohub.backbones import build_backbone
-from mocohub.errors import ConfigError, InputError, MocohubError
+from mocohub.errors import ConfigError, InputError
 
 from .config import TrainConfig
 from .distributed import init_from_env, wrap_ddp
 from .moco import MoCo
 from .monitor import KnnMonitor
-from .run_folder import FailedStartCleanup, claim_run_folder, discard_files, open_run
+from .progress import StopSignal, TrainingDivergedError, TrainingInterrupted, TrainingProgress
+from .run_folder import (
+    FailedStartCleanup,
+    claim_run_folder,
+    discard_files,
+    disk_errors,
+    open_run,
+    prune_checkpoints,
+    tensor_bytes,
+)
+from .schedule import epoch_lr
 from .views import ViewPipeline, step_seed
 
 logger = logging.getLogger(__name__)
-
-# Steps between the ranks' agreement on stop signals and NaN losses (and logs).
-SYNC_EVERY = 10
 
 __all__ = [
     "TrainingDivergedError",
@@ -56,18 +59,6 @@ __all__ = [
     "lr_at",
     "train",
 ]
-
-
-class TrainingDivergedError(MocohubError):
-    """The loss became NaN or infinite."""
-
-
-class TrainingInterrupted(MocohubError):
-    """SIGTERM/SIGINT stopped the run after saving a checkpoint."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 def build_moco(config: TrainConfig, in_channels: int, world_size: int = 1) -> MoCo:
@@ -140,10 +131,29 @@ def load_weights(source: str | os.PathLike[str]) -> dict[str, Any]:
 
 def lr_at(config: TrainConfig, epoch: int) -> float:
     """The reference's per-epoch learning rate: cosine, or x0.1 at each milestone."""
-    lr = config.scaled_lr()
-    if config.schedule == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
-    return lr * 0.1 ** sum(epoch >= milestone for milestone in config.lr_steps)
+    return epoch_lr(
+        config.scaled_lr(),
+        epoch,
+        epochs=config.epochs,
+        schedule=config.schedule,
+        milestones=config.lr_steps,
+    )
+
+
+def use_fixed_size_kernels(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms once per shape and keep the fastest.
+
+    Training sees one input shape (fixed crops, ``drop_last`` batches), so the
+    search pays for itself after a few steps, as in the reference
+    ``main_moco.py``. It is process-wide, and nothing changes on the CPU.
+
+    Example:
+        >>> use_fixed_size_kernels(torch.device("cuda", 0))
+        >>> torch.backends.cudnn.benchmark
+        True
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def choose_precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -151,27 +161,6 @@ def choose_precision(config: TrainConfig, device: torch.device) -> torch.dtype |
     from mocohub.precision import autocast_dtype
 
     return autocast_dtype(config.precision, device)
-
-
-class _StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignal:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def train(
@@ -197,7 +186,10 @@ def train(
         config: the run's settings (see :mod:`mocohub.training.config`).
         data: anything :func:`mocohub.training.data.resolve_dataset` takes.
         run_dir: the run folder (created; holds config.json, metrics.jsonl and
-            checkpoints).
+            checkpoints: the last 2 of epoch ends and the newest mid-epoch one,
+            see :func:`~mocohub.training.run_folder.prune_checkpoints`). A disk
+            that fills up or turns read-only raises one-line
+            :class:`~mocohub.errors.InputError`.
         resume: ``"auto"`` (the newest checkpoint in ``run_dir``, if any), a
             checkpoint path (mocohub's or the reference code's), or None.
         restart: discard the run already in ``run_dir`` (resuming from one of
@@ -210,8 +202,9 @@ def train(
             ``resume`` finds a checkpoint.
         stop_after_steps: stop after this many steps of this call, as if
             SIGTERM had arrived (a checkpoint, then :class:`TrainingInterrupted`),
-            for time-boxed jobs. The ranks agree on stopping every 10 steps and at
-            the end of each epoch, so the stop comes at the first such point.
+            for time-boxed jobs. The ranks agree on stopping every 10 steps, at
+            each ``config.checkpoint_every`` step and at the end of each epoch, so
+            the stop comes at the first such point.
 
     Returns:
         The last epoch's metrics and ``"epoch"``, the epochs done. When the
@@ -228,6 +221,7 @@ def train(
 
     config.validate()
     env = init_from_env()
+    use_fixed_size_kernels(env.device)
     world = env.world_size
     if config.batch_size % world:
         raise ConfigError(
@@ -265,12 +259,13 @@ def train(
         weight_decay=config.weight_decay,
         **({"fused": True} if env.device.type == "cuda" else {"foreach": True}),
     )
-    scaler = torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
 
-    start_epoch, start_step = 0, 0
+    start_epoch, start_step, resumed_epoch = 0, 0, None
     if checkpoint is not None:
         # mocohub's own checkpoints, or the reference code's (model + optimizer).
         start_epoch, start_step = ckpt.restore_training_state(checkpoint, model, optimizer, scaler)
+        resumed_epoch = checkpoint.get("loop") if start_step else None
     elif initial is not None:
         load_encoders(model, initial)
     if config.compile:
@@ -279,58 +274,62 @@ def train(
     net: torch.nn.Module = wrap_ddp(model, env.device) if world > 1 else model
 
     pipeline = ViewPipeline(dataset, info, config, env)
-    steps_per_epoch = pipeline.steps_per_epoch
     knn = KnnMonitor(knn_data, config, info, env) if knn_data is not None else None
-    if env.is_main:
-        discard_files(discard)
-        ckpt.remove_orphan_temporaries(run_dir)
-        for bad, problem in damaged:
-            # Renamed, so that the run can save past it; kept for inspection.
-            aside = ckpt.set_aside_damaged([bad])
-            logger.warning(
-                "mocohub: %s is damaged (%s); resuming from %s instead%s.",
-                bad,
-                problem,
-                Path(str(source)).name,
-                f" (the damaged file is kept as {aside[0].name})" if aside else "",
-            )
+    with disk_errors(run_dir):
+        if env.is_main:
+            discard_files(discard)
+            ckpt.remove_orphan_temporaries(run_dir)
+            for bad, problem in damaged:
+                # Renamed, so that the run can save past it; kept for inspection.
+                aside = ckpt.set_aside_damaged([bad])
+                logger.warning(
+                    "mocohub: %s is damaged (%s); resuming from %s instead%s.",
+                    bad,
+                    problem,
+                    Path(str(source)).name,
+                    f" (the damaged file is kept as {aside[0].name})" if aside else "",
+                )
     # From here on files are written; a failure before the first checkpoint removes them.
     cleanup = FailedStartCleanup(run_dir, enabled=env.is_main)
-    have_checkpoint = checkpoint is not None
 
     def save(epoch: int, step: int) -> Path | None:
         """Rank 0 writes the checkpoint that continues at (epoch, step)."""
-        nonlocal have_checkpoint
         path = None
         if env.is_main:
-            state = ckpt.training_state(
-                model, optimizer, scaler, None, epoch, step, config.to_dict()
-            )
-            path = ckpt.save_checkpoint(run_dir, state, epoch=epoch, step=step)
+            run = config.to_dict()
+            state = ckpt.training_state(model, optimizer, scaler, None, epoch, step, run)
+            state["loop"] = tracker.state_dict() if step else None
+            with disk_errors(run_dir, needed=tensor_bytes(state)):
+                path = ckpt.save_checkpoint(run_dir, state, epoch=epoch, step=step, keep_last=None)
+            prune_checkpoints(run_dir)
             cleanup.checkpoint_saved()
-        have_checkpoint = True
+        tracker.checkpoint_saved()
         return path
 
     metrics: dict[str, Any] = {}
-    steps_run = 0
-    with cleanup, _StopSignal() as stop, open_run(run_dir, config, env, point) as log:
+    with (
+        disk_errors(run_dir),
+        cleanup,
+        StopSignal() as stop,
+        open_run(run_dir, config, env, point) as log,
+    ):
+        tracker = TrainingProgress(
+            config,
+            env,
+            pipeline.steps_per_epoch,
+            log,
+            stop,
+            stop_after_steps=stop_after_steps,
+            progress_bar=progress,
+            run_dir=run_dir,
+        )
+        tracker.have_checkpoint = checkpoint is not None
         for epoch in range(start_epoch, config.epochs):
             lr = lr_at(config, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             net.train()
-            bar = tqdm(
-                total=steps_per_epoch,
-                initial=start_step,
-                desc=f"epoch {epoch + 1}/{config.epochs}",
-                disable=not (progress and env.is_main),
-                unit="step",
-                leave=False,
-            )
-            window_loss = torch.zeros((), device=env.device)
-            epoch_loss = torch.zeros((), device=env.device)
-            finite = torch.ones((), dtype=torch.bool, device=env.device)
-            seen, tick, window_start = 0, time.perf_counter(), start_step
+            tracker.begin_epoch(epoch, start_step, lr, resumed_epoch)
             for step, (im_q, im_k) in pipeline.epoch(epoch, start_step):
                 if channels_last:
                     im_q = im_q.contiguous(memory_format=torch.channels_last)
@@ -340,68 +339,16 @@ def train(
                     logits, labels = net(im_q, im_k)
                 loss = F.cross_entropy(logits, labels)
                 optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                loss = loss.detach()
-                finite &= torch.isfinite(loss)
-                window_loss += loss
-                epoch_loss += loss
-                seen += im_q.shape[0] * world
-                done, steps_run = step + 1, steps_run + 1
-                if stop_after_steps is not None and steps_run >= stop_after_steps:
-                    stop.signum = stop.signum or signal.SIGTERM
-                if done % SYNC_EVERY and done != steps_per_epoch:
-                    continue
-                # Every few steps the ranks agree (one tiny all-reduce) on a
-                # loss gone NaN or inf and on stop signals, and rank 0 logs.
-                flags = torch.stack([~finite, torch.tensor(stop.signum > 0, device=env.device)])
-                flags = flags.to(torch.int32)
-                if world > 1:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                if bool(flags[0]):
-                    kept = (
-                        f"keeping the last good checkpoint in {run_dir}"
-                        if have_checkpoint
-                        else "before its first checkpoint (nothing was kept)"
-                    )
-                    raise TrainingDivergedError(
-                        f"The loss became NaN or infinite in epoch {epoch + 1} (by step {done}); "
-                        f"the run stopped, {kept}. Lower --lr, or try --precision fp32."
-                    )
-                elapsed = time.perf_counter() - tick
-                window = {
-                    "loss": float(window_loss) / (done - window_start),
-                    "lr": lr,
-                    "img_per_s": seen / max(elapsed, 1e-9),
-                }
-                log.write(
-                    {
-                        "epoch": epoch + 1,
-                        "step": done,
-                        "global_step": epoch * steps_per_epoch + done,
-                        **window,
-                    }
-                )
-                bar.set_postfix(
-                    loss=f"{window['loss']:.3f}", lr=f"{lr:.3g}", img_s=f"{window['img_per_s']:.0f}"
-                )
-                bar.update(done - bar.n)
-                window_loss.zero_()
-                seen, tick, window_start = 0, time.perf_counter(), done
-                if bool(flags[1]) and done < steps_per_epoch:
-                    raise _interrupted(stop.signum, epoch, done, save(epoch, done))
-            bar.close()
-            metrics = {
-                "loss": float(epoch_loss) / (steps_per_epoch - start_step),
-                "lr": lr,
-                "epoch": epoch + 1,
-            }
-            start_step = 0
+                scaler.scale(loss).backward()  # scaling only with fp16: else the identity
+                scaler.step(optimizer)
+                scaler.update()
+                checkpoint_now, stop_now = tracker.step_done(step, loss.detach(), len(im_q))
+                if checkpoint_now or stop_now:
+                    path = save(epoch, step + 1)
+                    if stop_now:
+                        raise _interrupted(stop.signum, epoch, step + 1, path)
+            metrics = tracker.end_epoch()
+            start_step, resumed_epoch = 0, None
             last_epoch = epoch + 1 == config.epochs
             if knn is not None and (
                 last_epoch or (config.knn_every and (epoch + 1) % config.knn_every == 0)

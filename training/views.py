@@ -21,7 +21,6 @@ step therefore sees exactly the batches and views it would have seen.
 from __future__ import annotations
 
 import copy
-import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -31,11 +30,13 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms.v2.functional import to_pil_image
 
 from mocohub.errors import ConfigError, InputError
+from mocohub.preprocessing import per_channel
 from mocohub.sysinfo import usable_cpus
 
 from .config import TrainConfig
 from .data import TensorImageDataset
 from .distributed import DistributedEnv
+from .recipes import recipe
 
 __all__ = [
     "ViewPipeline",
@@ -73,39 +74,34 @@ def epoch_batches(
 def channel_stats(
     config: TrainConfig, channels: int
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The config's mean/std, for ``channels`` channels (a 1-channel set of stats
-    is repeated for colour images; colour stats are averaged for grayscale)."""
-    mean, std = config.mean, config.std
-    if len(mean) == channels:
-        return mean, std
-    if len(mean) == 1:
-        return mean * channels, std * channels
-    return (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
+    """The config's mean/std for ``channels`` channels (see :func:`per_channel`)."""
+    return per_channel(config.mean, channels), per_channel(config.std, channels)
 
 
 def batch_augment(config: TrainConfig, channels: int, generator: torch.Generator) -> Any:
-    """The batched (on-device) augmentation of ``config.augmentation``."""
-    from .augment import batch_moco_v1, batch_moco_v2, batch_small
+    """The batched (on-device) augmentation of ``config.augmentation``'s recipe."""
+    from .batch_augment import BatchAugment
 
-    builder = {"v1": batch_moco_v1, "v2": batch_moco_v2, "small": batch_small}
     mean, std = channel_stats(config, channels)
-    return builder[config.augmentation](config.image_size, mean, std, generator=generator)
+    return BatchAugment.from_recipe(
+        recipe(config.augmentation), config.image_size, mean, std, generator=generator
+    )
 
 
 def per_sample_transform(config: TrainConfig, channels: int) -> Any:
-    """The per-image (worker process) augmentation of ``config.augmentation``."""
-    from .augment import moco_v1_transform, moco_v2_transform, small_transform
+    """The per-image (worker process) augmentation of ``config.augmentation``'s recipe."""
+    from .augment import recipe_transform
 
-    builder = {"v1": moco_v1_transform, "v2": moco_v2_transform, "small": small_transform}
     mean, std = channel_stats(config, channels)
-    return builder[config.augmentation](config.image_size, mean, std)
+    return recipe_transform(recipe(config.augmentation), config.image_size, mean, std)
 
 
 class _SeededTwoViews(Dataset[Views | str]):
     """Two per-sample views of PIL images, with the RNG seeded from (seed, epoch, index).
 
     Items are addressed by ``(epoch, index)`` so that worker processes, which
-    keep their own RNG, still draw exactly what a resumed run would. A file
+    keep their own RNG, still draw exactly what a resumed run would; the
+    process's own RNG state is left untouched. A file
     that cannot be decoded gives its error message instead of views: raised in
     a worker, the error would reach the main process wrapped in a traceback.
     """
@@ -135,10 +131,13 @@ class _SeededTwoViews(Dataset[Views | str]):
             image = self._image(index)
         except InputError as error:
             return str(error)
-        seed = step_seed(self.seed, epoch, index, -2)
-        torch.manual_seed(seed)
-        random.seed(seed)
-        return self.transform(image), self.transform(image)
+        # torchvision's transforms draw from torch's default (CPU) generator and
+        # take no other: seed it for this sample, then give the caller's state
+        # back, so that drawing samples in the main process (workers=0) leaves
+        # its random numbers as they were.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(step_seed(self.seed, epoch, index, -2))
+            return self.transform(image), self.transform(image)
 
 
 def _collate(items: list[Views | str]) -> list[torch.Tensor] | str:
@@ -185,7 +184,12 @@ class ViewPipeline:
             )
         if self.on_device:
             self.images = dataset.images.to(env.device)
-            self.generator = torch.Generator()  # CPU: no device sync per call
+            # The parameters are drawn on the CPU and copied once per step, packed and
+            # without blocking (BatchAugment.views), rather than drawn by a generator on
+            # the device: the CPU numbers stay bit for bit those of earlier versions
+            # (resumed runs match), and the sizes of the work (supersampling, blur
+            # reach) are read from the parameters on the host with no device sync.
+            self.generator = torch.Generator()
             self.augment = batch_augment(config, info.channels, self.generator).to(env.device)
         else:
             self.plan = _Plan()
@@ -201,6 +205,9 @@ class ViewPipeline:
                 pin_memory=cuda,
                 persistent_workers=workers > 0,
                 prefetch_factor=4 if workers > 0 else None,
+                # Its own generator for the workers' base seed: every epoch's
+                # iterator would otherwise draw one number from the global RNG.
+                generator=torch.Generator(),
             )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, Views]]:
@@ -208,10 +215,14 @@ class ViewPipeline:
         seed, env = self.config.seed, self.env
         plan = epoch_batches(self.num_samples, epoch, seed, self.config.batch_size, env)
         if self.on_device:
-            for step in range(start_step, len(plan)):
-                images = self.images[plan[step].to(self.images.device)]
+            # The epoch's sample indices go to the device in one copy, not one per step.
+            plan = _to_device(plan[start_step:], self.images.device)
+            for offset, indices in enumerate(plan):
+                step = start_step + offset
+                images = self.images[indices]
                 self.generator.manual_seed(step_seed(seed, epoch, step, env.rank))
-                yield step, (self.augment(images), self.augment(images))
+                view_q, view_k = self.augment.views(images, 2)  # their parameters: one copy
+                yield step, (view_q, view_k)
             return
         self.plan.batches = _keys(epoch, plan[start_step:].tolist())
         for offset, batch in enumerate(self.loader):
@@ -225,6 +236,13 @@ class ViewPipeline:
                     view_k.to(env.device, non_blocking=True),
                 ),
             )
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (on the CPU) on ``device``: pinned and copied without blocking for a GPU."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def _keys(epoch: int, rows: Sequence[Sequence[int]]) -> list[list[tuple[int, int]]]:

@@ -34,9 +34,9 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from mocohub.artifact import CONFIG_NAME, WEIGHTS_NAME, ModelConfig, build_model, load_pretrained
 from mocohub.backbones import ResNet
 from mocohub.errors import InputError
-from mocohub.models import CONFIG_NAME, WEIGHTS_NAME, ModelConfig, build_model, load_pretrained
 from mocohub.registry import HF_PREFIX, Weights, WeightsFile, get_weights, list_models
 
 __all__ = ["load"]
@@ -63,7 +63,7 @@ def load(
         cache_dir: where URL downloads are kept; ``torch.hub.get_dir()/checkpoints``
             by default (Hub repos always use the Hugging Face cache).
 
-    The returned model carries its :class:`~mocohub.models.ModelConfig` as
+    The returned model carries its :class:`~mocohub.artifact.ModelConfig` as
     ``model.mocohub_config``; its ``preprocessing.transform()`` is the matching
     evaluation transform.
 
@@ -219,9 +219,8 @@ def _load_registered(
 def _as_registered(model: ResNet, expected: ModelConfig, file: WeightsFile) -> ResNet:
     """``model`` with the registry's config, after checking that the file is what it says."""
     got: ModelConfig = model.mocohub_config
-    shape = ("arch", "small_stem", "in_channels", "width", "head")
-    if any(getattr(got, k) != getattr(expected, k) for k in shape):
-        found = ", ".join(f"{k}={getattr(got, k)}" for k in shape)
+    if got.network() != expected.network():
+        found = ", ".join(f"{k}={v}" for k, v in got.network().items())
         raise InputError(
             f"{file.location} holds a model ({found}) other than the registered "
             f"{expected.meta['name']}; the file or the registry entry is wrong."

@@ -31,8 +31,8 @@ def _cached(file: WeightsFile) -> Path | None:
     if file.kind == "hf-hub":
         from huggingface_hub import try_to_load_from_cache
 
+        from mocohub.artifact import WEIGHTS_NAME
         from mocohub.hf import parse_repo
-        from mocohub.models import WEIGHTS_NAME
 
         repo_id, revision = parse_repo(file.location)
         found = try_to_load_from_cache(repo_id, WEIGHTS_NAME, revision=revision)
@@ -48,14 +48,14 @@ def _size(path: Path) -> int:
 
 
 def _summary(weights: Weights) -> dict[str, Any]:
-    config = weights.config()
+    config, head = weights.config(), weights.model.head
     copies = [c for c in (_cached(f) for f in weights.files) if c is not None]
     return {
         "name": weights.name,
-        "arch": weights.arch,
+        "arch": config.arch,
         "feature_dim": config.feature_dim,
-        "head": None if weights.head is None else f"{weights.head.type} {weights.head.dim}-d",
-        "preprocessing": weights.preprocessing.to_dict(),
+        "head": None if head is None else f"{head.type} {head.dim}-d",
+        "preprocessing": config.preprocessing.to_dict(),
         "files": [{"location": f.location, "hash": f.hash} for f in weights.files],
         "cached": str(copies[0]) if copies else None,
         "file_size": _size(copies[0]) if copies else None,
@@ -159,7 +159,7 @@ def convert_command(
     state dict or a detectron2 .pkl.
     """
     from mocohub.errors import InputError
-    from mocohub.hub import load
+    from mocohub.loading import load
 
     if head and target != "mocohub":
         raise InputError(

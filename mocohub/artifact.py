@@ -11,7 +11,10 @@ features) or the projection head, with the config attached as
 A published artifact folder holds ``model.safetensors`` (the backbone's state
 dict, plus ``fc.*`` when the head is kept) and ``config.json``
 (:meth:`ModelConfig.to_dict`); :func:`save_pretrained` writes one atomically and
-:func:`load_pretrained` reads one.
+:func:`load_pretrained` reads one. An export folder also holds ``verify.json``
+(and ONNX graphs) naming the SHA-256 of its ``model.safetensors``;
+:func:`load_pretrained` refuses weights that are not the ones named there
+(:class:`ArtifactMismatchError`).
 
 Example:
     >>> cfg = ModelConfig("resnet18", small_stem=True, in_channels=1, width=32,
@@ -28,34 +31,45 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from mocohub.backbones import ARCHITECTURES, ResNet, build_backbone
+from mocohub.backbones import ARCHITECTURES, ResNet, build_backbone, feature_dim
 from mocohub.errors import ConfigError, InputError, MissingHeadError
 from mocohub.preprocessing import Preprocessing
+from mocohub.publish import file_sha256
 
 __all__ = [
     "CONFIG_NAME",
+    "VERIFY_NAME",
+    "WEIGHTS_DIGEST_KEY",
     "WEIGHTS_NAME",
+    "ArtifactMismatchError",
     "HeadConfig",
     "ModelConfig",
     "build_head",
     "build_model",
+    "check_weights_digest",
     "get_config",
     "load_pretrained",
     "read_config",
+    "read_verify_record",
     "save_pretrained",
 ]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: ``mocohub export``'s parity checks, beside the weights
+VERIFY_NAME = "verify.json"
+#: the key under which an export records the SHA-256 of its ``model.safetensors``
+#: (in each ONNX graph's ``metadata_props`` and in ``verify.json``)
+WEIGHTS_DIGEST_KEY = "weights_sha256"
 MODEL_TYPE = "mocohub"
-_EXPANSION = {"resnet18": 1, "resnet34": 1, "resnet50": 4}
 
 
 @dataclass(frozen=True)
@@ -119,7 +133,7 @@ class ModelConfig:
     @property
     def feature_dim(self) -> int:
         """Size of the pooled backbone features (2048 for a standard ResNet-50)."""
-        return self.width * 8 * _EXPANSION[self.arch]
+        return feature_dim(self.arch, self.width)
 
     @property
     def embedding_dim(self) -> int:
@@ -128,6 +142,18 @@ class ModelConfig:
 
     def without_head(self) -> ModelConfig:
         return replace(self, head=None)
+
+    def network(self) -> dict[str, Any]:
+        """The fields that decide the network's modules and weights: all but preprocessing and meta.
+
+        Two configs whose ``network()`` is equal load each other's state dicts.
+
+        Example:
+            >>> ModelConfig("resnet18", width=16).network()
+            {'arch': 'resnet18', 'small_stem': False, 'in_channels': 3, 'width': 16, 'head': None}
+        """
+        feeding = ("preprocessing", "meta")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in feeding}
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready ``config.json`` content."""
@@ -204,7 +230,7 @@ def get_config(model: nn.Module) -> ModelConfig:
     if not isinstance(config, ModelConfig):
         raise InputError(
             f"This {type(model).__name__} has no mocohub config; build it with "
-            "mocohub.load(...) or mocohub.models.build_model(...)."
+            "mocohub.load(...) or mocohub.artifact.build_model(...)."
         )
     return config
 
@@ -269,6 +295,74 @@ def read_config(directory: str | os.PathLike[str]) -> ModelConfig:
     return ModelConfig.from_dict(data)
 
 
+class ArtifactMismatchError(InputError):
+    """An artifact folder whose files were written by different exports."""
+
+
+def check_weights_digest(folder: str | os.PathLike[str], recorded: str | None, source: str) -> None:
+    """Refuse ``folder`` when its ``model.safetensors`` is not the one ``source`` records.
+
+    ``recorded`` is the SHA-256 that ``source`` (an ONNX graph or ``verify.json``
+    of the folder) names; None means ``source`` was written by a mocohub older
+    than these hashes: it is loaded with a warning, as it cannot be checked.
+    A folder without ``model.safetensors`` (an ONNX-only export) has nothing to check.
+
+    Raises:
+        ArtifactMismatchError: the weights are not the ones ``source`` was made from.
+
+    Example:
+        >>> check_weights_digest("out/fmnist", "3f5a...", "model.onnx")  # doctest: +SKIP
+        Traceback (most recent call last):
+        ArtifactMismatchError: The files in out/fmnist come from different exports: ...
+    """
+    weights = Path(folder) / WEIGHTS_NAME
+    if not weights.is_file():
+        return
+    if recorded is None:
+        warnings.warn(
+            f"{source} was written by an older mocohub and records no hash of "
+            f"{weights.name}, so mocohub cannot check that the files of {folder} belong "
+            "together; re-run `mocohub export` to record it.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    actual = file_sha256(weights)
+    if actual != recorded:
+        raise ArtifactMismatchError(
+            f"The files in {folder} come from different exports: {source} was made from "
+            f"weights {recorded[:12]} but {weights.name} holds {actual[:12]}; "
+            "re-run `mocohub export` into this folder."
+        )
+
+
+def read_verify_record(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The content of ``folder/verify.json`` (an export's checks), or None when it has none.
+
+    Raises:
+        ArtifactMismatchError: the file is damaged.
+
+    Example:
+        >>> read_verify_record("out/fmnist")["passed"]  # doctest: +SKIP
+        True
+    """
+    record = Path(folder) / VERIFY_NAME
+    if not record.is_file():
+        return None
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactMismatchError(
+            f"{record} is damaged ({e}); re-run `mocohub export` into this folder."
+        ) from e
+    if not isinstance(data, dict):
+        raise ArtifactMismatchError(
+            f"{record} holds a {type(data).__name__}, not an export's checks; re-run "
+            "`mocohub export` into this folder."
+        )
+    return data
+
+
 def load_pretrained(
     directory: str | os.PathLike[str],
     *,
@@ -285,6 +379,13 @@ def load_pretrained(
     from safetensors.torch import load_file
 
     config = read_config(directory)
+    own_weights = Path(directory) / WEIGHTS_NAME
+    if weights_file is None or Path(weights_file).resolve() == own_weights.resolve():
+        record = read_verify_record(directory)  # None: not an export (save_pretrained, Hub)
+        if record is not None:
+            recorded = record.get(WEIGHTS_DIGEST_KEY)
+            source = str(Path(directory) / VERIFY_NAME)
+            check_weights_digest(directory, None if recorded is None else str(recorded), source)
     if head and config.head is None:
         raise MissingHeadError(
             f"{directory} holds no projection head; load it with head=False "

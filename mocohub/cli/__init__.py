@@ -1,9 +1,16 @@
-"""The ``mocohub`` command line.
+"""The ``mocohub`` command line: the command group, and one module per family of commands.
 
-Each command's code is imported only when that command runs, so ``mocohub
---help`` and ``mocohub --version`` answer without importing PyTorch. A
+``mocohub.cli.hub`` (list, info, convert, push), ``mocohub.cli.search`` (index,
+search) and ``mocohub.cli.env`` (env) hold click commands only; what they do
+lives in the library (:mod:`mocohub.loading`, :mod:`mocohub.index`,
+:mod:`mocohub.grid`, :mod:`mocohub.sysinfo`, ...). Each command's code is
+imported only when that command runs, so ``mocohub --help`` and ``mocohub
+--version`` answer without importing PyTorch. A
 :class:`~mocohub.errors.MocohubError` becomes one line on stderr and a non-zero
 exit code, never a traceback.
+
+Example:
+    >>> main(["list", "--json"])  # what `mocohub list --json` runs
 """
 
 from __future__ import annotations
@@ -20,27 +27,27 @@ from mocohub.errors import MocohubError
 # name -> (module:attribute of the click command, one-line help for --help).
 # The help is repeated here so that listing commands imports nothing.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "env": ("mocohub.sysinfo:command", "Show versions, devices and onnxruntime builds."),
+    "env": ("mocohub.cli.env:env_command", "Show versions, devices and onnxruntime builds."),
     "train": ("mocohub.training.cli:train_command", "Pre-train MoCo (one CPU to many GPU nodes)."),
     "knn": ("mocohub.training.eval_cli:knn_command", "k-NN accuracy of a model's features."),
     "lincls": (
         "mocohub.training.eval_cli:lincls_command",
         "Linear evaluation of a model (reference MoCo protocol).",
     ),
-    "list": ("mocohub.hub_cli:list_command", "List the named MoCo weights and their metrics."),
-    "info": ("mocohub.hub_cli:info_command", "Show one named weight set."),
+    "list": ("mocohub.cli.hub:list_command", "List the named MoCo weights and their metrics."),
+    "info": ("mocohub.cli.hub:info_command", "Show one named weight set."),
     "convert": (
-        "mocohub.hub_cli:convert_command",
+        "mocohub.cli.hub:convert_command",
         "Convert a MoCo checkpoint to a mocohub folder, torchvision or detectron2.",
     ),
-    "push": ("mocohub.hub_cli:push_command", "Publish a model folder on the Hugging Face Hub."),
-    "embed": ("mocohub.embed_cli:embed_command", "Embed folders of images into a .npy file."),
+    "push": ("mocohub.cli.hub:push_command", "Publish a model folder on the Hugging Face Hub."),
+    "embed": ("mocohub.cli.embed:embed_command", "Embed folders of images into a .npy file."),
     "embed-merge": (
-        "mocohub.embed_cli:merge_command",
+        "mocohub.cli.embed:merge_command",
         "Merge the outputs of `mocohub embed --shard i/n` runs.",
     ),
-    "index": ("mocohub.search_cli:index_command", "Build a search index from embeddings."),
-    "search": ("mocohub.search_cli:search_command", "Find the images nearest to query images."),
+    "index": ("mocohub.cli.search:index_command", "Build a search index from embeddings."),
+    "search": ("mocohub.cli.search:search_command", "Find the images nearest to query images."),
     "export": (
         "mocohub.export.cli:export_command",
         "Export a model as safetensors and ONNX (fp32/fp16/int8), verified.",

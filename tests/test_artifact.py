@@ -1,4 +1,4 @@
-"""mocohub.models (config.json + model.safetensors) and mocohub.preprocessing."""
+"""mocohub.artifact (config.json + model.safetensors) and mocohub.preprocessing."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mocohub.errors import ConfigError, InputError, MissingHeadError
-from mocohub.models import (
+from mocohub.artifact import (
     HeadConfig,
     ModelConfig,
     build_model,
@@ -20,6 +19,7 @@ from mocohub.models import (
     load_pretrained,
     save_pretrained,
 )
+from mocohub.errors import ConfigError, InputError, MissingHeadError
 from mocohub.preprocessing import Preprocessing
 
 GRAY = Preprocessing(28, 32, (0.3,), (0.35,), channels=1)

@@ -5,10 +5,12 @@ whose ids are the paths in ``feats.manifest.txt`` and remembers the model and
 output of ``feats.meta.json``; ``mocohub search feats.index --query q.jpg``
 embeds the queries with that model (or ``--model``), prints each query's
 neighbours with their cosine scores, and with ``--grid out.png`` draws one
-row per query: the query, then its neighbours with their scores.
+row per query: the query, then its neighbours with their scores
+(:func:`mocohub.grid.draw_grid`).
 
 Example:
-    >>> draw_grid(["q.png"], [["a.png", "b.png"]], np.array([[0.98, 0.91]]), "grid.png")
+    $ mocohub index feats.npy --out feats.index
+    $ mocohub search feats.index --query shoe.jpg --k 5 --grid shoe.png
 """
 
 from __future__ import annotations
@@ -16,19 +18,15 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from mocohub.errors import InputError
+from mocohub.fileio import disk_errors
 
-__all__ = ["draw_grid", "index_command", "search_command"]
-
-_GRID_ROWS = 16  # queries drawn at most; more would make an unreadable picture
+__all__ = ["index_command", "search_command"]
 
 
 @click.command("index")
@@ -48,12 +46,21 @@ def index_command(
 ) -> None:
     """Build a search index from FEATURES (.npy written by `mocohub embed`).
 
+    With FEATURES.meta.json beside it, the array, manifest and errors file must
+    be the ones it records (else: rerun `mocohub embed`); a bare .npy is indexed
+    by row number, or by the lines of FEATURES.manifest.txt.
+
     Example: mocohub index feats.npy --out feats.index
     """
-    from mocohub.embed import output_files
+    from mocohub.embed_outputs import output_files, verified_meta
     from mocohub.index import Index
 
     files = output_files(features)
+    meta: dict[str, Any] = {"features": os.path.abspath(features)}
+    if files["meta"].exists():
+        meta["embeddings"] = {
+            k: v for k, v in verified_meta(features).items() if k not in ("files", "parts")
+        }
     try:
         vectors = np.load(features, mmap_mode="r")
     except (OSError, ValueError) as e:
@@ -61,9 +68,11 @@ def index_command(
     ids: list[Any] | None = None
     if files["manifest"].exists():
         ids = files["manifest"].read_text(encoding="utf-8").splitlines()
-    meta: dict[str, Any] = {"features": os.path.abspath(features)}
-    if files["meta"].exists():
-        meta["embeddings"] = json.loads(files["meta"].read_text())
+        if len(ids) != len(vectors):
+            raise InputError(
+                f"{files['manifest']} names {len(ids)} paths but {features} holds "
+                f"{len(vectors)} rows; they are not one output: rerun mocohub embed."
+            )
     index = Index.build(vectors, ids, kind=kind, nlist=nlist, nprobe=nprobe, meta=meta)
     index.save(out)
     size = f"{len(index)} vectors ({index.dim}-d, {index.kind})"
@@ -131,70 +140,12 @@ def search_command(
         for rank, (i, s) in enumerate(zip(ids, row, strict=True), 1):
             click.echo(f"{rank:4d}  {s:.4f}  {i}")
     if grid:
-        draw_grid(paths, [[str(i) for i in ids] for ids in found], scores, grid)
+        from mocohub.grid import draw_grid
+
+        with disk_errors(grid, option="--grid"):
+            draw_grid(paths, [[str(i) for i in ids] for ids in found], scores, grid)
         click.echo(f"grid -> {grid}", err=True)
 
 
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
-
-
-def _font(size: int) -> Any:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
-
-
-def _thumbnail(path: str, size: int) -> Image.Image:
-    from mocohub.imageio import DecodeError, decode_image
-
-    try:
-        image = decode_image(path, mode="RGB", min_size=size)
-    except DecodeError:
-        image = Image.new("RGB", (size, size), (200, 200, 200))
-        ImageDraw.Draw(image).text((6, size // 2 - 8), "unreadable", fill=(90, 0, 0))
-        return image
-    return ImageOps.pad(image, (size, size), Image.Resampling.BICUBIC, color=(255, 255, 255))
-
-
-def draw_grid(
-    queries: Sequence[str],
-    neighbours: Sequence[Sequence[str]],
-    scores: np.ndarray,
-    out: str | os.PathLike[str],
-    *,
-    thumb: int = 128,
-) -> Path:
-    """A PNG with one row per query: the query (red frame), then its neighbours and scores.
-
-    At most 16 queries are drawn. The file is written atomically.
-
-    Example:
-        >>> draw_grid(["q.png"], [["q.png", "b.png"]], np.array([[1.0, 0.9]]), "grid.png")
-        PosixPath('grid.png')
-    """
-    from mocohub.fileio import atomic_writer
-
-    rows = min(len(queries), _GRID_ROWS)
-    cols = 1 + max((len(n) for n in neighbours[:rows]), default=0)
-    pad, label = 6, 22
-    cell_w, cell_h = thumb + pad, thumb + label + pad
-    canvas = Image.new("RGB", (cols * cell_w + pad, rows * cell_h + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    font = _font(14)
-    for r in range(rows):
-        cells = [(queries[r], "query")]
-        cells += [(n, f"#{j + 1}  {float(scores[r][j]):.3f}") for j, n in enumerate(neighbours[r])]
-        for c, (path, text) in enumerate(cells):
-            x, y = pad + c * cell_w, pad + r * cell_h
-            canvas.paste(_thumbnail(path, thumb), (x, y))
-            if c == 0:
-                draw.rectangle(
-                    (x - 2, y - 2, x + thumb + 1, y + thumb + 1), outline=(200, 0, 0), width=2
-                )
-            draw.text((x + 2, y + thumb + 3), text, fill=(0, 0, 0), font=font)
-    target = Path(out)
-    with atomic_writer(target) as f:
-        canvas.save(f, format="PNG")
-    return target

@@ -8,8 +8,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,10 +27,10 @@ from torch import nn
 
 import mocohub
 from mocohub import cli, registry
+from mocohub.artifact import HeadConfig, ModelConfig
 from mocohub.download import NotAvailableError
 from mocohub.errors import InputError
 from mocohub.hf import save_pretrained
-from mocohub.models import HeadConfig
 from mocohub.registry import Weights, WeightsFile
 
 NAME = "moco_small.pth.tar"
@@ -46,8 +48,9 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> tuple[Path, nn.Module]:
-    """A folder with a small reference-format MoCo v2 checkpoint (ResNet-18, width 8)."""
+def served(tmp_path: Path, cache: Path) -> tuple[Path, nn.Module]:
+    """A folder with a small reference-format MoCo v2 checkpoint (ResNet-18, width 8), to
+    be downloaded into the empty ``cache``."""
     folder = tmp_path / "www"
     folder.mkdir()
     encoder = reference_encoder("resnet18", mlp=True, dim=16, width=8)
@@ -59,17 +62,29 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def register(monkeypatch: pytest.MonkeyPatch, *files: WeightsFile, width: int = 8) -> Weights:
-    weights = Weights(
-        "test_moco_r18",
-        "resnet18",
-        files,
-        head=HeadConfig("mlp", 16),
-        width=width,
-        meta={"epochs": 200, "imagenet_linear_top1": 12.5},
-    )
-    monkeypatch.setitem(registry._TABLE, weights.name, weights)
-    return weights
+def hashed(folder: Path, base: str) -> WeightsFile:
+    """The served checkpoint at server ``base``, with the md5 prefix of its file in ``folder``."""
+    return WeightsFile(f"{base}/{NAME}", f"md5:{md5(folder / NAME)[:8]}")
+
+
+Register = Callable[..., Weights]
+
+
+@pytest.fixture
+def register(registry_rows: Callable[..., Any]) -> Register:
+    """``register(*files, width=8)``: registers ``test_moco_r18`` with those files."""
+
+    def add(*files: WeightsFile, width: int = 8) -> Weights:
+        weights = Weights(
+            "test_moco_r18",
+            ModelConfig("resnet18", width=width, head=HeadConfig("mlp", 16)),
+            files,
+            meta={"epochs": 200, "imagenet_linear_top1": 12.5},
+        )
+        registry_rows(weights)
+        return weights
+
+    return add
 
 
 def features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -98,13 +113,13 @@ def test_url_is_downloaded_once_with_progress(
 
 
 def test_registered_name_is_fetched_verified_and_described(
-    cache: Path, served: tuple[Path, nn.Module], monkeypatch: pytest.MonkeyPatch
+    served: tuple[Path, nn.Module], register: Register
 ) -> None:
     folder, encoder = served
     images = torch.rand(2, 3, 32, 32)
     with serve(folder) as (base, requests):
         url = f"{base}/{NAME}"
-        weights = register(monkeypatch, WeightsFile(url, f"md5:{md5(folder / NAME)[:8]}"))
+        weights = register(hashed(folder, base))
         model = mocohub.load("test_moco_r18", progress=False)
         with_head = mocohub.load(url, head=True, progress=False)  # the URL of a registry file
         assert requests == [f"/{NAME}"]
@@ -118,12 +133,12 @@ def test_registered_name_is_fetched_verified_and_described(
 
 
 def test_hash_mismatch_is_refused_and_nothing_is_cached(
-    cache: Path, served: tuple[Path, nn.Module], monkeypatch: pytest.MonkeyPatch
+    cache: Path, served: tuple[Path, nn.Module], register: Register
 ) -> None:
     folder, _ = served
     with serve(folder) as (base, _requests):
         url = f"{base}/{NAME}"
-        register(monkeypatch, WeightsFile(url, "md5:0123abcd"))
+        register(WeightsFile(url, "md5:0123abcd"))
         for source in ("test_moco_r18", url):
             with pytest.raises(InputError, match="tampered with") as error:
                 mocohub.load(source, progress=False)
@@ -132,11 +147,11 @@ def test_hash_mismatch_is_refused_and_nothing_is_cached(
 
 
 def test_tampered_cached_file_is_refused(
-    cache: Path, served: tuple[Path, nn.Module], monkeypatch: pytest.MonkeyPatch
+    cache: Path, served: tuple[Path, nn.Module], register: Register
 ) -> None:
     folder, _ = served
     with serve(folder) as (base, _requests):
-        register(monkeypatch, WeightsFile(f"{base}/{NAME}", f"md5:{md5(folder / NAME)[:8]}"))
+        register(hashed(folder, base))
         mocohub.load("test_moco_r18", progress=False)
         with open(cache / NAME, "ab") as f:
             f.write(b"\0")
@@ -150,10 +165,11 @@ def test_offline_uses_the_cache_and_says_what_is_missing(
     cache: Path,
     served: tuple[Path, nn.Module],
     monkeypatch: pytest.MonkeyPatch,
+    register: Register,
 ) -> None:
     folder, _ = served
     with serve(folder) as (base, requests):
-        register(monkeypatch, WeightsFile(f"{base}/{NAME}", f"md5:{md5(folder / NAME)[:8]}"))
+        register(hashed(folder, base))
         monkeypatch.setenv(switch, "1")
         with pytest.raises(NotAvailableError) as error:
             mocohub.load("test_moco_r18")
@@ -193,7 +209,7 @@ def test_download_failures_are_clear(
 
 
 def test_registered_name_without_network_fails_at_once_saying_what_to_do(
-    cache: Path, free_port: int, monkeypatch: pytest.MonkeyPatch
+    cache: Path, free_port: int, monkeypatch: pytest.MonkeyPatch, registry_rows: Callable[..., Any]
 ) -> None:
     """moco_v2_r50_800ep with its download URL on a closed port: no retries, one error
     that names the cache file, how to supply it by hand and the offline switches."""
@@ -202,7 +218,7 @@ def test_registered_name_without_network_fails_at_once_saying_what_to_do(
     (file,) = entry.files
     name = file.location.rsplit("/", 1)[-1]
     closed = replace(file, location=f"http://127.0.0.1:{free_port}/{name}")
-    monkeypatch.setitem(registry._TABLE, entry.name, replace(entry, files=(closed,)))
+    registry_rows(replace(entry, files=(closed,)))
     with pytest.raises(NotAvailableError) as error:
         mocohub.load("moco_v2_r50_800ep", progress=False)
     message = str(error.value)
@@ -219,21 +235,21 @@ def test_registered_name_without_network_fails_at_once_saying_what_to_do(
 
 
 def test_safetensors_copy_is_preferred(
-    cache: Path, served: tuple[Path, nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    served: tuple[Path, nn.Module], tmp_path: Path, register: Register
 ) -> None:
     folder, encoder = served
     artifact = save_pretrained(mocohub.load(folder / NAME), tmp_path / "artifact")
     images = torch.rand(2, 3, 32, 32)
     with serve(folder) as (base, requests):
-        url = WeightsFile(f"{base}/{NAME}", f"md5:{md5(folder / NAME)[:8]}")
+        url = hashed(folder, base)
         digest = hashlib.sha256((artifact / "model.safetensors").read_bytes()).hexdigest()
         local = WeightsFile(str(artifact), f"sha256:{digest[:16]}")
-        register(monkeypatch, url, local)  # the pickle is listed first
+        register(url, local)  # the pickle is listed first
         model = mocohub.load("test_moco_r18")
         assert requests == [] and model.mocohub_config.meta["file"] == str(artifact)
         torch.testing.assert_close(features(model, images), backbone_features(encoder, images))
         # Without the safetensors copy, the pickle is the fallback.
-        register(monkeypatch, url, WeightsFile(str(tmp_path / "gone")))
+        register(url, WeightsFile(str(tmp_path / "gone")))
         assert (
             mocohub.load("test_moco_r18", progress=False).mocohub_config.meta["file"]
             == url.location
@@ -242,16 +258,16 @@ def test_safetensors_copy_is_preferred(
 
 
 def test_bare_safetensors_url_is_described_by_its_entry(
-    cache: Path, served: tuple[Path, nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    served: tuple[Path, nn.Module], tmp_path: Path, register: Register
 ) -> None:
     folder, encoder = served
     artifact = save_pretrained(mocohub.load(folder / NAME, head=True), tmp_path / "artifact")
     shutil.copy(artifact / "model.safetensors", folder / "moco_small.safetensors")
     images = torch.rand(2, 3, 32, 32)
     with serve(folder) as (base, requests):
-        pickled = WeightsFile(f"{base}/{NAME}", f"md5:{md5(folder / NAME)[:8]}")
+        pickled = hashed(folder, base)
         bare = WeightsFile(f"{base}/moco_small.safetensors")
-        register(monkeypatch, pickled, bare)
+        register(pickled, bare)
         backbone = mocohub.load("test_moco_r18", progress=False)
         with_head = mocohub.load("test_moco_r18", head=True, progress=False)
         assert requests == ["/moco_small.safetensors"]  # the pickle is never fetched
@@ -261,10 +277,10 @@ def test_bare_safetensors_url_is_described_by_its_entry(
 
 
 def test_a_file_unlike_its_registry_entry_is_refused(
-    cache: Path, served: tuple[Path, nn.Module], monkeypatch: pytest.MonkeyPatch
+    served: tuple[Path, nn.Module], register: Register
 ) -> None:
     folder, _ = served
-    register(monkeypatch, WeightsFile(str(folder / NAME)), width=16)
+    register(WeightsFile(str(folder / NAME)), width=16)
     with pytest.raises(InputError, match="other than the registered test_moco_r18"):
         mocohub.load("test_moco_r18")
 
@@ -299,10 +315,11 @@ def test_cli_shows_cached_copies_and_offline_errors_in_one_line(
     served: tuple[Path, nn.Module],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    register: Register,
 ) -> None:
     folder, _ = served
     with serve(folder) as (base, _requests):
-        register(monkeypatch, WeightsFile(f"{base}/{NAME}", f"md5:{md5(folder / NAME)[:8]}"))
+        register(hashed(folder, base))
         for cached in ("no", "yes"):
             cli.main(["list"])
             lines = capsys.readouterr().out.splitlines()

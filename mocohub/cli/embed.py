@@ -1,42 +1,22 @@
 """``mocohub embed`` and ``mocohub embed-merge``: the command-line face of :mod:`mocohub.embed`.
 
-Backends are looked up by name in :data:`BACKENDS` ("module:attribute" of a
-function that opens an :class:`~mocohub.features.Embedder`), so that
+Backends are opened by name through :mod:`mocohub.backends`, so that
 ``mocohub`` never imports ``mocohub.export`` unless ``--backend onnxruntime``
 asks for it.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-from collections.abc import Callable
 from typing import Any
 
 import click
 
+from mocohub.backends import BACKENDS, open_backend
 from mocohub.errors import ConfigError, InputError, MocohubError
 from mocohub.precision import PRECISIONS
 
-__all__ = ["BACKENDS", "embed_command", "merge_command", "open_backend"]
-
-# name -> "module:function"; the function opens an Embedder for a model path.
-BACKENDS: dict[str, str] = {
-    "torch": "mocohub.features:open_torch_embedder",
-    "onnxruntime": "mocohub.export.onnx_embedder:open_embedder",
-}
-
-
-def open_backend(name: str) -> Callable[..., Any]:
-    """The embedder-opening function of backend ``name``."""
-    module_name, attribute = BACKENDS[name].split(":")
-    try:
-        return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(
-            f"The {name} backend needs {module_name} ({e}); install mocohub with its export "
-            "part and onnxruntime, or use --backend torch."
-        ) from e
+__all__ = ["embed_command", "merge_command"]
 
 
 def _parse_shard(value: str) -> tuple[int, int]:
@@ -104,6 +84,12 @@ def _parse_shard(value: str) -> tuple[int, int]:
 )
 @click.option("--strict", is_flag=True, help="Exit non-zero when any file was skipped.")
 @click.option("--restart", is_flag=True, help="Discard an unfinished run with other settings.")
+@click.option(
+    "--verify-content",
+    is_flag=True,
+    help="Know each file by a SHA-256 of its content, not its size and modification time "
+    "(where times cannot be trusted; reads every file on each run).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def embed_command(
     inputs: tuple[str, ...],
@@ -122,13 +108,18 @@ def embed_command(
     part_size: int,
     strict: bool,
     restart: bool,
+    verify_content: bool,
     quiet: bool,
 ) -> None:
     """Embed images into OUT.npy (+ .manifest.txt, .errors.jsonl, .meta.json).
 
     INPUTS are folders (searched recursively), image files, or .txt files listing
     paths. Unreadable images are skipped and listed in OUT.errors.jsonl. An
-    interrupted run resumes when rerun with the same arguments.
+    interrupted run resumes when rerun with the same arguments. Each file is
+    known by its path, size and modification time (or its content, with
+    --verify-content): a rerun embeds again the files that changed, and only
+    those parts of the work. The files of OUT are published together; `mocohub
+    index` refuses ones that do not belong together.
 
     Example: mocohub embed photos/ --out feats.npy --model runs/fmnist/model
     """
@@ -140,16 +131,18 @@ def embed_command(
         model = os.path.abspath(model)
     output_files(out)  # checks the name before any work
     opener = open_backend(backend)
-    if backend != "torch" and (output != "pooled" or precision != "auto" or device != "auto"):
+    if backend != "torch" and (output != "pooled" or precision != "auto"):
         raise ConfigError(
-            f"--output, --precision and --device apply to the torch backend; the {backend} "
+            f"--output and --precision apply to the torch backend; the {backend} "
             "backend runs the model file as it was exported."
         )
 
     def open_embedder(chosen: str) -> Any:
         if backend == "torch":
             return opener(model, device=device, precision=chosen, output=output)
-        return opener(model)
+        # --device cuda:N: each process of a multi-GPU embed runs on its own GPU;
+        # max_batch: TensorRT's profile covers the batches this run makes
+        return opener(model, device=None if device == "auto" else device, max_batch=batch_size)
 
     settings = EmbedSettings(
         model=model,
@@ -173,6 +166,7 @@ def embed_command(
         dtype=dtype,
         restart=restart,
         progress=not quiet,
+        verify_content=verify_content,
     )
     files = output_files(out)
     skipped = f", skipped {result.skipped} (see {files['errors']})" if result.skipped else ""
@@ -182,8 +176,11 @@ def embed_command(
             "add --restart to embed again."
         )
     else:
+        kept = (
+            f" ({result.kept} unchanged files kept from the earlier output)" if result.kept else ""
+        )
         click.echo(
-            f"embedded {result.rows} images{skipped} in {result.seconds:.1f} s "
+            f"embedded {result.rows} images{skipped}{kept} in {result.seconds:.1f} s "
             f"({result.images_per_s:.1f} images/s, precision {result.precision or 'n/a'}) "
             f"-> {result.out}"
         )

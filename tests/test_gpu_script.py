@@ -1,0 +1,147 @@
+"""``bench/gpu.py``, the one-call GPU check: its ``--dry-run`` runs every part at tiny
+sizes on the CPU and must write real figures, the providers that really ran, and a
+table; and ``bench/export.py`` must never time a row under a provider that did not run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any, ClassVar
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench_export() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_export", ROOT / "bench" / "export.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("gpu")
+    done = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--dry-run", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "gpu.json").read_text())
+    return {"report": report, "markdown": (out / "gpu.md").read_text(), "stdout": done.stdout}
+
+
+def _rows(report: dict[str, Any], part: str) -> dict[str, dict[str, Any]]:
+    return {r["row"]: r for r in report["parts"][part]["rows"]}
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+def test_the_dry_run_runs_every_part_and_measures_each_against_its_baseline(
+    dry_run: dict[str, Any],
+) -> None:
+    report = dry_run["report"]
+    assert report["dry_run"] is True
+    assert list(report["parts"]) == ["tests", "step", "train", "embed", "fmnist"]
+    for name, part in report["parts"].items():
+        assert "error" not in part and "not_run" not in part, (name, part)
+
+    tests = report["parts"]["tests"]
+    assert tests["exit_code"] == 0 and tests["failed"] == 0
+    assert "tests/test_gpu.py" in tests["files"]
+    assert tests["skipped"] >= 2  # no CUDA here: the GPU tests skip, cleanly
+
+    step = _rows(report, "step")
+    ours = next(r for name, r in step.items() if name.startswith("MoCo v2 step, ours ("))
+    assert ours["baseline"] == "supervised step, same settings" and ours["goals"] == {"ratio": 0.72}
+    for r in step.values():
+        assert _real(r["img_per_s"]) and r["ran_on"] == "cpu"
+        if r["baseline"]:
+            assert r["ratio"] == pytest.approx(r["img_per_s"] / r["baseline_img_per_s"])
+            assert r["met"] in (None, r["ratio"] >= 0.72)
+
+    train = report["parts"]["train"]["rows"]
+    assert _real(train[0]["img_per_s"]) and train[0]["baseline_img_per_s"] == ours["img_per_s"]
+    assert any(r["row"].startswith("JPEG decode, torchvision") for r in train)
+
+    fmnist = report["parts"]["fmnist"]
+    assert fmnist["epochs"] == 2 and len(fmnist["knn_top1_per_epoch"]) == 2
+    assert all(0.0 <= v <= 1.0 for v in fmnist["knn_top1_per_epoch"])
+
+
+@pytest.mark.slow
+def test_the_dry_run_records_the_providers_that_really_ran(dry_run: dict[str, Any]) -> None:
+    """The CPU row names the CPU provider; CUDA and TensorRT, which cannot run here
+    (CPU build: not installed; GPU build: no driver, a silent fallback), are reported
+    unavailable with no figure, never timed under their names."""
+    report = dry_run["report"]
+    embed = _rows(report, "embed")
+    torch_row = embed["mocohub embed, torch fp32"]
+    assert _real(torch_row["img_per_s"]) and _real(torch_row["baseline_img_per_s"])
+    cpu = embed["mocohub embed, onnxruntime CPUExecutionProvider fp32"]
+    assert cpu["providers"] == ["CPUExecutionProvider"] and _real(cpu["img_per_s"])
+    assert cpu["ran_on"] == "CPUExecutionProvider"
+    for provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        r = embed[f"mocohub embed, onnxruntime {provider} fp16"]
+        assert r["requested"] == provider and r["img_per_s"] is None and r["ratio"] is None
+        assert r["unavailable"] and r["ran_on"] == "unavailable"
+        assert r["providers"][:1] != [provider]
+    assert report["machine"]["onnxruntime_available_providers"]
+
+    table = dry_run["markdown"].splitlines()
+    assert "| part | row | ran on | img/s | baseline (same run) | ratio | goal | met |" in table
+    lines = {line.split(" | ")[1]: line for line in table if line.startswith("| embed |")}
+    assert "| unavailable | " in lines["mocohub embed, onnxruntime CUDAExecutionProvider fp16"]
+    assert (
+        "| CPUExecutionProvider | " in lines["mocohub embed, onnxruntime CPUExecutionProvider fp32"]
+    )
+    assert sum(line.startswith("| step |") for line in table) == 4
+    assert "`pytest -m gpu`" in dry_run["markdown"] and "fmnist | 2 epochs" in dry_run["markdown"]
+
+
+class _FakeEmbedder:
+    """Stands in for OnnxEmbedder: its session reports ``providers`` as in use."""
+
+    providers: ClassVar[list[str]] = []
+
+    def __init__(self, path: Path, provider: str, **options: Any) -> None:
+        if not self.providers:
+            raise RuntimeError("libonnxruntime_providers_cuda.so: cannot open shared object")
+        self.session = SimpleNamespace(get_providers=lambda: list(self.providers))
+
+
+@pytest.mark.parametrize(
+    ("provider", "in_use", "unavailable"),
+    [
+        ("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"], None),
+        ("tensorrt", ["CUDAExecutionProvider", "CPUExecutionProvider"], "fell back to CUDA"),
+        ("cuda", ["CPUExecutionProvider"], "fell back to CPUExecutionProvider"),
+        ("cuda", [], "RuntimeError: libonnxruntime_providers_cuda.so"),
+    ],
+)
+def test_an_export_row_is_timed_only_under_the_provider_that_ran(
+    monkeypatch: pytest.MonkeyPatch, provider: str, in_use: list[str], unavailable: str | None
+) -> None:
+    bench_export = _bench_export()
+    monkeypatch.setattr(_FakeEmbedder, "providers", in_use)
+    monkeypatch.setattr(bench_export, "OnnxEmbedder", _FakeEmbedder)
+    embedder, record = bench_export.ort_row(Path("model.fp16.onnx"), provider)
+    assert record["requested"] == bench_export.PROVIDER_NAMES[provider]
+    assert record["providers"] == in_use
+    if unavailable is None:
+        assert embedder is not None and "unavailable" not in record
+    else:
+        assert embedder is None and unavailable in record["unavailable"]

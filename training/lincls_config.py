@@ -1,0 +1,186 @@
+"""The settings of a linear evaluation (``mocohub lincls``), its schedule and its saved state.
+
+:class:`LinclsConfig` holds the settings (the reference ``main_lincls.py``
+protocol by default) and :func:`lr_at` their per-epoch learning rate; an
+evaluation writes its results and, after every epoch, a state to resume from
+into its output folder under the names below, and :func:`resumable_state`
+decides whether a saved state may be continued with the given settings.
+:mod:`~mocohub.training.lincls` runs the protocol.
+
+Example:
+    >>> protocol_name(LinclsConfig(preset="small"))
+    'small'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from mocohub.errors import ConfigError, InputError
+
+from .eval_data import autocast_dtype, default_workers
+from .eval_transforms import Recipe
+from .schedule import Schedule, epoch_lr
+
+__all__ = [
+    "EPOCHS_NAME",
+    "HEAD_NAME",
+    "RESULT_NAME",
+    "STATE_NAME",
+    "LinclsConfig",
+    "epoch_line",
+    "lr_at",
+    "protocol_name",
+    "resumable_state",
+]
+
+RESULT_NAME = "lincls.json"
+EPOCHS_NAME = "lincls_epochs.jsonl"
+HEAD_NAME = "linear_head.pt"
+STATE_NAME = "lincls_state.pt"
+# Settings that change no result, so a run may resume with other values.
+_FREE_SETTINGS = ("workers", "eval_every")
+
+
+@dataclass
+class LinclsConfig:
+    """Settings of a linear evaluation; the defaults are the reference protocol.
+
+    ``batch_size`` is global (over all processes); ``lr`` is used as given (the
+    reference does not scale it with the batch size). ``image_size`` overrides
+    the backbone's crop size. ``eval_every``: epochs between validations (the
+    last epoch is always validated).
+
+    Example:
+        >>> LinclsConfig(epochs=10, lr_steps=(6, 8)).validate().lr
+        30.0
+    """
+
+    preset: Recipe = "reference"
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 30.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: Schedule = "steps"
+    lr_steps: tuple[int, ...] = (60, 80)
+    workers: int = dataclasses.field(default_factory=default_workers)
+    seed: int = 0
+    image_size: int | None = None
+    cached_features: bool = False
+    eval_every: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    def validate(self) -> LinclsConfig:
+        """Raise :class:`ConfigError` for settings that cannot work."""
+        if self.preset not in ("reference", "small"):
+            raise ConfigError(f"Unknown preset {self.preset!r}; use reference or small.")
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1:
+            raise ConfigError("--epochs, --batch-size and --eval-every must be positive.")
+        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ConfigError("--lr must be positive, --weight-decay >= 0, momentum in [0, 1).")
+        if self.schedule not in ("steps", "cosine"):
+            raise ConfigError(f"Unknown schedule {self.schedule!r}; use steps or cosine.")
+        if any(step < 1 for step in self.lr_steps) or self.workers < 0:
+            raise ConfigError("--lr-steps must be positive epochs and --workers >= 0.")
+        autocast_dtype(self.precision)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def protocol_name(config: LinclsConfig) -> str:
+    """The protocol a linear evaluation follows, as recorded and printed.
+
+    ``"reference"`` (``main_lincls.py``'s augmentation) or ``"small"``
+    (the small-image recipe), with ``"+cached-features"`` when the classifier
+    trains on features of un-augmented images extracted once.
+
+    Example:
+        >>> protocol_name(LinclsConfig(preset="small", cached_features=True))
+        'small+cached-features'
+    """
+    return config.preset + ("+cached-features" if config.cached_features else "")
+
+
+def lr_at(config: LinclsConfig, epoch: int) -> float:
+    """The reference's learning rate for ``epoch``: x0.1 at each milestone, or cosine.
+
+    Example:
+        >>> [round(lr_at(LinclsConfig(), e), 6) for e in (0, 59, 60, 80)]
+        [30.0, 30.0, 3.0, 0.3]
+    """
+    return epoch_lr(
+        config.lr,
+        epoch,
+        epochs=config.epochs,
+        schedule=config.schedule,
+        milestones=config.lr_steps,
+    )
+
+
+def resumable_state(
+    out_dir: str | os.PathLike[str] | None, described: Any, config: LinclsConfig
+) -> dict[str, Any] | None:
+    """The saved state in ``out_dir`` to continue from, or None to start afresh.
+
+    ``described`` is the model as :func:`~mocohub.training.eval_data.describe_model`
+    records it. A state of another model, or with other settings than
+    ``config`` (bar ``workers`` and ``eval_every``), or one that cannot be read,
+    raises :class:`InputError`: the user chooses another folder or ``--restart``.
+
+    Example:
+        >>> resumable_state("runs/fmnist/lincls", "runs/fmnist", LinclsConfig()) is None
+        True
+    """
+    if out_dir is None or not (Path(out_dir) / STATE_NAME).is_file():
+        return None
+    path = Path(out_dir) / STATE_NAME
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged state file: unpickling raises many types
+        raise InputError(
+            f"{path} cannot be read ({type(e).__name__}); delete it, or pass --restart, "
+            "to start the evaluation afresh."
+        ) from e
+
+    def comparable(settings: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in settings.items() if k not in _FREE_SETTINGS}
+
+    saved, wanted = comparable(state.get("config", {})), comparable(config.to_dict())
+    differs = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    if state.get("model") != described or differs:
+        what = "with other settings (" + ", ".join(differs) + ")"
+        if state.get("model") != described:
+            what = "of another model"
+        raise InputError(
+            f"{out_dir} holds a linear evaluation {what}; "
+            "use another --out, or pass --restart to discard it."
+        )
+    return state
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One epoch's record as the line ``mocohub lincls`` prints.
+
+    Example:
+        >>> epoch_line({"epoch": 1, "lr": 30.0, "loss": 2.3, "train_top1": 0.1,
+        ...             "seconds": 4.0}, 100)
+        'epoch 1/100  lr 30  loss 2.3000  train top-1 10.00%  (4.0 s)'
+    """
+    line = (
+        f"epoch {record['epoch']}/{epochs}  lr {record['lr']:.4g}  loss {record['loss']:.4f}  "
+        f"train top-1 {100 * record['train_top1']:.2f}%"
+    )
+    if "val_top1" in record:
+        line += (
+            f"  val top-1 {100 * record['val_top1']:.2f}%  top-5 {100 * record['val_top5']:.2f}%"
+        )
+    return line + f"  ({record['seconds']:.1f} s)"
