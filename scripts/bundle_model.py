@@ -63,7 +63,7 @@ def portable_command(command: str) -> str:
     (``../...`` or absolute), also as an ``--option=PATH`` value.
 
     Example:
-        >>> portable_command("mocohub train ../shared/data/fashion-mnist --out runs/fm")
+        >>> portable_command("mocohub train /usr/share/datasets/fashion-mnist --out runs/fm")
         'mocohub train fashion-mnist --out runs/fm'
     """
     words = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shlex
 from pathlib import Path
 from types import ModuleType
@@ -11,9 +12,11 @@ from types import ModuleType
 import pytest
 
 from mocohub.registry import WEIGHTS_DIR
+from mocohub.training.data import resolve_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = WEIGHTS_DIR / "moco_r18_fashion_mnist"
+FIXTURE = ROOT / "tests" / "fixtures" / "fashion-mnist"  # 8 sample images as IDX files
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +31,23 @@ def bundle() -> ModuleType:
 def test_fashion_mnist_folders_become_the_name_the_cli_accepts(
     bundle: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    data = tmp_path / "shared" / "data" / "fashion-mnist"  # where the bundling run read it
-    data.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
-        (data / name).write_bytes(b"")
-    (tmp_path / "work").mkdir()
-    monkeypatch.chdir(tmp_path / "work")
+    """A Fashion-MNIST IDX folder outside the checkout (as the bundling run read it) is
+    written as `fashion-mnist`; any other path only this machine has is refused."""
+    data, labels = resolve_dataset(FIXTURE)  # the fixture is real Fashion-MNIST IDX data
+    assert data.images.shape == (8, 1, 28, 28) and labels.kind == "idx"
+    monkeypatch.chdir(tmp_path)
+    upward = os.path.relpath(FIXTURE, tmp_path)  # ../../.../tests/fixtures/fashion-mnist
+    assert upward.startswith("../")
     command = (
-        "OMP_NUM_THREADS=1 python -m mocohub train ../shared/data/fashion-mnist --out runs/fm "
-        "--knn-val=../shared/data/fashion-mnist --knn-train /usr/share/datasets/fashion-mnist"
+        f"OMP_NUM_THREADS=1 python -m mocohub train {upward} --out runs/fm "
+        f"--knn-val={FIXTURE} --knn-train /usr/share/datasets/fashion-mnist"
     )
     assert bundle.portable_command(command) == (
         "OMP_NUM_THREADS=1 python -m mocohub train fashion-mnist --out runs/fm "
         "--knn-val=fashion-mnist --knn-train fashion-mnist"
     )
-    for elsewhere in ("../shared/data", "/home/me/images", "--knn-val=../x"):
+    (tmp_path / "images").mkdir()  # a folder, but not Fashion-MNIST
+    for elsewhere in ("../images", str(tmp_path / "images"), "/home/me/images", "--knn-val=../x"):
         with pytest.raises(SystemExit, match="a path users do not have"):
             bundle.portable_command(f"mocohub train {elsewhere} --out runs/fm")
 
