@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from mocohub.backbones import resnet18
 from mocohub.knn import knn_accuracy
 from mocohub.training import MoCo
-from mocohub.training.augment import batch_small
+from mocohub.training.batch_augment import batch_small
 from mocohub.training.data import resolve_dataset
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "fashion-mnist"

@@ -18,22 +18,23 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter
 
 from mocohub.errors import ConfigError, InputError
+from mocohub.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from mocohub.training.augment import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    BatchAugment,
     PILGaussianBlur,
     TwoCropsTransform,
-    batch_moco_v1,
-    batch_moco_v2,
-    batch_small,
     moco_v1_transform,
     moco_v2_transform,
     small_transform,
+)
+from mocohub.training.batch_augment import (
+    AugmentParams,
+    BatchAugment,
+    batch_moco_v1,
+    batch_moco_v2,
+    batch_small,
+    move_params,
     two_views,
 )
-from mocohub.training.batch_augment import AugmentParams, move_params
-from mocohub.training.batch_augment import BatchAugment as BatchAugmentFromItsModule
 from mocohub.training.recipes import RECIPES, AugmentRecipe, recipe
 
 
@@ -254,7 +255,7 @@ def test_a_changed_table_value_reaches_both_paths(
     assert per_image["scale"] == (0.5, 0.9) and per_image["grayscale_p"] == 0.35
     assert per_image["jitter_p"] == 0.6 and per_image["mean"] == (0.4,)
     assert_same_values(per_image, batched_values(batched_builder(24), steps))
-    views = BatchAugmentFromItsModule.from_recipe(recipe(name), 24)
+    views = BatchAugment.from_recipe(recipe(name), 24)
     assert_same_values(per_image, batched_values(views, steps))
 
 
@@ -267,7 +268,6 @@ def test_recipes_that_contradict_themselves_are_refused() -> None:
         AugmentRecipe(("crop", "grayscale"))
     with pytest.raises(ConfigError, match="Unknown augmentation 'v3'; use one of v1, v2, small"):
         recipe("v3")
-    assert BatchAugmentFromItsModule is BatchAugment  # the old import name still works
 
 
 def test_small_recipe_on_gray_images() -> None:

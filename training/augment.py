@@ -22,36 +22,16 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
-from mocohub.preprocessing import IMAGENET_MEAN, IMAGENET_STD
-
-from .batch_augment import (
-    AugmentParams,
-    BatchAugment,
-    batch_moco_v1,
-    batch_moco_v2,
-    batch_small,
-    two_views,
-)
-from .recipes import RECIPES, AugmentRecipe, check_range, check_stats
+from .recipes import AugmentRecipe, check_range, check_stats
 from .recipes import recipe as named_recipe
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "RECIPES",
-    "AugmentParams",
-    "AugmentRecipe",
-    "BatchAugment",
     "PILGaussianBlur",
     "TwoCropsTransform",
-    "batch_moco_v1",
-    "batch_moco_v2",
-    "batch_small",
     "moco_v1_transform",
     "moco_v2_transform",
     "recipe_transform",
     "small_transform",
-    "two_views",
 ]
 
 

@@ -91,7 +91,7 @@ class BatchRandomResizedCrop:
     """The reference training transform, batched: RandomResizedCrop(size) + flip."""
 
     def __init__(self, prep: Preprocessing, generator: torch.Generator) -> None:
-        from .augment import BatchAugment
+        from .batch_augment import BatchAugment
 
         self.prep = prep
         # torchvision's RandomResizedCrop defaults: scale (0.08, 1), ratio (3/4, 4/3).
