@@ -52,10 +52,17 @@ def _backbone_entry(arch: str) -> Callable[..., Any]:
     return entry
 
 
-moco_r50 = _weights_entry("moco_v2_r50_800ep", "The best MoCo ResNet-50. ")
+moco_r50 = _weights_entry(
+    "moco_v2_r50_800ep",
+    "The default MoCo ResNet-50 (v2; moco_v3_r50 scores higher, but its file hash is not "
+    "pinned yet). ",
+)
 moco_v2_r50 = _weights_entry("moco_v2_r50_800ep")
 moco_v2_r50_200ep = _weights_entry("moco_v2_r50_200ep")
 moco_v1_r50 = _weights_entry("moco_v1_r50_200ep")
+moco_v3_r50 = _weights_entry("moco_v3_r50_1000ep")
+moco_v3_r50_300ep = _weights_entry("moco_v3_r50_300ep")
+moco_v3_r50_100ep = _weights_entry("moco_v3_r50_100ep")
 moco_r18_fashion_mnist = _weights_entry("moco_r18_fashion_mnist")
 resnet18 = _backbone_entry("resnet18")
 resnet34 = _backbone_entry("resnet34")

@@ -30,6 +30,7 @@ METRIC_KEYS = {
 }
 _FORMATS = {
     "reference": "a reference MoCo v1/v2 checkpoint (facebookresearch/moco main_moco.py)",
+    "reference_v3": "a reference MoCo v3 checkpoint (facebookresearch/moco-v3 main_moco.py)",
     "mocohub": "a mocohub training checkpoint",
 }
 _HUB_LICENSES = {"mit", "apache-2.0", "cc-by-4.0", "cc-by-nc-4.0", "bsd-3-clause", "other"}

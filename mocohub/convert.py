@@ -12,9 +12,14 @@ This is the one place that knows the layout of MoCo checkpoints:
   absent), ``state_dict`` with ``module.encoder_q.*``, ``module.encoder_k.*``,
   ``module.queue``, ``module.queue_ptr`` (the ``module.`` prefix may be
   missing) and ``optimizer``; trained with ImageNet's preprocessing (224 px
-  crops of images resized to 256, ImageNet mean/std).
+  crops of images resized to 256, ImageNet mean/std);
+- a **reference MoCo v3 ResNet checkpoint** (facebookresearch/moco-v3
+  ``main_moco.py``): ``state_dict`` with ``module.base_encoder.*``,
+  ``module.momentum_encoder.*`` and ``module.predictor.*``; the backbone is
+  ``base_encoder.*`` minus its projector ``fc.*`` (a BN MLP, not kept), with
+  ImageNet's preprocessing. Its ViT checkpoints are not read yet.
 
-In both, the backbone is the query encoder, ``encoder_q.*`` minus its
+In the v1/v2 formats, the backbone is the query encoder, ``encoder_q.*`` minus its
 projection head ``fc.*``: one Linear in v1 (``fc.weight``), an MLP in v2
 (``fc.0.*``, ``fc.2.*``), which :func:`model_from_checkpoint` keeps on request.
 Files are read with ``torch.load(weights_only=True)``, so reading one never
@@ -76,6 +81,8 @@ __all__ = [
 
 _MOCO_KEYS = ("encoder_q.", "encoder_k.", "queue", "queue_ptr")
 _QUERY_ENCODER = "encoder_q."
+# MoCo v3 (facebookresearch/moco-v3 moco/builder.py): the trained network is base_encoder.
+_V3_BASE_ENCODER = "base_encoder."
 _HEAD = "fc."
 
 
@@ -290,16 +297,39 @@ def _encoder_of(
             raise InputError(f"{file} lacks its model or config entry; it is damaged.")
         return str(run.get("arch", "resnet50")), _query_encoder(state, ""), run, "mocohub"
     state = ckpt.get("state_dict")
+    if isinstance(state, Mapping) and _is_v3_state(state):
+        arch = str(ckpt.get("arch", "resnet50"))
+        if arch.startswith("vit"):
+            raise InputError(
+                f"{file} is a MoCo v3 {arch} checkpoint; mocohub reads MoCo v3 ResNet "
+                "checkpoints, not its ViTs yet."
+            )
+        encoder = {
+            k.removeprefix("module.")[len(_V3_BASE_ENCODER) :]: v
+            for k, v in state.items()
+            if k.removeprefix("module.").startswith(_V3_BASE_ENCODER)
+        }
+        # The v3 projector (fc.0-fc.4, BN MLP) is not a head mocohub builds: dropped.
+        encoder = {k: v for k, v in encoder.items() if not k.startswith(_HEAD)}
+        return arch, encoder, {}, "reference_v3"
     if not isinstance(state, Mapping) or not any(
         isinstance(k, str) and k.removeprefix("module.").startswith(_QUERY_ENCODER) for k in state
     ):
         raise InputError(
             f"{file} is neither a mocohub training checkpoint nor a reference MoCo "
-            "checkpoint (no encoder_q weights); pass a file written by `mocohub train` "
-            "or by the reference main_moco.py."
+            "checkpoint (no encoder_q or base_encoder weights); pass a file written by "
+            "`mocohub train` or by the reference main_moco.py (MoCo v1/v2/v3)."
         )
     arch = str(ckpt.get("arch", "resnet50"))
     return arch, _query_encoder(state, "module."), {}, "reference"
+
+
+def _is_v3_state(state: Mapping[Any, Any]) -> bool:
+    """True for a MoCo v3 model's state (``base_encoder.*`` and ``momentum_encoder.*``)."""
+    keys = [k.removeprefix("module.") for k in state if isinstance(k, str)]
+    return any(k.startswith(_V3_BASE_ENCODER) for k in keys) and any(
+        k.startswith("momentum_encoder.") for k in keys
+    )
 
 
 def _load_into(model: ResNet, state: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -318,12 +348,13 @@ def model_from_checkpoint(path: str | os.PathLike[str], *, head: bool = False) -
     """The pre-trained query encoder of a MoCo checkpoint, config attached, in eval mode.
 
     ``path`` is a mocohub run folder, a mocohub training checkpoint, or a
-    reference MoCo v1/v2 ``.pth.tar``. The model is a
+    reference MoCo v1/v2 (or v3 ResNet) ``.pth.tar``. The model is a
     :class:`~mocohub.backbones.ResNet` on the CPU whose ``fc`` is
     ``nn.Identity()`` (pooled ``feature_dim`` features) or, with
     ``head=True``, the checkpoint's projection head. ``model.mocohub_config``
     holds the preprocessing it was trained with and, in ``meta``, ``format``
-    (``"mocohub"`` or ``"reference"``), ``source`` (the file read) and ``epochs``.
+    (``"mocohub"``, ``"reference"`` or ``"reference_v3"``), ``source`` (the
+    file read) and ``epochs``.
 
     Example:
         >>> model = model_from_checkpoint("runs/fmnist", head=True)

@@ -11,8 +11,12 @@
   verified when the URL is a registry file);
 - a local artifact **folder** (``config.json`` + ``model.safetensors``), a
   ``.safetensors`` file with ``config.json`` beside it, a mocohub training
-  run folder or checkpoint, or a **reference MoCo v1/v2** ``.pth.tar``
-  (with or without the ``module.`` prefix).
+  run folder or checkpoint, or a **reference MoCo v1/v2** (or v3 ResNet)
+  ``.pth.tar`` (with or without the ``module.`` prefix).
+
+A registry weight set under a non-commercial licence (CC-BY-NC: MoCo v1/v2/v3's
+published checkpoints) says so once per process, as a
+:class:`NonCommercialWeightsWarning`, when its weights are loaded.
 
 Pickled checkpoints are read with ``torch.load(weights_only=True)``; where a
 weight set exists as safetensors and as a pickle, safetensors is used. Offline
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,7 +44,31 @@ from mocohub.backbones import ResNet
 from mocohub.errors import InputError
 from mocohub.registry import HF_PREFIX, Weights, WeightsFile, get_weights, list_models
 
-__all__ = ["load"]
+__all__ = ["NonCommercialWeightsWarning", "load"]
+
+
+class NonCommercialWeightsWarning(UserWarning):
+    """Loaded weights whose licence forbids commercial use (CC-BY-NC), said once per weight set.
+
+    Silence it with ``warnings.simplefilter("ignore", NonCommercialWeightsWarning)``.
+    """
+
+
+_LICENCES_SAID: set[str] = set()
+
+
+def _say_licence(weights: Weights) -> None:
+    """Warn once per process that ``weights`` are for non-commercial use only, if they are."""
+    licence = str(weights.meta.get("license", "")).lower()
+    if "-nc" not in licence or weights.name in _LICENCES_SAID:
+        return
+    _LICENCES_SAID.add(weights.name)
+    warnings.warn(
+        f"{weights.name} is licensed {licence.upper()}: non-commercial use only "
+        f"(see `mocohub info {weights.name}`).",
+        NonCommercialWeightsWarning,
+        stacklevel=4,  # the caller of mocohub.load (load -> _load_registered -> here)
+    )
 
 
 def load(
@@ -207,7 +236,9 @@ def _load_registered(
         except NotAvailableError as e:
             missing.append(e)
             continue
-        return _as_registered(_load_path(path, head=head, config=expected), expected, file)
+        model = _as_registered(_load_path(path, head=head, config=expected), expected, file)
+        _say_licence(weights)
+        return model
     if len(missing) == 1:
         raise missing[0]
     raise InputError(

@@ -24,7 +24,7 @@ Example:
     >>> from PIL import Image
     >>> weights.transforms()(Image.new("RGB", (320, 240))).shape
     torch.Size([3, 224, 224])
-    >>> [w.name for w in list_models()]
+    >>> [w.name for w in list_models()][:4]
     ['moco_r18_fashion_mnist', 'moco_v1_r50_200ep', 'moco_v2_r50_200ep', 'moco_v2_r50_800ep']
 """
 
@@ -245,6 +245,39 @@ def _reference(
     )
 
 
+def _reference_v3(name: str, release: str, epochs: int, top1: float) -> Weights:
+    """An entry for one of facebookresearch/moco-v3's published ResNet-50 checkpoints.
+
+    URLs and linear top-1 from the reference's CONFIG.md. The files could not be
+    downloaded where these rows were written, so no hash is pinned yet: loading
+    checks their structure instead (a MoCo v3 ``base_encoder`` that builds this
+    ResNet-50 exactly, every tensor present and of the right shape).
+    """
+    return Weights(
+        name=name,
+        model=ModelConfig("resnet50"),
+        files=(WeightsFile(f"https://dl.fbaipublicfiles.com/moco-v3/{release}/{release}.pth.tar"),),
+        meta={
+            "description": f"MoCo v3 ResNet-50, {epochs} epochs on ImageNet-1k",
+            "paper": "Chen, Xie and He, An Empirical Study of Training Self-Supervised Vision "
+            "Transformers, ICCV 2021 (arXiv:2104.02057)",
+            "source": "https://github.com/facebookresearch/moco-v3",
+            "format": "reference_v3",
+            "epochs": epochs,
+            "dataset": "ImageNet-1k train (labels unused)",
+            "imagenet_linear_top1": top1,
+            "recipe": "MoCo v3: no queue, momentum encoder, BN-MLP projector and predictor, "
+            "symmetrised InfoNCE (T 1.0), LARS, batch 4096",
+            "license": "cc-by-nc-4.0",
+            "license_note": "non-commercial use only: the licence of facebookresearch/moco-v3, "
+            "see https://github.com/facebookresearch/moco-v3/blob/main/LICENSE",
+            "hash_note": "not yet pinned (no network where this row was written); the file's "
+            "structure is checked on load",
+            "num_params": 23_508_032,
+        },
+    )
+
+
 # Shipped inside the package (mocohub/weights/, written by scripts/bundle_model.py from
 # a `mocohub train --preset fashion_mnist` run; its model card holds the command).
 _FASHION_MNIST = Weights(
@@ -278,13 +311,16 @@ _TABLE: dict[str, Weights] = {
         _reference("moco_v1_r50_200ep", "moco_v1_200ep", 1, 200, 60.6, "b251726a"),
         _reference("moco_v2_r50_200ep", "moco_v2_200ep", 2, 200, 67.7, "59fd9945"),
         _reference("moco_v2_r50_800ep", "moco_v2_800ep", 2, 800, 71.1, "a04e12f8"),
+        _reference_v3("moco_v3_r50_100ep", "r-50-100ep", 100, 68.9),
+        _reference_v3("moco_v3_r50_300ep", "r-50-300ep", 300, 72.8),
+        _reference_v3("moco_v3_r50_1000ep", "r-50-1000ep", 1000, 74.6),
         _FASHION_MNIST,
     )
 }
 
 
 def list_models() -> list[Weights]:
-    """Every registered weight set, sorted by name.
+    """Every registered weight set, sorted by name (numbers by value).
 
     Example:
         >>> for w in list_models():
@@ -293,8 +329,16 @@ def list_models() -> list[Weights]:
         moco_v1_r50_200ep 60.6
         moco_v2_r50_200ep 67.7
         moco_v2_r50_800ep 71.1
+        moco_v3_r50_100ep 68.9
+        moco_v3_r50_300ep 72.8
+        moco_v3_r50_1000ep 74.6
     """
-    return [_TABLE[name] for name in sorted(_TABLE)]
+    return [_TABLE[name] for name in sorted(_TABLE, key=_natural)]
+
+
+def _natural(name: str) -> list[Any]:
+    """Sort key that orders numbers by value: ``..._100ep`` before ``..._1000ep``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def get_weights(name: str) -> Weights:

@@ -30,6 +30,9 @@ ENTRIES = {  # entry point: (registry name, ImageNet linear top-1 in its docstri
     "moco_v2_r50": ("moco_v2_r50_800ep", "71.1"),
     "moco_v2_r50_200ep": ("moco_v2_r50_200ep", "67.7"),
     "moco_v1_r50": ("moco_v1_r50_200ep", "60.6"),
+    "moco_v3_r50": ("moco_v3_r50_1000ep", "74.6"),
+    "moco_v3_r50_300ep": ("moco_v3_r50_300ep", "72.8"),
+    "moco_v3_r50_100ep": ("moco_v3_r50_100ep", "68.9"),
 }
 
 FROM_CHECKOUT = """

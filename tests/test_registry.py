@@ -75,7 +75,8 @@ def test_transforms_are_the_entry_preprocessing() -> None:
 
 
 def test_names_and_registration_errors() -> None:
-    names = sorted([*PUBLISHED, FASHION_MNIST])
+    v3 = ["moco_v3_r50_100ep", "moco_v3_r50_300ep", "moco_v3_r50_1000ep"]  # numbers by value
+    names = [*sorted([*PUBLISHED, FASHION_MNIST]), *v3]
     assert [w.name for w in mocohub.list_models()] == names
     with pytest.raises(InputError, match="did you mean moco_v1_r50_200ep"):
         get_weights("moco_v1_r50_200")
@@ -206,11 +207,23 @@ def test_list_and_info_commands(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(["list"], capsys)
     assert code == 0
     lines = out.splitlines()
-    header = ["NAME", "ARCH", "DIM", "EPOCHS", "TOP-1", "K-NN", "PARAMS", "CACHED"]
+    header = ["NAME", "ARCH", "DIM", "EPOCHS", "TOP-1", "K-NN", "PARAMS", "LICENCE", "CACHED"]
     assert lines[0].split() == header
     for name, (_, _, epochs, top1, _) in PUBLISHED.items():
         (row,) = [line.split() for line in lines if line.startswith(name)]
-        assert row[:7] == [name, "resnet50", "2048", str(epochs), str(top1), "-", "23.5M"]
+        assert row[:8] == [
+            name,
+            "resnet50",
+            "2048",
+            str(epochs),
+            str(top1),
+            "-",
+            "23.5M",
+            "cc-by-nc-4.0",
+        ]
+    (row,) = [line.split() for line in lines if line.startswith("moco_v3_r50_1000ep ")]
+    assert row[4:8] == ["74.6", "-", "23.5M", "cc-by-nc-4.0"]
+    assert "non-commercial use only" in out
     (row,) = [line.split() for line in lines if line.startswith(FASHION_MNIST)]
     knn = get_weights(FASHION_MNIST).meta["knn_top1"]
     assert row[2:] == [
@@ -219,6 +232,7 @@ def test_list_and_info_commands(capsys: pytest.CaptureFixture[str]) -> None:
         "-",
         str(knn),
         "0.7M",
+        "mit",
         "yes",
     ]
 

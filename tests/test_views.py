@@ -72,3 +72,13 @@ def test_both_paths_build_the_configs_recipe_and_refuse_unknown_ones() -> None:
         per_sample_transform(config, 3)
     with pytest.raises(ConfigError, match="Unknown augmentation 'v9'"):
         batch_augment(config, 3, torch.Generator())
+
+
+def test_crop_min_sets_the_smallest_crop_scale_on_both_paths() -> None:
+    config = preset("fashion_mnist", crop_min=0.5)
+    assert batch_augment(config, 1, torch.Generator()).scale == (0.5, 1.0)
+    assert per_sample_transform(config, 1).transforms[0].scale == (0.5, 1.0)
+    # Unset: the recipe's own scale, as before the option existed.
+    assert batch_augment(preset("fashion_mnist"), 1, torch.Generator()).scale == (0.2, 1.0)
+    with pytest.raises(ConfigError, match=r"--crop-min must be in \(0, 1\], got 1.5"):
+        preset("fashion_mnist", crop_min=1.5)

@@ -11,106 +11,17 @@ launches nothing.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
-from click.core import ParameterSource
 
-from mocohub.errors import ConfigError, MocohubError
+from mocohub.errors import ConfigError
+from mocohub.launch import elastic_retry, inside_launcher, launch_options, launch_workers
+from mocohub.launch import worker_args as worker_args
 
 __all__ = ["train_command", "worker_args"]
-
-# The options that start the workers; the workers themselves do not get them.
-_LAUNCH_PARAMS = {
-    "nodes",
-    "nproc_per_node",
-    "node_rank",
-    "master_addr",
-    "master_port",
-    "max_restarts",
-}
-
-
-def _inside_launcher() -> bool:
-    """True in a worker started by torchrun or srun (never launch again there)."""
-    return "LOCAL_RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-
-
-def _elastic_retry() -> bool:
-    """True in workers that torchrun started again after a failure (``--max-restarts``)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-
-
-def worker_args(ctx: click.Context) -> list[str]:
-    """The ``mocohub`` arguments that repeat this ``train`` command in each worker.
-
-    Built from the parsed parameters (whatever way the command was called):
-    every option given is written back, the launch options left out.
-
-    Example:
-        >>> ctx = train_command.make_context("train", ["data", "--out", "run", "--nodes", "2"])
-        >>> worker_args(ctx)
-        ['train', 'data', '--out', 'run']
-    """
-    args = ["train"]
-    for param in ctx.command.params:
-        name = param.name
-        if name is None or name in _LAUNCH_PARAMS:
-            continue
-        value = ctx.params.get(name)
-        if value is None or ctx.get_parameter_source(name) in (None, ParameterSource.DEFAULT):
-            continue
-        if isinstance(param, click.Argument):
-            args.append(str(value))
-        elif isinstance(param, click.Option) and param.is_flag:
-            if value:
-                args.append(param.opts[0])
-            elif param.secondary_opts:
-                args.append(param.secondary_opts[0])
-        elif isinstance(param, click.Option):
-            args += [param.opts[0], str(value)]
-    return args
-
-
-def _launch(
-    args: list[str], nodes: int, nproc: int, node_rank: int, addr: str, port: int, max_restarts: int
-) -> None:
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
-
-    if nodes > 1 and node_rank == 0:
-        others = "--node-rank 1" if nodes == 2 else f"--node-rank 1 ... {nodes - 1}"
-        click.echo(
-            f"node 0: waiting for {nodes} nodes at {addr}:{port} "
-            f"(run the same command with {others} on the other machines)",
-            err=True,
-        )
-    try:
-        torchrun(
-            [
-                f"--nnodes={nodes}",
-                f"--nproc-per-node={nproc}",
-                f"--node-rank={node_rank}",
-                f"--master-addr={addr}",
-                f"--master-port={port}",
-                f"--max-restarts={max_restarts}",
-                "-m",
-                "mocohub",
-                *args,
-            ]
-        )
-    except ChildFailedError as failed:
-        # Each worker has printed its own one-line error; exit as the first did.
-        rank, failure = failed.get_first_failure()
-        error = MocohubError(
-            f"Worker rank {rank} exited with code {failure.exitcode} (its message is above); "
-            "the other workers were stopped."
-        )
-        error.exit_code = failure.exitcode if failure.exitcode > 0 else 1
-        raise error from None
 
 
 @click.command("train")
@@ -140,6 +51,11 @@ def _launch(
 @click.option("--symmetric/--no-symmetric", default=None, help="Both views as queries.")
 @click.option("--bn-splits", type=int, help="Split BN sub-batches (one process only).")
 @click.option("--image-size", type=int, help="Crop size of the augmented views.")
+@click.option(
+    "--crop-min",
+    type=float,
+    help="Smallest random-crop scale, a fraction of the image area (recipe default 0.2).",
+)
 @click.option(
     "--augment-on",
     type=click.Choice(["auto", "device", "workers"]),
@@ -192,18 +108,7 @@ def _launch(
     help="Start from these encoder weights (fine-tuning from epoch 0): a reference MoCo "
     "v1/v2 .pth.tar, a mocohub checkpoint or run folder.",
 )
-@click.option("--nodes", type=int, default=1, show_default=True)
-@click.option("--nproc-per-node", type=int, default=1, show_default=True)
-@click.option("--node-rank", type=int, default=0, show_default=True)
-@click.option("--master-addr", default="127.0.0.1", show_default=True)
-@click.option("--master-port", type=int, default=29500, show_default=True)
-@click.option(
-    "--max-restarts",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Elastic restarts of failed workers.",
-)
+@launch_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def train_command(
@@ -230,8 +135,8 @@ def train_command(
     IDX files, a folder with labels.csv, or 'fashion-mnist'."""
     if nodes < 1 or nproc_per_node < 1:
         raise ConfigError("--nodes and --nproc-per-node must be at least 1.")
-    if nodes * nproc_per_node > 1 and not _inside_launcher():
-        _launch(
+    if nodes * nproc_per_node > 1 and not inside_launcher():
+        launch_workers(
             worker_args(ctx),
             nodes,
             nproc_per_node,
@@ -248,7 +153,7 @@ def train_command(
     from .train import train
 
     config = make_config(preset, compile=compile_, **overrides)
-    if _elastic_retry() and find_latest_checkpoint(run_dir) is not None:
+    if elastic_retry() and find_latest_checkpoint(run_dir) is not None:
         # torchrun restarted the workers (--max-restarts): continue this run where
         # it stopped, neither refusing its folder nor discarding it (--restart) again.
         resume, restart = "auto", False

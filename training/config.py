@@ -54,6 +54,7 @@ class TrainConfig:
     bn_splits: int = 1  # > 1: split BN, used only when running in one process
     # data and augmentation
     augmentation: Literal["v1", "v2", "small"] = "v2"
+    crop_min: float | None = None  # smallest crop scale; None: the recipe's (0.2)
     image_size: int = 224
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -116,6 +117,8 @@ class TrainConfig:
             )
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError("--lr must be positive and --weight-decay not negative.")
+        if self.crop_min is not None and not 0.0 < self.crop_min <= 1.0:
+            raise ConfigError(f"--crop-min must be in (0, 1], got {self.crop_min}.")
         if len(self.mean) != len(self.std):
             raise ConfigError("mean and std must have one value per image channel.")
         self.checkpoint_interval()

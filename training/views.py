@@ -21,6 +21,7 @@ step therefore sees exactly the batches and views it would have seen.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -36,7 +37,7 @@ from mocohub.sysinfo import usable_cpus
 from .config import TrainConfig
 from .data import TensorImageDataset
 from .distributed import DistributedEnv
-from .recipes import recipe
+from .recipes import AugmentRecipe, recipe
 
 __all__ = [
     "ViewPipeline",
@@ -78,13 +79,26 @@ def channel_stats(
     return per_channel(config.mean, channels), per_channel(config.std, channels)
 
 
+def train_recipe(config: TrainConfig) -> AugmentRecipe:
+    """``config.augmentation``'s recipe, with ``config.crop_min`` as the crop's smallest scale.
+
+    Example:
+        >>> train_recipe(TrainConfig(augmentation="small", crop_min=0.5)).scale
+        (0.5, 1.0)
+    """
+    named = recipe(config.augmentation)
+    if config.crop_min is None:
+        return named
+    return dataclasses.replace(named, scale=(config.crop_min, 1.0))
+
+
 def batch_augment(config: TrainConfig, channels: int, generator: torch.Generator) -> Any:
     """The batched (on-device) augmentation of ``config.augmentation``'s recipe."""
     from .batch_augment import BatchAugment
 
     mean, std = channel_stats(config, channels)
     return BatchAugment.from_recipe(
-        recipe(config.augmentation), config.image_size, mean, std, generator=generator
+        train_recipe(config), config.image_size, mean, std, generator=generator
     )
 
 
@@ -93,7 +107,7 @@ def per_sample_transform(config: TrainConfig, channels: int) -> Any:
     from .augment import recipe_transform
 
     mean, std = channel_stats(config, channels)
-    return recipe_transform(recipe(config.augmentation), config.image_size, mean, std)
+    return recipe_transform(train_recipe(config), config.image_size, mean, std)
 
 
 class _SeededTwoViews(Dataset[Views | str]):

@@ -75,7 +75,7 @@ def list_command(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    header = ("NAME", "ARCH", "DIM", "EPOCHS", "TOP-1", "K-NN", "PARAMS", "CACHED")
+    header = ("NAME", "ARCH", "DIM", "EPOCHS", "TOP-1", "K-NN", "PARAMS", "LICENCE", "CACHED")
     table = [header] + [
         (
             r["name"],
@@ -85,6 +85,7 @@ def list_command(as_json: bool) -> None:
             str(r["meta"].get("imagenet_linear_top1", "-")),
             str(r["meta"].get("knn_top1", "-")),
             f"{r['meta']['num_params'] / 1e6:.1f}M" if r["meta"].get("num_params") else "-",
+            str(r["meta"].get("license", "-")),
             "yes" if r["cached"] else "no",
         )
         for r in rows
@@ -94,8 +95,8 @@ def list_command(as_json: bool) -> None:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     click.echo(
         "\nTOP-1: published ImageNet linear-classification top-1 (%). K-NN: k-NN top-1 (%) "
-        "on the test split of the data the weights were trained on.\n`mocohub info NAME` "
-        "shows one weight set."
+        "on the test split of the data the weights were trained on. LICENCE: cc-by-nc-* "
+        "weights are for non-commercial use only.\n`mocohub info NAME` shows one weight set."
     )
 
 
