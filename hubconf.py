@@ -1,8 +1,9 @@
 """torch.hub entry points: ``torch.hub.load("org/mocohub", NAME, ...)``.
 
 Thin by design: each entry point only calls :mod:`mocohub`. The MoCo entry
-points return a backbone (a torchvision ResNet whose ``fc`` is ``Identity``)
-with its ``mocohub_config`` attached; ``model.mocohub_config.preprocessing.transform()``
+points return a backbone (a torchvision ResNet whose ``fc`` is ``Identity``, or
+for ``moco_v3_vit_*`` a timm ViT that returns its class token) with its
+``mocohub_config`` attached; ``model.mocohub_config.preprocessing.transform()``
 is the matching evaluation transform. Extra keyword arguments go to
 ``mocohub.load`` (``head=True`` keeps the projection head, ``progress``,
 ``cache_dir``). Each MoCo entry point's docstring is its registry row's
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # torch.hub lists every public callable here as an entry poin
     from typing import Any
 
 # What the entry points import (torch.hub checks that each is installed).
-dependencies = ["torch", "torchvision", "PIL", "tqdm"]
+dependencies = ["torch", "torchvision", "timm", "PIL", "tqdm"]
 
 
 def _weights_entry(name: str, lead: str = "") -> Callable[..., Any]:
@@ -63,6 +64,8 @@ moco_v1_r50 = _weights_entry("moco_v1_r50_200ep")
 moco_v3_r50 = _weights_entry("moco_v3_r50_1000ep")
 moco_v3_r50_300ep = _weights_entry("moco_v3_r50_300ep")
 moco_v3_r50_100ep = _weights_entry("moco_v3_r50_100ep")
+moco_v3_vit_s = _weights_entry("moco_v3_vit_s")
+moco_v3_vit_b = _weights_entry("moco_v3_vit_b")
 moco_r18_fashion_mnist = _weights_entry("moco_r18_fashion_mnist")
 resnet18 = _backbone_entry("resnet18")
 resnet34 = _backbone_entry("resnet34")

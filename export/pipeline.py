@@ -62,7 +62,7 @@ from .model_files import MODEL_FILES
 from .onnx import add_metadata, export_onnx, save_onnx, to_fp16
 from .onnx import with_preprocessing as pixels_graph
 from .publish import prepare_target, publish, reject, staging_folder
-from .quantize import ImageSet, load_image_folder, quantize_int8
+from .quantize import VIT_OP_TYPES, ImageSet, load_image_folder, quantize_int8
 from .verify import VerifyReport, verify_files
 
 __all__ = ["FORMATS", "ExportResult", "export_model", "parse_formats"]
@@ -219,7 +219,8 @@ def _write_files(
         calibration_data = None if calib is None else calib.tensors.numpy()
         result.int8_mode = "dynamic" if calib is None else f"static ({len(calib.names)} images)"
         log(f"quantizing to int8, {result.int8_mode} ...")
-        variants["int8"] = quantize_int8(core, calibration=calibration_data)
+        op_types = VIT_OP_TYPES if config.is_vit else None  # a ViT: its matrix products only
+        variants["int8"] = quantize_int8(core, calibration=calibration_data, op_types=op_types)
     for precision, proto in variants.items():
         suffix = "" if precision == "fp32" else f".{precision}"
         graphs = {f"model{suffix}.onnx": proto}

@@ -23,7 +23,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,14 @@ from mocohub.errors import InputError
 from mocohub.imageio import IMAGE_EXTENSIONS, DecodeError, decode_image, scan_inputs
 from mocohub.preprocessing import Preprocessing
 
-__all__ = ["ImageSet", "load_image_folder", "quantize_int8"]
+__all__ = ["VIT_OP_TYPES", "ImageSet", "load_image_folder", "quantize_int8"]
+
+#: What a ViT's int8 graph quantizes: the patch projection and the matrix products
+#: (attention's and the MLPs'), where nearly all its time goes. LayerNorm, Softmax,
+#: GELU and the residual Adds stay float, as onnxruntime's transformer guidance
+#: advises: quantizing them too (the default) cost parity on a vit_mini (see
+#: tests/test_vit_export.py) and leaves no int8 kernel to gain speed from.
+VIT_OP_TYPES = ("Conv", "MatMul", "Gemm")
 
 
 @dataclass
@@ -131,13 +138,18 @@ class _Batches(CalibrationDataReader):
 
 
 def quantize_int8(
-    proto: onnx.ModelProto, *, calibration: np.ndarray | None = None
+    proto: onnx.ModelProto,
+    *,
+    calibration: np.ndarray | None = None,
+    op_types: Sequence[str] | None = None,
 ) -> onnx.ModelProto:
     """The int8 version of a plain fp32 graph: static QDQ with ``calibration`` inputs, else dynamic.
 
     Args:
         proto: a plain graph (input ``images``), as :func:`export_onnx` returns.
         calibration: float32 (N, C, S, S) preprocessed images; None quantizes dynamically.
+        op_types: the operators to quantize; None: every one onnxruntime can (right for
+            ResNets). For a ViT, :data:`VIT_OP_TYPES` (see there).
 
     Example:
         >>> int8 = quantize_int8(proto, calibration=images.tensors.numpy())
@@ -155,7 +167,11 @@ def quantize_int8(
                 quant_pre_process(str(source), str(prepared))
                 if calibration is None:
                     quantize_dynamic(
-                        str(prepared), str(target), per_channel=True, weight_type=QuantType.QUInt8
+                        str(prepared),
+                        str(target),
+                        per_channel=True,
+                        weight_type=QuantType.QUInt8,
+                        op_types_to_quantize=None if op_types is None else list(op_types),
                     )
                 else:
                     reader = _Batches(input_name, calibration.astype(np.float32, copy=False))
@@ -168,6 +184,7 @@ def quantize_int8(
                         reduce_range=True,
                         activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
+                        op_types_to_quantize=None if op_types is None else list(op_types),
                     )
         finally:
             quantizer_log.setLevel(level)

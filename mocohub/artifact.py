@@ -5,8 +5,14 @@ it: architecture and shape options, the projection head (if kept), the
 :class:`~mocohub.preprocessing.Preprocessing`, and free-form ``meta`` (source,
 paper, epochs, metrics, licence). :func:`build_model` turns it into a
 :class:`~mocohub.backbones.ResNet` whose ``fc`` is ``nn.Identity()`` (pooled
-features) or the projection head, with the config attached as
-``model.mocohub_config``.
+features) or the projection head, or a :class:`~mocohub.vit.ViT` (MoCo v3's
+``vit_*`` architectures) without a head, whose output is its class token; the
+config is attached as ``model.mocohub_config``.
+
+``config.json`` of a ResNet is what it has always been; a ViT's also states
+``image_size`` and ``patch_size`` (a ViT takes one input size only) and leaves
+out the ResNet-only ``small_stem`` and ``width``. A config without those keys
+(written before ViTs) reads as it did.
 
 A published artifact folder holds ``model.safetensors`` (the backbone's state
 dict, plus ``fc.*`` when the head is kept) and ``config.json``
@@ -35,7 +41,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from torch import nn
 
@@ -44,12 +50,20 @@ from mocohub.errors import ConfigError, InputError, MissingHeadError
 from mocohub.preprocessing import Preprocessing
 from mocohub.publish import file_sha256
 
+if TYPE_CHECKING:
+    from mocohub.vit import ViT
+
+#: what :func:`build_model` returns: a ResNet, or a ViT for the ``vit_*`` architectures
+Backbone: TypeAlias = "ResNet | ViT"
+
 __all__ = [
     "CONFIG_NAME",
     "VERIFY_NAME",
+    "VIT_SHAPES",
     "WEIGHTS_DIGEST_KEY",
     "WEIGHTS_NAME",
     "ArtifactMismatchError",
+    "Backbone",
     "HeadConfig",
     "ModelConfig",
     "build_head",
@@ -70,6 +84,16 @@ VERIFY_NAME = "verify.json"
 #: (in each ONNX graph's ``metadata_props`` and in ``verify.json``)
 WEIGHTS_DIGEST_KEY = "weights_sha256"
 MODEL_TYPE = "mocohub"
+
+#: each ViT's (width, default patch size, default image size, default channels), as the
+#: builders of :mod:`mocohub.vit` make them (known here without importing timm; a test
+#: checks that the two agree)
+VIT_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "vit_small": (384, 16, 224, 3),
+    "vit_base": (768, 16, 224, 3),
+    "vit_mini": (192, 4, 28, 1),
+    "vit_nano": (32, 4, 16, 1),
+}
 
 
 @dataclass(frozen=True)
@@ -104,11 +128,22 @@ class ModelConfig:
     """How to build and feed a MoCo backbone; the content of ``config.json``.
 
     Args:
-        arch: ``resnet18``, ``resnet34`` or ``resnet50``.
-        small_stem, in_channels, width: :class:`~mocohub.backbones.ResNet`'s options.
-        head: the projection head the weights include, or None (backbone only).
+        arch: ``resnet18``, ``resnet34``, ``resnet50``, or a ViT: ``vit_small``,
+            ``vit_base`` (MoCo v3's ViT-S/16, ViT-B/16), ``vit_mini``, ``vit_nano``.
+        small_stem, in_channels, width: :class:`~mocohub.backbones.ResNet`'s options
+            (``in_channels`` also a ViT's; ``small_stem`` and ``width`` are ResNet-only).
+        head: the projection head the weights include, or None (backbone only; always
+            None for a ViT, whose MoCo v3 projector mocohub does not keep).
         preprocessing: how images are fed to it.
         meta: free-form facts (name, source, paper, epochs, metrics, licence ...).
+        image_size, patch_size: a ViT's input side and patch side; None (the default)
+            means the preprocessing's crop size and the architecture's patch size.
+            Always None for a ResNet, which takes any size.
+
+    Example:
+        >>> ModelConfig("vit_nano", in_channels=1,
+        ...             preprocessing=Preprocessing(16, 16, (0.5,), (0.5,), channels=1)).patch_size
+        4
     """
 
     arch: str = "resnet50"
@@ -118,11 +153,21 @@ class ModelConfig:
     head: HeadConfig | None = None
     preprocessing: Preprocessing = field(default_factory=Preprocessing.imagenet)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    image_size: int | None = None
+    patch_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
+        if self.arch not in ARCHITECTURES and self.arch not in VIT_SHAPES:
+            known = [*ARCHITECTURES, *VIT_SHAPES]
             raise ConfigError(
-                f"Unknown architecture {self.arch!r}; mocohub builds {', '.join(ARCHITECTURES)}."
+                f"Unknown architecture {self.arch!r}; mocohub builds {', '.join(known)}."
+            )
+        if self.is_vit:
+            self._check_vit()
+        elif self.image_size is not None or self.patch_size is not None:
+            raise ConfigError(
+                f"image_size and patch_size are ViT options; a {self.arch} takes any image "
+                "size, so leave them out (its crop size is the preprocessing's)."
             )
         if self.in_channels != self.preprocessing.channels:
             raise ConfigError(
@@ -130,9 +175,49 @@ class ModelConfig:
                 f"gives {self.preprocessing.channels}."
             )
 
+    def _check_vit(self) -> None:
+        """Fill a ViT's image and patch size (a frozen dataclass: set once, here) and check them."""
+        if self.small_stem or self.width != 64:
+            raise ConfigError(
+                f"small_stem and width are ResNet options; a {self.arch} has neither, so "
+                "leave them at their defaults."
+            )
+        if self.head is not None:
+            raise ConfigError(
+                f"mocohub keeps no projection head on a {self.arch} (MoCo v3's BN-MLP projector "
+                "is dropped on conversion); use head=None."
+            )
+        size = self.preprocessing.image_size if self.image_size is None else self.image_size
+        patch = VIT_SHAPES[self.arch][1] if self.patch_size is None else self.patch_size
+        object.__setattr__(self, "image_size", int(size))
+        object.__setattr__(self, "patch_size", int(patch))
+        if size != self.preprocessing.image_size:
+            raise ConfigError(
+                f"This {self.arch} takes {size} px images but its preprocessing crops "
+                f"{self.preprocessing.image_size} px; a ViT takes one size only, so make them "
+                "equal."
+            )
+        if patch < 1 or size % patch:
+            raise ConfigError(
+                f"The image side {size} is not a positive multiple of the patch size {patch}; "
+                "choose a patch size that tiles the image."
+            )
+
+    @property
+    def is_vit(self) -> bool:
+        """Whether the architecture is a Vision Transformer (``vit_*``).
+
+        Example:
+            >>> ModelConfig("vit_small").is_vit, ModelConfig("resnet50").is_vit
+            (True, False)
+        """
+        return self.arch in VIT_SHAPES
+
     @property
     def feature_dim(self) -> int:
-        """Size of the pooled backbone features (2048 for a standard ResNet-50)."""
+        """Size of the pooled backbone features (2048 for a standard ResNet-50, a ViT's width)."""
+        if self.is_vit:
+            return VIT_SHAPES[self.arch][0]
         return feature_dim(self.arch, self.width)
 
     @property
@@ -144,28 +229,43 @@ class ModelConfig:
         return replace(self, head=None)
 
     def network(self) -> dict[str, Any]:
-        """The fields that decide the network's modules and weights: all but preprocessing and meta.
+        """The fields that decide the network's modules and weights: all but preprocessing and meta
+        (and, of the shape options, those of the architecture's family only).
 
         Two configs whose ``network()`` is equal load each other's state dicts.
 
         Example:
             >>> ModelConfig("resnet18", width=16).network()
             {'arch': 'resnet18', 'small_stem': False, 'in_channels': 3, 'width': 16, 'head': None}
+            >>> ModelConfig("vit_small").network()  # doctest: +NORMALIZE_WHITESPACE
+            {'arch': 'vit_small', 'in_channels': 3, 'head': None, 'image_size': 224,
+             'patch_size': 16}
         """
         feeding = ("preprocessing", "meta")
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in feeding}
+        other = ("small_stem", "width") if self.is_vit else ("image_size", "patch_size")
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in feeding and f.name not in other
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready ``config.json`` content."""
         from mocohub import __version__
 
+        shape: dict[str, Any] = (
+            {"image_size": self.image_size, "patch_size": self.patch_size}
+            if self.is_vit
+            else {"small_stem": self.small_stem}
+        )
+        shape["in_channels"] = self.in_channels
+        if not self.is_vit:
+            shape["width"] = self.width
         return {
             "model_type": MODEL_TYPE,
             "mocohub_version": __version__,
             "arch": self.arch,
-            "small_stem": self.small_stem,
-            "in_channels": self.in_channels,
-            "width": self.width,
+            **shape,
             "feature_dim": self.feature_dim,
             "embedding_dim": self.embedding_dim,
             "head": None if self.head is None else {"type": self.head.type, "dim": self.head.dim},
@@ -183,6 +283,7 @@ class ModelConfig:
             )
         try:
             head = data.get("head")
+            image_size, patch_size = data.get("image_size"), data.get("patch_size")
             config = cls(
                 arch=str(data["arch"]),
                 small_stem=bool(data.get("small_stem", False)),
@@ -191,6 +292,8 @@ class ModelConfig:
                 head=None if head is None else HeadConfig(str(head["type"]), int(head["dim"])),
                 preprocessing=Preprocessing.from_dict(data["preprocessing"]),
                 meta=dict(data.get("meta") or {}),
+                image_size=None if image_size is None else int(image_size),
+                patch_size=None if patch_size is None else int(patch_size),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(
@@ -199,18 +302,41 @@ class ModelConfig:
             ) from e
         stated = data.get("feature_dim")
         if stated is not None and int(stated) != config.feature_dim:
+            shape = "" if config.is_vit else f" at width {config.width}"
             raise InputError(
-                f"config.json says feature_dim {stated} but {config.arch} at width "
-                f"{config.width} has {config.feature_dim}; the file is inconsistent."
+                f"config.json says feature_dim {stated} but {config.arch}{shape} has "
+                f"{config.feature_dim}; the file is inconsistent."
             )
         return config
 
 
-def build_model(config: ModelConfig) -> ResNet:
+def build_model(config: ModelConfig) -> Backbone:
     """A randomly initialised backbone for ``config``, in eval mode, config attached.
 
-    ``fc`` is ``nn.Identity()`` when ``config.head`` is None, else the head.
+    A ResNet's ``fc`` is ``nn.Identity()`` when ``config.head`` is None, else the
+    head. A ViT (imported only here, as it needs timm) has no head
+    (``num_classes=0``): it returns its class token after the final norm; its
+    patch projection is trainable (fine-tuning), its sin-cos position embedding fixed.
+
+    Example:
+        >>> build_model(ModelConfig("vit_small"))(torch.zeros(1, 3, 224, 224)).shape
+        torch.Size([1, 384])
     """
+    if config.is_vit:
+        from mocohub.vit import build_vit
+
+        vit = build_vit(
+            config.arch,
+            num_classes=0,
+            img_size=config.image_size,
+            patch_size=config.patch_size,
+            in_channels=config.in_channels,
+            # trainable, as a loaded ResNet is: the frozen random projection is a
+            # pre-training device (mocohub.training builds its ViTs with it frozen)
+            frozen_patch_embed=False,
+        )
+        vit.mocohub_config = config
+        return vit.eval()
     model = build_backbone(
         config.arch,
         num_classes=1,
@@ -368,7 +494,7 @@ def load_pretrained(
     *,
     head: bool = False,
     weights_file: str | os.PathLike[str] | None = None,
-) -> ResNet:
+) -> Backbone:
     """The model in an artifact folder (``config.json`` + ``model.safetensors``), in eval mode.
 
     ``head=False`` drops a stored projection head (``fc`` becomes Identity);

@@ -164,9 +164,16 @@ def model_card(
         "features = model(transform(image).unsqueeze(0))",
         "```",
         "",
-        "The files: `model.safetensors` (the weights, torchvision ResNet key names), "
-        "`config.json` (architecture, preprocessing, meta). `mocohub convert` turns the "
-        "folder into a torchvision state dict or a detectron2 `.pkl`.",
+        "The files: `model.safetensors` (the weights, "
+        + (
+            "timm VisionTransformer key names), `config.json` (architecture, preprocessing, "
+            "meta). `mocohub convert` turns the folder into a timm state dict or the DeiT "
+            "checkpoint format."
+            if config.is_vit
+            else "torchvision ResNet key names), `config.json` (architecture, preprocessing, "
+            "meta). `mocohub convert` turns the folder into a torchvision state dict or a "
+            "detectron2 `.pkl`."
+        ),
         "",
     ]
     return "\n".join(lines)

@@ -13,11 +13,17 @@ This is the one place that knows the layout of MoCo checkpoints:
   ``module.queue``, ``module.queue_ptr`` (the ``module.`` prefix may be
   missing) and ``optimizer``; trained with ImageNet's preprocessing (224 px
   crops of images resized to 256, ImageNet mean/std);
-- a **reference MoCo v3 ResNet checkpoint** (facebookresearch/moco-v3
-  ``main_moco.py``): ``state_dict`` with ``module.base_encoder.*``,
-  ``module.momentum_encoder.*`` and ``module.predictor.*``; the backbone is
-  ``base_encoder.*`` minus its projector ``fc.*`` (a BN MLP, not kept), with
-  ImageNet's preprocessing. Its ViT checkpoints are not read yet.
+- a **reference MoCo v3 checkpoint** (facebookresearch/moco-v3
+  ``main_moco.py``): ``arch`` (``resnet50``, ``vit_small``, ``vit_base``),
+  ``state_dict`` with ``module.base_encoder.*``, ``module.momentum_encoder.*``
+  and ``module.predictor.*``; the backbone is ``base_encoder.*`` minus its
+  projector (a BN MLP, not kept): ``fc.*`` for a ResNet, ``head.*`` for a ViT
+  (the keys that the reference's ``main_lincls.py`` and ``convert_to_deit.py``
+  drop too). A ViT's keys are timm's, loaded strictly into
+  :class:`~mocohub.vit.ViT` with ``num_classes=0``; its patch size, channels
+  and image size are read from ``patch_embed.proj.weight`` and ``pos_embed``.
+  Both with ImageNet's preprocessing (``main_lincls.py`` validates ViTs and
+  ResNets with the same transform: resize 256, centre crop 224).
 
 In the v1/v2 formats, the backbone is the query encoder, ``encoder_q.*`` minus its
 projection head ``fc.*``: one Linear in v1 (``fc.weight``), an MLP in v2
@@ -49,8 +55,8 @@ from typing import Any
 
 import torch
 
-from mocohub.artifact import HeadConfig, ModelConfig, build_model
-from mocohub.backbones import ARCHITECTURES, ResNet
+from mocohub.artifact import VIT_SHAPES, Backbone, HeadConfig, ModelConfig, build_model
+from mocohub.backbones import ARCHITECTURES
 from mocohub.checkpoint_format import (
     check_format_version,
     find_latest_checkpoint,
@@ -84,6 +90,7 @@ _QUERY_ENCODER = "encoder_q."
 # MoCo v3 (facebookresearch/moco-v3 moco/builder.py): the trained network is base_encoder.
 _V3_BASE_ENCODER = "base_encoder."
 _HEAD = "fc."
+_VIT_HEAD = "head."
 
 
 def find_checkpoint_file(path: str | os.PathLike[str]) -> Path:
@@ -265,12 +272,15 @@ def _per_channel(values: Any, channels: int, what: str, path: Path) -> tuple[flo
 def _config_of(
     arch: str, encoder: Mapping[str, torch.Tensor], run: Mapping[str, Any], path: Path, what: str
 ) -> ModelConfig:
-    """The ModelConfig of an encoder state dict: its shape from ``conv1``, its
-    preprocessing from the run's settings (ImageNet's for reference checkpoints)."""
+    """The ModelConfig of an encoder state dict: its shape from ``conv1`` (a ViT's from
+    its patch projection and position embedding), its preprocessing from the run's
+    settings (ImageNet's for reference checkpoints)."""
+    if arch in VIT_SHAPES:
+        return _vit_config_of(arch, encoder, run, path, what)
     if arch not in ARCHITECTURES:
         raise InputError(
             f"{path} holds a {arch!r} encoder, which mocohub cannot build; "
-            f"it builds {', '.join(ARCHITECTURES)}."
+            f"it builds {', '.join([*ARCHITECTURES, *VIT_SHAPES])}."
         )
     conv1 = encoder.get("conv1.weight")
     if not isinstance(conv1, torch.Tensor) or conv1.ndim != 4:
@@ -286,6 +296,33 @@ def _config_of(
     return ModelConfig(arch, kernel == 3, channels, width, preprocessing=prep)
 
 
+def _vit_config_of(
+    arch: str, encoder: Mapping[str, torch.Tensor], run: Mapping[str, Any], path: Path, what: str
+) -> ModelConfig:
+    """A ViT's ModelConfig: patch size and channels from ``patch_embed.proj.weight``
+    (width x channels x patch x patch), image size from ``pos_embed`` (1 + (S/patch)^2 tokens)."""
+    proj, pos = encoder.get("patch_embed.proj.weight"), encoder.get("pos_embed")
+    if not isinstance(proj, torch.Tensor) or proj.ndim != 4 or not isinstance(pos, torch.Tensor):
+        raise InputError(
+            f"{path} is a {what} of a {arch} but its encoder has no patch_embed.proj.weight "
+            "or pos_embed; it is not a ViT checkpoint, so pass another file."
+        )
+    channels, patch = int(proj.shape[1]), int(proj.shape[2])
+    side = round((pos.shape[1] - 1) ** 0.5)
+    if pos.ndim != 3 or side * side != pos.shape[1] - 1:
+        raise InputError(
+            f"{path}: the position embedding of its {arch} has shape {tuple(pos.shape)}, not "
+            "1 x (1 + n*n) x width for an n x n patch grid; the file is damaged."
+        )
+    size = side * patch
+    mean = _per_channel(run.get("mean", IMAGENET_MEAN), channels, "mean", path)
+    std = _per_channel(run.get("std", IMAGENET_STD), channels, "std", path)
+    prep = Preprocessing(size, eval_resize_size(size), mean, std, channels=channels)
+    return ModelConfig(
+        arch, in_channels=channels, preprocessing=prep, image_size=size, patch_size=patch
+    )
+
+
 def _encoder_of(
     ckpt: Mapping[str, Any], file: Path
 ) -> tuple[str, dict[str, torch.Tensor], Mapping[str, Any], str]:
@@ -295,22 +332,28 @@ def _encoder_of(
         state, run = ckpt.get("model"), ckpt.get("config")
         if not isinstance(state, Mapping) or not isinstance(run, Mapping):
             raise InputError(f"{file} lacks its model or config entry; it is damaged.")
-        return str(run.get("arch", "resnet50")), _query_encoder(state, ""), run, "mocohub"
+        arch = str(run.get("arch", "resnet50"))
+        if _is_v3_state(state):  # a MoCo v3 run: its base encoder, less the projector
+            projector = _V3_BASE_ENCODER + (_VIT_HEAD if arch in VIT_SHAPES else _HEAD)
+            backbone = {
+                k[len(_V3_BASE_ENCODER) :]: v
+                for k, v in state.items()
+                if k.startswith(_V3_BASE_ENCODER) and not k.startswith(projector)
+            }
+            return arch, backbone, run, "mocohub"
+        return arch, _query_encoder(state, ""), run, "mocohub"
     state = ckpt.get("state_dict")
     if isinstance(state, Mapping) and _is_v3_state(state):
         arch = str(ckpt.get("arch", "resnet50"))
-        if arch.startswith("vit"):
-            raise InputError(
-                f"{file} is a MoCo v3 {arch} checkpoint; mocohub reads MoCo v3 ResNet "
-                "checkpoints, not its ViTs yet."
-            )
         encoder = {
             k.removeprefix("module.")[len(_V3_BASE_ENCODER) :]: v
             for k, v in state.items()
             if k.removeprefix("module.").startswith(_V3_BASE_ENCODER)
         }
-        # The v3 projector (fc.0-fc.4, BN MLP) is not a head mocohub builds: dropped.
-        encoder = {k: v for k, v in encoder.items() if not k.startswith(_HEAD)}
+        # The v3 projector (a BN MLP: fc.* on a ResNet, head.* on a ViT, as main_lincls.py
+        # and convert_to_deit.py drop it) is not a head mocohub builds: dropped.
+        projector = _VIT_HEAD if arch in VIT_SHAPES else _HEAD
+        encoder = {k: v for k, v in encoder.items() if not k.startswith(projector)}
         return arch, encoder, {}, "reference_v3"
     if not isinstance(state, Mapping) or not any(
         isinstance(k, str) and k.removeprefix("module.").startswith(_QUERY_ENCODER) for k in state
@@ -332,7 +375,7 @@ def _is_v3_state(state: Mapping[Any, Any]) -> bool:
     )
 
 
-def _load_into(model: ResNet, state: Mapping[str, torch.Tensor], path: Path) -> None:
+def _load_into(model: Backbone, state: Mapping[str, torch.Tensor], path: Path) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -344,14 +387,15 @@ def _load_into(model: ResNet, state: Mapping[str, torch.Tensor], path: Path) -> 
         ) from e
 
 
-def model_from_checkpoint(path: str | os.PathLike[str], *, head: bool = False) -> ResNet:
+def model_from_checkpoint(path: str | os.PathLike[str], *, head: bool = False) -> Backbone:
     """The pre-trained query encoder of a MoCo checkpoint, config attached, in eval mode.
 
     ``path`` is a mocohub run folder, a mocohub training checkpoint, or a
-    reference MoCo v1/v2 (or v3 ResNet) ``.pth.tar``. The model is a
+    reference MoCo v1/v2 (or v3: ResNet or ViT) ``.pth.tar``. The model is a
     :class:`~mocohub.backbones.ResNet` on the CPU whose ``fc`` is
     ``nn.Identity()`` (pooled ``feature_dim`` features) or, with
-    ``head=True``, the checkpoint's projection head. ``model.mocohub_config``
+    ``head=True``, the checkpoint's projection head; or, for a v3 ViT, a
+    :class:`~mocohub.vit.ViT` without head (its class token). ``model.mocohub_config``
     holds the preprocessing it was trained with and, in ``meta``, ``format``
     (``"mocohub"``, ``"reference"`` or ``"reference_v3"``), ``source`` (the
     file read) and ``epochs``.
@@ -371,7 +415,12 @@ def model_from_checkpoint(path: str | os.PathLike[str], *, head: bool = False) -
     arch, encoder, run, source = _encoder_of(ckpt, file)
     what = "mocohub checkpoint" if source == "mocohub" else "reference MoCo checkpoint"
     config = _config_of(arch, encoder, run, file, what)
-    stored_head = head_from_state(encoder)
+    stored_head = None if config.is_vit else head_from_state(encoder)
+    if head and config.is_vit:
+        raise MissingHeadError(
+            f"{file} is a {config.arch}: mocohub keeps no projection head on a ViT (MoCo v3's "
+            "BN-MLP projector is dropped); load it with head=False for its class token."
+        )
     if head and stored_head is None:
         raise MissingHeadError(
             f"{file} holds no projection head (fc.weight or fc.0/fc.2) in its query encoder; "

@@ -62,6 +62,7 @@ from mocohub.embed_parts import (
     save_part,
     shard_work,
 )
+from mocohub.embed_sources import Inputs, names_of
 from mocohub.errors import ConfigError, InputError, MocohubError
 from mocohub.features import Embedder
 from mocohub.fileio import atomic_write_text, disk_errors
@@ -75,6 +76,7 @@ __all__ = [
     "default_workers",
     "embed_files",
     "output_files",
+    "run_record",
     "shard_work",
     "write_outputs",
 ]
@@ -114,7 +116,7 @@ class EmbedResult:
 
 
 def embed_files(
-    paths: Sequence[str],
+    paths: Sequence[str] | Inputs,
     out: str | os.PathLike[str],
     settings: EmbedSettings,
     open_embedder: Callable[[str], Embedder],
@@ -129,6 +131,8 @@ def embed_files(
     """Embed ``paths`` (the full input list) into ``out``; see the module docstring.
 
     Args:
+        paths: image paths, or the :class:`~mocohub.embed_sources.Inputs` of
+            webdataset shards and tables (their keys/ids are the manifest).
         open_embedder: called with a precision (``settings.precision``, or the one
             a resumed run already used) and returns the :class:`Embedder`.
         shard: ``(i, n)``: do the *i*-th of *n* shares of the work.
@@ -141,7 +145,9 @@ def embed_files(
     A full, read-only or unwritable disk is one :class:`InputError`; the
     finished parts are kept and an earlier output is left as it was.
     """
-    if not paths:
+    names = names_of(paths)
+    source = paths if isinstance(paths, Inputs) else None
+    if not len(names):
         raise InputError("No image files were found in the inputs; check the paths.")
     if dtype not in ("float32", "float16"):
         raise ConfigError(f"dtype must be float32 or float16, got {dtype}.")
@@ -149,13 +155,13 @@ def embed_files(
         raise ConfigError("--batch-size and --part-size must be at least 1.")
     files = output_files(out)
     batch = settings.batch_size
-    owned, part_batches, part_files = plan_parts(len(paths), batch, settings.part_size, shard)
-    digest = paths_digest(paths)
+    owned, part_batches, part_files = plan_parts(len(names), batch, settings.part_size, shard)
+    digest = paths_digest(names)
     key = run_key(asdict(settings), settings.model, digest, shard)
     with disk_errors(files["features"]):
         files["features"].parent.mkdir(parents=True, exist_ok=True)
         remove_orphans(files)
-        inputs = inputs_digests(paths, part_files, verify_content=verify_content)
+        inputs = inputs_digests(names, part_files, verify_content=verify_content, source=source)
         earlier = None if restart else complete_output(files, key, dtype)
         if earlier is not None and [p["inputs"] for p in earlier.get("parts", [])] == inputs:
             rows, skipped, used = earlier["rows"], earlier["skipped"], earlier["precision"]
@@ -167,7 +173,8 @@ def embed_files(
         embedded_now = 0
         if pending:
             embedded_now = _run_parts(
-                paths,
+                names,
+                source,
                 owned,
                 files["parts"],
                 [(k, part_batches[k], inputs[k]) for k in pending],
@@ -178,21 +185,9 @@ def embed_files(
                 progress,
             )
         seconds = time.perf_counter() - started
-        found = assemble(files["parts"], paths, len(part_batches))
+        found = assemble(files["parts"], names, len(part_batches))
         precision: str | None = run["precision"] or getattr(embedder, "precision", None)
-        meta = {
-            "model": settings.model,
-            "backend": settings.backend,
-            "output": settings.output,
-            "normalized": settings.normalize,
-            "precision": precision,
-            "batch_size": batch,
-            "inputs": len(paths),
-            "inputs_sha256": digest,
-            "shard": list(shard),
-            "key": key,
-            "parts": found["parts"],
-        }
+        meta = run_record(settings, len(names), digest, shard, key, precision, found["parts"])
         arrays, rows, errors = found["arrays"], found["rows"], found["errors"]
         written = write_outputs(files, arrays, rows, errors, embedder.dim, dtype, meta)
         shutil.rmtree(files["parts"], ignore_errors=True)
@@ -202,8 +197,39 @@ def embed_files(
     return EmbedResult(*result, kept=kept)
 
 
+def run_record(
+    settings: EmbedSettings,
+    inputs: int,
+    digest: str,
+    shard: tuple[int, int],
+    key: str,
+    precision: str | None,
+    parts: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """What the record (``OUT.meta.json``) of a run says besides the counts and file digests.
+
+    Example:
+        >>> run_record(settings, 2000, paths_digest(paths), (0, 1), key, "fp32", parts)["shard"]
+        [0, 1]
+    """
+    return {
+        "model": settings.model,
+        "backend": settings.backend,
+        "output": settings.output,
+        "normalized": settings.normalize,
+        "precision": precision,
+        "batch_size": settings.batch_size,
+        "inputs": inputs,
+        "inputs_sha256": digest,
+        "shard": list(shard),
+        "key": key,
+        "parts": parts,
+    }
+
+
 def _run_parts(
     paths: Sequence[str],
+    source: Inputs | None,
     owned: range,
     folder: Path,
     pending: list[tuple[int, range, str]],  # (part, its batches, its inputs digest)
@@ -219,7 +245,9 @@ def _run_parts(
     sampler = [
         list(range(j * b, min((j + 1) * b, len(paths)))) for _, group, _ in pending for j in group
     ]
-    batches = open_batches(paths, sampler, embedder, settings.device, settings.max_pixels, workers)
+    batches = open_batches(
+        paths, sampler, embedder, settings.device, settings.max_pixels, workers, source
+    )
     todo = sum(i in owned for indices in sampler for i in indices)  # this shard's images
     bar = tqdm(total=todo, unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     normalize = settings.normalize

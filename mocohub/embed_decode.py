@@ -83,8 +83,10 @@ class DecodedFiles(Dataset):
         max_pixels: int | None,
         threads: int = 1,
         normalise: bool = True,
+        source: Any = None,
     ) -> None:
         self.paths, self.prep, self.max_pixels = paths, prep, max_pixels
+        self.source = source  # an embed_sources.Inputs: tar members, table rows
         self.crop = CropToTensor(prep)
         self.normalise = Normalise(prep) if normalise else None
         self.threads = threads
@@ -119,7 +121,7 @@ class DecodedFiles(Dataset):
             return i, None, "the path holds a line break, which the manifest cannot; rename it"
         try:
             image = decode_image(
-                path,
+                path if self.source is None else self.source.open(i),
                 mode=self.crop.mode,
                 min_size=self.prep.resize_size,
                 max_pixels=self.max_pixels,
@@ -276,12 +278,15 @@ def open_batches(
     device: str,
     max_pixels: int | None,
     workers: int,
+    source: Any = None,
 ) -> Batches:
     """Batches of ``paths`` (rows as ``sampler`` groups them) decoded for ``embedder``.
 
     Each record holds ``rows`` (the indices decoded), ``images`` (their
     normalised crops as one batch, or None), ``failed`` ((index, reason) pairs)
-    and ``count``. With ``workers`` 0, batches are decoded on threads of this
+    and ``count`` (``source``: the :class:`~mocohub.embed_sources.Inputs` that
+    ``paths`` name, which opens each item). With ``workers`` 0, batches are
+    decoded on threads of this
     process, each while the model runs the one before. On a GPU, a backend with
     ``takes_uint8`` (the torch backend) gets uint8 crops in pinned memory and
     normalises them on the device.
@@ -291,7 +296,9 @@ def open_batches(
     # bytes to copy (from pinned memory, overlapped), and no float work on the CPU.
     raw = on_gpu and getattr(embedder, "takes_uint8", False)
     threads = decode_threads(workers)
-    dataset = DecodedFiles(paths, embedder.preprocessing, max_pixels, threads, normalise=not raw)
+    dataset = DecodedFiles(
+        paths, embedder.preprocessing, max_pixels, threads, normalise=not raw, source=source
+    )
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -26,7 +26,10 @@ __all__ = ["merge_outputs", "read_meta"]
 
 
 def merge_outputs(
-    parts: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
+    parts: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    run_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Concatenate the outputs of ``--shard 0/n`` ... ``--shard n-1/n`` into ``out``.
 
@@ -34,7 +37,9 @@ def merge_outputs(
     and its files must agree with its record
     (:func:`~mocohub.embed_outputs.verified_meta`); the result equals one
     unsharded run, published as :mod:`mocohub.embed_outputs` describes.
-    Returns the merged record.
+    ``run_meta`` replaces the merged record's settings (what
+    :func:`mocohub.embed.run_record` gives for the one-process run: its key
+    and parts, as :mod:`mocohub.embed_dist` writes). Returns the merged record.
 
     Example:
         >>> merge_outputs(["f0.npy", "f1.npy"], "feats.npy")["rows"]
@@ -86,7 +91,7 @@ def merge_outputs(
         files["features"].parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(files)
     recorded = {k: v for k, v in metas[0].items() if k not in ("files", "parts")}
-    merged = {**recorded, "shard": [0, 1], "key": None}
+    merged = {**recorded, "shard": [0, 1], "key": None} if run_meta is None else run_meta
     arrays = [s["features"] for s in sources]
     dim, dtype = metas[0]["dim"], metas[0]["dtype"]
     return write_outputs(files, arrays, rows, errors, dim, dtype, merged)

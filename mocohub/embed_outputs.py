@@ -31,7 +31,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from mocohub.publish import Publication, check_files
 __all__ = [
     "FORMAT",
     "complete_output",
+    "load_features",
     "output_files",
     "read_meta",
     "remove_orphans",
@@ -54,6 +55,7 @@ __all__ = [
 FORMAT = "mocohub-embeddings"
 DATA = ("features", "manifest", "errors")  # the files the record names
 _ROWS_PER_WRITE = 4096
+_ROWS_PER_GROUP = 65536  # Parquet row groups
 
 
 def output_files(out: str | os.PathLike[str]) -> dict[str, Path]:
@@ -64,8 +66,8 @@ def output_files(out: str | os.PathLike[str]) -> dict[str, Path]:
         PosixPath('feats.manifest.txt')
     """
     out = Path(out)
-    if out.suffix != ".npy":
-        raise ConfigError(f"--out must be a .npy file name, got {out}.")
+    if out.suffix not in (".npy", ".parquet"):
+        raise ConfigError(f"--out must be a .npy (or .parquet) file name, got {out}.")
     stem = out.with_suffix("")
     return {
         "features": out,
@@ -84,6 +86,103 @@ def _npy_header(rows: int, dim: int, dtype: str) -> bytes:
     return header.getvalue()
 
 
+def _blocks(arrays: Sequence[Path], dim: int, dtype: str) -> Iterator[np.ndarray]:
+    """The rows of the arrays in ``arrays``, in blocks of at most ``_ROWS_PER_WRITE``."""
+    for path in arrays:
+        part = load_features(path)
+        if part.ndim != 2 or part.shape[1] != dim:
+            raise InputError(f"{path} holds {part.shape[1:]} features, not ({dim},).")
+        for start in range(0, len(part), _ROWS_PER_WRITE):
+            yield np.ascontiguousarray(part[start : start + _ROWS_PER_WRITE], dtype=dtype)
+
+
+class _ParquetSink:
+    """What pyarrow writes a Parquet file to: the publication's hashing writer."""
+
+    closed = False
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.position = file, 0
+
+    def write(self, data: Any) -> int:
+        count = self.file.write(data)
+        self.position += count
+        return int(count)
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def _write_parquet(
+    file: Any, blocks: Iterator[np.ndarray], rows: Sequence[str], dim: int, dtype: str
+) -> int:
+    pa = _pyarrow()
+    import pyarrow.parquet as pq
+
+    values = pa.from_numpy_dtype(np.dtype(dtype))
+    schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(values, dim))])
+    written = 0
+    pending: list[np.ndarray] = []
+
+    def flush(writer: Any, chunk: np.ndarray) -> None:
+        nonlocal written
+        if written + len(chunk) > len(rows):
+            raise InputError(f"The parts hold more rows than their records name ({len(rows)}).")
+        ids = pa.array(rows[written : written + len(chunk)], pa.string())
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), dim)
+        writer.write_table(pa.Table.from_arrays([ids, embedding], schema=schema))
+        written += len(chunk)
+
+    with pq.ParquetWriter(_ParquetSink(file), schema) as writer:
+        held = 0
+        for block in blocks:
+            pending.append(block)
+            held += len(block)
+            while held >= _ROWS_PER_GROUP:  # fixed row groups: the same bytes however cut
+                joined = np.concatenate(pending)
+                flush(writer, joined[:_ROWS_PER_GROUP])
+                pending, held = [joined[_ROWS_PER_GROUP:]], held - _ROWS_PER_GROUP
+        if held or written == 0:
+            flush(writer, np.concatenate(pending) if pending else np.zeros((0, dim), dtype))
+    return written
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow
+    except ImportError as e:
+        raise ConfigError(
+            "Parquet outputs need the pyarrow library: run `pip install 'mocohub[parquet]'`."
+        ) from e
+    return pyarrow
+
+
+def load_features(path: str | os.PathLike[str]) -> np.ndarray:
+    """The (rows, dim) array of an embed output or part: ``.npy`` (memory-mapped) or ``.parquet``.
+
+    Example:
+        >>> load_features("feats.parquet").shape
+        (1998, 2048)
+    """
+    if Path(path).suffix != ".parquet":
+        return np.load(path, mmap_mode="r")
+    _pyarrow()
+    import pyarrow.parquet as pq
+
+    column = pq.read_table(path, columns=["embedding"]).column("embedding").combine_chunks()
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
 def write_outputs(
     files: dict[str, Path],
     arrays: Sequence[Path],
@@ -94,6 +193,11 @@ def write_outputs(
     meta: dict[str, Any],
 ) -> dict[str, Any]:
     """Publish the rows of the ``.npy`` files ``arrays`` (in order) as one output.
+
+    A ``.parquet`` target (``files`` of ``OUT.parquet``) holds an ``id`` column
+    (``rows``) and an ``embedding`` column (fixed-size lists of ``dtype``), in
+    row groups of a fixed size, so the same rows give the same bytes however
+    the parts cut them; the manifest and errors files are written beside it.
 
     ``rows`` names the path of each row, ``errors`` the skipped files; ``meta``
     goes into the record with the counts and the files' digests. The array is
@@ -106,18 +210,19 @@ def write_outputs(
     manifest = "".join(p + "\n" for p in rows).encode("utf-8", "surrogateescape")
     skipped = "".join(json.dumps({"path": p, "reason": r}) + "\n" for p, r in errors).encode()
     needed = array_bytes + len(manifest) + len(skipped)
+    parquet = files["features"].suffix == ".parquet"
     with disk_errors(files["features"], needed=needed), Publication() as publication:
-        with publication.writer(files["features"], "features", size=array_bytes) as f:
-            f.write(header)
-            written = 0
-            for path in arrays:
-                part = np.load(path, mmap_mode="r")
-                if part.ndim != 2 or part.shape[1] != dim:
-                    raise InputError(f"{path} holds {part.shape[1:]} features, not ({dim},).")
-                for start in range(0, len(part), _ROWS_PER_WRITE):
-                    block = part[start : start + _ROWS_PER_WRITE]
-                    f.write(np.ascontiguousarray(block, dtype=dtype))
-                written += len(part)
+        size = None if parquet else array_bytes
+        with publication.writer(files["features"], "features", size=size) as f:
+            blocks = _blocks(arrays, dim, dtype)
+            if parquet:
+                written = _write_parquet(f, blocks, rows, dim, dtype)
+            else:
+                f.write(header)
+                written = 0
+                for block in blocks:
+                    f.write(block)
+                    written += len(block)
             if written != len(rows):
                 raise InputError(
                     f"The parts hold {written} rows but their records name {len(rows)}."

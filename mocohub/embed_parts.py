@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from mocohub.embed_outputs import load_features
 from mocohub.errors import ConfigError, InputError
 from mocohub.fileio import atomic_write_text, atomic_writer
 from mocohub.publish import file_sha256
@@ -113,9 +114,16 @@ def _fingerprint(path: str, verify_content: bool) -> list[Any]:
 
 
 def inputs_digests(
-    paths: Sequence[str], parts: Sequence[Sequence[int]], *, verify_content: bool = False
+    paths: Sequence[str],
+    parts: Sequence[Sequence[int]],
+    *,
+    verify_content: bool = False,
+    source: Any = None,
 ) -> list[str]:
     """One digest per part of its input files (path + size + mtime, or + content SHA-256).
+
+    ``source``: the :class:`~mocohub.embed_sources.Inputs` that ``paths`` name
+    (webdataset samples, table rows), which fingerprint their items themselves.
 
     Example:
         >>> inputs_digests(["a.png", "b.png"], [[0, 1]])
@@ -125,6 +133,8 @@ def inputs_digests(
     chunks = [needed[i : i + 512] for i in range(0, len(needed), 512)]
 
     def fingerprints(chunk: list[int]) -> list[list[Any]]:
+        if source is not None:
+            return [source.fingerprint(i, verify_content) for i in chunk]
         return [_fingerprint(paths[i], verify_content) for i in chunk]
 
     # stat (and read) calls wait on the disk, more so on network file systems: threads overlap
@@ -245,7 +255,7 @@ def seed_from_output(
     recorded = meta.get("parts")
     if not isinstance(recorded, list) or len(recorded) != len(parts):
         return 0
-    array = np.load(files["features"], mmap_mode="r")
+    array = load_features(files["features"])
     lines = files["errors"].read_text(encoding="utf-8").splitlines()
     reasons = [json.loads(line)["reason"] for line in lines]
     kept = row = error = 0

@@ -91,7 +91,7 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 
 class TorchEmbedder:
-    """The PyTorch backend: a mocohub ResNet on a device, at the fastest accurate precision.
+    """The PyTorch backend: a mocohub ResNet or ViT on a device, at the fastest accurate precision.
 
     Args:
         model: a model from :func:`mocohub.load` / ``mocohub.artifact.build_model``
@@ -99,9 +99,10 @@ class TorchEmbedder:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"`` ...
         precision: ``"auto"`` (see the module docstring), ``"fp32"``, ``"bf16"``
             or ``"fp16"`` (the explicit ones are used as asked, unchecked).
-        output: ``"pooled"`` backbone features, ``"head"`` projection-head output
-            (the model must have been loaded with ``head=True``) or ``"spatial"``
-            (the last stage's feature maps; :meth:`forward` only).
+        output: ``"pooled"`` backbone features (a ViT's class token), ``"head"``
+            projection-head output (the model must have been loaded with ``head=True``;
+            ResNets only) or ``"spatial"`` (the last stage's feature maps, a ViT's
+            patch tokens as a width x h x w map; :meth:`forward` only).
         channels_last: run in channels_last memory format (faster on CPUs and GPUs).
         fuse: fold BatchNorm into the convolutions (on a copy of ``model``).
         min_cosine: the lowest cosine to fp32 that ``"auto"`` accepts on the first batch.
@@ -136,7 +137,14 @@ class TorchEmbedder:
         if check_images < 1:
             raise ConfigError(f"check_images must be at least 1, got {check_images}.")
         config = get_config(model)
-        has_head = not isinstance(getattr(model, "fc", None), nn.Identity)
+        # A ViT (MoCo v3) has no head mocohub keeps; a ResNet has one when fc is not Identity.
+        has_head = not config.is_vit and not isinstance(getattr(model, "fc", None), nn.Identity)
+        if output == "head" and config.is_vit:
+            raise InputError(
+                f"output='head' needs a projection head, and mocohub keeps none on a "
+                f"{config.arch} (MoCo v3's projector is dropped); use output='pooled' (the "
+                "class token) or 'spatial' (the patch tokens)."
+            )
         if output == "head" and not has_head:
             raise InputError(
                 "output='head' needs the projection head; load the model with head=True "
@@ -153,6 +161,9 @@ class TorchEmbedder:
         self.min_cosine = min_cosine
         self.check_images = check_images
         self.channels_last = channels_last
+        self.is_vit = config.is_vit
+        # A ViT has no BatchNorm to fold (fuse_batchnorm would only copy it).
+        fuse = fuse and not self.is_vit
         self.model = (fuse_batchnorm(model) if fuse else model.eval()).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -184,6 +195,9 @@ class TorchEmbedder:
         with torch.inference_mode():
             if dtype is not None:
                 x = x.to(dtype)
+            if self.is_vit:  # pooled: the class token; spatial: the patch tokens as a map
+                pooled, spatial = m.forward_cls_and_patches(x)
+                return (spatial if output == "spatial" else pooled).float()
             x = m.forward_features(x)
             if output != "spatial":
                 x = torch.flatten(m.avgpool(x), 1)

@@ -12,6 +12,16 @@
   script, the projection head is left out (detectron2 never uses it).
 
 Both need a standard torchvision ResNet (7x7 stem, width 64, 3 channels).
+For a ViT (MoCo v3), detectron2 is refused; instead:
+
+- **timm**: the ViT's state dict as it is (:class:`mocohub.vit.ViT` keeps
+  timm's key names), with ``torch.save``; it loads strictly into timm's
+  ``VisionTransformer`` of the same shape built with ``num_classes=0``. A
+  standard ResNet's timm state dict is its torchvision one (timm's ResNets
+  use torchvision's names).
+- **deit**: what the reference moco-v3 ``convert_to_deit.py`` writes,
+  ``{"model": state}`` with ``head.*`` dropped, for DeiT's fine-tuning code
+  (``main.py --finetune``).
 
 Example:
     >>> model = mocohub.load("moco_v2_r50_800ep")
@@ -38,31 +48,83 @@ from mocohub.fileio import atomic_writer
 
 __all__ = [
     "FORMATS",
+    "deit_checkpoint",
     "detectron2_key",
     "detectron2_state",
+    "save_deit",
     "save_detectron2",
+    "save_timm",
     "save_torchvision",
+    "timm_state",
     "torchvision_state",
 ]
 
 #: ``mocohub convert --to`` targets besides the artifact folder, with their file suffix
-FORMATS = {"torchvision": ".pth", "detectron2": ".pkl"}
+FORMATS = {"torchvision": ".pth", "detectron2": ".pkl", "timm": ".pth", "deit": ".pth"}
 _AUTHOR = "mocohub (MoCo)"
+
+
+def _plain_state(model: nn.Module, drop: str) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith(drop)
+    }
 
 
 def _standard_backbone(model: nn.Module, target: str) -> dict[str, torch.Tensor]:
     config = get_config(model)
+    if config.is_vit:
+        others = "timm or deit" if target == "detectron2" else "timm (or deit)"
+        raise InputError(
+            f"{target} has no layout for a Vision Transformer ({config.arch}); convert it "
+            f"--to {others}, or publish it as a mocohub folder."
+        )
     if config.small_stem or config.width != 64 or config.in_channels != 3:
         raise InputError(
             f"{target} has no layout for this {config.arch} (small stem {config.small_stem}, "
             f"width {config.width}, {config.in_channels} channels); only standard ResNets "
             "(7x7 stem, width 64, RGB) convert, so publish it as a mocohub folder instead."
         )
-    return {
-        k: v.detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-        if not k.startswith("fc.")
-    }
+    return _plain_state(model, "fc.")
+
+
+def _vit(model: nn.Module, target: str) -> dict[str, torch.Tensor]:
+    config = get_config(model)
+    if not config.is_vit:
+        raise InputError(
+            f"The {target} checkpoint format holds a Vision Transformer, not a {config.arch}; "
+            "convert a ResNet --to torchvision, timm or detectron2."
+        )
+    return _plain_state(model, "head.")
+
+
+def timm_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's state dict for timm, without a classifier head.
+
+    A ViT's loads strictly into timm's ``VisionTransformer`` of its shape with
+    ``num_classes=0``; a standard ResNet's is its torchvision state dict, which
+    timm's ``resnetNN(num_classes=0)`` loads strictly.
+
+    Example:
+        >>> vit = timm.models.vision_transformer.VisionTransformer(
+        ...     embed_dim=384, num_heads=12, num_classes=0)
+        >>> vit.load_state_dict(timm_state(mocohub.load("moco_v3_vit_s")))
+        <All keys matched successfully>
+    """
+    if get_config(model).is_vit:
+        return _vit(model, "timm")
+    return _standard_backbone(model, "timm")
+
+
+def deit_checkpoint(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """A ViT as moco-v3's ``convert_to_deit.py`` writes it: ``{"model": state}``, no ``head.*``.
+
+    Example:
+        >>> sorted(deit_checkpoint(mocohub.load("moco_v3_vit_b"))["model"])[:2]
+        ['blocks.0.attn.proj.bias', 'blocks.0.attn.proj.weight']
+    """
+    return {"model": _vit(model, "deit")}
 
 
 def torchvision_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -124,7 +186,34 @@ def save_torchvision(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         >>> save_torchvision(mocohub.load("moco_v1_r50_200ep"), "out/")
         PosixPath('out/model.pth')
     """
-    return _write(path, "torchvision", lambda f: torch.save(torchvision_state(model), f))
+    state = torchvision_state(model)  # refused before anything is created
+    return _write(path, "torchvision", lambda f: torch.save(state, f))
+
+
+def save_timm(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write :func:`timm_state` with ``torch.save``, atomically; return the file.
+
+    A folder (or a path without suffix) gets ``model.pth`` inside it.
+
+    Example:
+        >>> save_timm(mocohub.load("moco_v3_vit_s"), "out/vit-s-timm.pth")
+        PosixPath('out/vit-s-timm.pth')
+    """
+    state = timm_state(model)  # refused before anything is created
+    return _write(path, "timm", lambda f: torch.save(state, f))
+
+
+def save_deit(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write :func:`deit_checkpoint` with ``torch.save``, atomically; return the file.
+
+    A folder (or a path without suffix) gets ``model.pth`` inside it.
+
+    Example:
+        >>> save_deit(mocohub.load("moco_v3_vit_b"), "out/vit-b-deit.pth")
+        PosixPath('out/vit-b-deit.pth')
+    """
+    checkpoint = deit_checkpoint(model)  # refused before anything is created
+    return _write(path, "deit", lambda f: torch.save(checkpoint, f))
 
 
 def save_detectron2(model: nn.Module, path: str | os.PathLike[str]) -> Path:
@@ -136,4 +225,5 @@ def save_detectron2(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         >>> save_detectron2(mocohub.load("moco_v2_r50_800ep"), "out/moco_v2_800ep.pkl")
         PosixPath('out/moco_v2_800ep.pkl')
     """
-    return _write(path, "detectron2", lambda f: pickle.dump(detectron2_state(model), f))
+    state = detectron2_state(model)  # refused before anything is created
+    return _write(path, "detectron2", lambda f: pickle.dump(state, f))

@@ -38,7 +38,8 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy of a torchvision-style ResNet with every conv + BN pair folded.
 
     The original model is left as it is. Attributes such as ``mocohub_config``
-    travel with the copy.
+    travel with the copy. A model without conv + BN pairs (a ViT, whose norms are
+    LayerNorms) comes back as an unchanged copy; ``TorchEmbedder`` skips the call.
     """
     fused = copy.deepcopy(model).eval()
     _fold(fused, "conv1", "bn1")  # the stem

@@ -32,6 +32,7 @@ from torch import nn
 from mocohub.artifact import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    Backbone,
     ModelConfig,
     build_model,
     get_config,
@@ -39,7 +40,6 @@ from mocohub.artifact import (
     read_config,
 )
 from mocohub.artifact import save_pretrained as _save_files
-from mocohub.backbones import ResNet
 from mocohub.card import model_card
 from mocohub.download import NotAvailableError, offline
 from mocohub.errors import InputError, MissingHeadError
@@ -243,7 +243,7 @@ def from_pretrained(
     revision: str | None = None,
     head: bool = False,
     pretrained: bool = True,
-) -> ResNet:
+) -> Backbone:
     """The mocohub model in a Hub repo (``"org/name"`` or ``"hf-hub:org/name[@rev]"``).
 
     Args:
@@ -299,8 +299,8 @@ def is_artifact_folder(path: str | os.PathLike[str]) -> bool:
 
 
 def for_publishing(
-    model: ResNet, source: str | os.PathLike[str], name: str | None = None
-) -> ResNet:
+    model: Backbone, source: str | os.PathLike[str], name: str | None = None
+) -> Backbone:
     """``model`` with the meta of a published artifact: no paths of this machine.
 
     A ``source`` path in the meta becomes its file name (a local path means

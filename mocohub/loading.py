@@ -39,8 +39,14 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from mocohub.artifact import CONFIG_NAME, WEIGHTS_NAME, ModelConfig, build_model, load_pretrained
-from mocohub.backbones import ResNet
+from mocohub.artifact import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    Backbone,
+    ModelConfig,
+    build_model,
+    load_pretrained,
+)
 from mocohub.errors import InputError
 from mocohub.registry import HF_PREFIX, Weights, WeightsFile, get_weights, list_models
 
@@ -78,7 +84,7 @@ def load(
     head: bool = False,
     progress: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
-) -> ResNet:
+) -> Backbone:
     """A MoCo backbone from ``source``, on the CPU in eval mode.
 
     Args:
@@ -134,7 +140,7 @@ def _unknown(text: str) -> InputError:
     )
 
 
-def _load_path(path: Path, *, head: bool, config: ModelConfig | None = None) -> ResNet:
+def _load_path(path: Path, *, head: bool, config: ModelConfig | None = None) -> Backbone:
     """The model in a local folder or file (safetensors first, then checkpoints).
 
     ``config`` (a registry entry's) describes a bare ``.safetensors`` file.
@@ -155,7 +161,7 @@ def _load_path(path: Path, *, head: bool, config: ModelConfig | None = None) -> 
     return model_from_checkpoint(path, head=head)
 
 
-def _load_bare_safetensors(path: Path, config: ModelConfig) -> ResNet:
+def _load_bare_safetensors(path: Path, config: ModelConfig) -> Backbone:
     """The weights of a ``.safetensors`` file without config.json, shaped as ``config`` says."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -180,7 +186,7 @@ def _load_bare_safetensors(path: Path, config: ModelConfig) -> ResNet:
 
 def _load_url(
     url: str, head: bool, progress: bool, cache_dir: str | os.PathLike[str] | None
-) -> ResNet:
+) -> Backbone:
     """A URL's checkpoint, verified and described by the registry when it is a registry file."""
     from mocohub.download import fetch_url
 
@@ -224,7 +230,7 @@ def _load_registered(
     progress: bool,
     cache_dir: str | os.PathLike[str] | None,
     only: WeightsFile | None = None,
-) -> ResNet:
+) -> Backbone:
     """Registered weights from the first of their files that is available."""
     from mocohub.download import NotAvailableError
 
@@ -247,7 +253,7 @@ def _load_registered(
     )
 
 
-def _as_registered(model: ResNet, expected: ModelConfig, file: WeightsFile) -> ResNet:
+def _as_registered(model: Backbone, expected: ModelConfig, file: WeightsFile) -> Backbone:
     """``model`` with the registry's config, after checking that the file is what it says."""
     got: ModelConfig = model.mocohub_config
     if got.network() != expected.network():

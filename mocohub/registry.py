@@ -245,20 +245,46 @@ def _reference(
     )
 
 
-def _reference_v3(name: str, release: str, epochs: int, top1: float) -> Weights:
-    """An entry for one of facebookresearch/moco-v3's published ResNet-50 checkpoints.
+#: MoCo v3's released architectures: the registry arch, its name in a description, and
+#: the recipe (the reference's CONFIG.md: LARS for ResNet, AdamW for ViT, batch 4096)
+_V3_MODELS = {
+    "resnet50": (
+        "ResNet-50",
+        "MoCo v3: no queue, momentum encoder, BN-MLP projector and predictor, "
+        "symmetrised InfoNCE (T 1.0), LARS, batch 4096",
+    ),
+    "vit_small": (
+        "ViT-Small/16 (12 heads)",
+        "MoCo v3: no queue, momentum encoder, BN-MLP projector and predictor, "
+        "symmetrised InfoNCE (T 0.2), AdamW, batch 4096, frozen random patch projection",
+    ),
+    "vit_base": (
+        "ViT-Base/16",
+        "MoCo v3: no queue, momentum encoder, BN-MLP projector and predictor, "
+        "symmetrised InfoNCE (T 0.2), AdamW, batch 4096, frozen random patch projection",
+    ),
+}
 
-    URLs and linear top-1 from the reference's CONFIG.md. The files could not be
-    downloaded where these rows were written, so no hash is pinned yet: loading
+
+def _reference_v3(
+    name: str, release: str, epochs: int, top1: float, arch: str = "resnet50"
+) -> Weights:
+    """An entry for one of facebookresearch/moco-v3's published checkpoints (ResNet-50, ViTs).
+
+    URLs and linear top-1 from the reference's README and CONFIG.md. The files could
+    not be downloaded where these rows were written, so no hash is pinned yet: loading
     checks their structure instead (a MoCo v3 ``base_encoder`` that builds this
-    ResNet-50 exactly, every tensor present and of the right shape).
+    architecture exactly, every tensor present and of the right shape). The ViTs are
+    evaluated as the ResNet (the reference ``main_lincls.py`` has one validation
+    transform: resize 256, centre crop 224, ImageNet mean/std).
     """
+    label, recipe = _V3_MODELS[arch]
     return Weights(
         name=name,
-        model=ModelConfig("resnet50"),
+        model=ModelConfig(arch),
         files=(WeightsFile(f"https://dl.fbaipublicfiles.com/moco-v3/{release}/{release}.pth.tar"),),
         meta={
-            "description": f"MoCo v3 ResNet-50, {epochs} epochs on ImageNet-1k",
+            "description": f"MoCo v3 {label}, {epochs} epochs on ImageNet-1k",
             "paper": "Chen, Xie and He, An Empirical Study of Training Self-Supervised Vision "
             "Transformers, ICCV 2021 (arXiv:2104.02057)",
             "source": "https://github.com/facebookresearch/moco-v3",
@@ -266,16 +292,19 @@ def _reference_v3(name: str, release: str, epochs: int, top1: float) -> Weights:
             "epochs": epochs,
             "dataset": "ImageNet-1k train (labels unused)",
             "imagenet_linear_top1": top1,
-            "recipe": "MoCo v3: no queue, momentum encoder, BN-MLP projector and predictor, "
-            "symmetrised InfoNCE (T 1.0), LARS, batch 4096",
+            "recipe": recipe,
             "license": "cc-by-nc-4.0",
             "license_note": "non-commercial use only: the licence of facebookresearch/moco-v3, "
             "see https://github.com/facebookresearch/moco-v3/blob/main/LICENSE",
             "hash_note": "not yet pinned (no network where this row was written); the file's "
             "structure is checked on load",
-            "num_params": 23_508_032,
+            # the backbone without its projector (checked by tests/test_registry.py)
+            "num_params": _V3_PARAMS[arch],
         },
     )
+
+
+_V3_PARAMS = {"resnet50": 23_508_032, "vit_small": 21_665_664, "vit_base": 85_798_656}
 
 
 # Shipped inside the package (mocohub/weights/, written by scripts/bundle_model.py from
@@ -314,6 +343,8 @@ _TABLE: dict[str, Weights] = {
         _reference_v3("moco_v3_r50_100ep", "r-50-100ep", 100, 68.9),
         _reference_v3("moco_v3_r50_300ep", "r-50-300ep", 300, 72.8),
         _reference_v3("moco_v3_r50_1000ep", "r-50-1000ep", 1000, 74.6),
+        _reference_v3("moco_v3_vit_s", "vit-s-300ep", 300, 73.2, "vit_small"),
+        _reference_v3("moco_v3_vit_b", "vit-b-300ep", 300, 76.7, "vit_base"),
         _FASHION_MNIST,
     )
 }
@@ -332,6 +363,8 @@ def list_models() -> list[Weights]:
         moco_v3_r50_100ep 68.9
         moco_v3_r50_300ep 72.8
         moco_v3_r50_1000ep 74.6
+        moco_v3_vit_b 76.7
+        moco_v3_vit_s 73.2
     """
     return [_TABLE[name] for name in sorted(_TABLE, key=_natural)]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "ARCHITECTURE.md"
-PACKAGES = ("mocohub", "mocohub/cli", "training", "export")
+PACKAGES = ("mocohub", "mocohub/cli", "mocohub/detection", "training", "export")
 LONG = 400
 
 

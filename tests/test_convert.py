@@ -167,8 +167,12 @@ def test_unusable_checkpoints_are_clear_input_errors(tmp_path: Path) -> None:
     torch.save({"model": Opaque()}, tmp_path / "object.pt")
     with pytest.raises(InputError, match="Opaque object, which safe"):
         model_from_checkpoint(tmp_path / "object.pt")
+    torch.save(reference_checkpoint(tiny_moco(), arch="vit_huge"), tmp_path / "vit.pth.tar")
+    with pytest.raises(InputError, match="'vit_huge' encoder"):
+        model_from_checkpoint(tmp_path / "vit.pth.tar")
+    # a ViT arch mocohub builds, over a ResNet's weights (tests/test_vit_library.py: real ones)
     torch.save(reference_checkpoint(tiny_moco(), arch="vit_base"), tmp_path / "vit.pth.tar")
-    with pytest.raises(InputError, match="'vit_base' encoder"):
+    with pytest.raises(InputError, match="of a vit_base but its encoder has no patch_embed"):
         model_from_checkpoint(tmp_path / "vit.pth.tar")
 
 

@@ -13,6 +13,8 @@ import pytest
 
 RUNNABLE = [
     "mocohub.backbones",
+    "mocohub.detection.build",
+    "mocohub.detection.norms",
     "mocohub.knn",
     "mocohub.preprocessing",
     "mocohub.registry",
@@ -20,6 +22,7 @@ RUNNABLE = [
     "mocohub.training.batch_augment",
     "mocohub.training.batch_ops",
     "mocohub.training.datasets",
+    "mocohub.training.det_config",
     "mocohub.training.lincls_config",
     "mocohub.training.recipes",
     "mocohub.training.schedule",

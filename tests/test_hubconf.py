@@ -33,6 +33,8 @@ ENTRIES = {  # entry point: (registry name, ImageNet linear top-1 in its docstri
     "moco_v3_r50": ("moco_v3_r50_1000ep", "74.6"),
     "moco_v3_r50_300ep": ("moco_v3_r50_300ep", "72.8"),
     "moco_v3_r50_100ep": ("moco_v3_r50_100ep", "68.9"),
+    "moco_v3_vit_s": ("moco_v3_vit_s", "73.2"),
+    "moco_v3_vit_b": ("moco_v3_vit_b", "76.7"),
 }
 
 FROM_CHECKOUT = """
@@ -93,7 +95,7 @@ def hubconf() -> ModuleType:
 
 
 def test_entry_points_state_their_weights(hubconf: ModuleType) -> None:
-    assert {"torch", "torchvision"} <= set(hubconf.dependencies)
+    assert {"torch", "torchvision", "timm"} <= set(hubconf.dependencies)
     for dependency in hubconf.dependencies:
         assert importlib.util.find_spec(dependency) is not None, dependency
     for entry, (name, top1) in ENTRIES.items():

@@ -226,3 +226,18 @@ def test_batches_of_different_sizes_are_refused() -> None:
 def test_bad_hyperparameters(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         MoCo(tiny, **kwargs)
+
+
+def test_logits_gradients_are_exact_with_the_in_place_division() -> None:
+    # The logits are divided by T in place on cat's output: neither backward reads the
+    # values it overwrites, which gradcheck confirms against finite differences.
+    model = MoCo(tiny, dim=8, K=16, T=0.2).double()
+    gen = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(4, 8, generator=gen, dtype=torch.float64), dim=1)
+    k = F.normalize(torch.randn(4, 8, generator=gen, dtype=torch.float64), dim=1)
+    q.requires_grad_()
+    k.requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k: model._logits(q, k, model.queue), (q, k))
+    logits = model._logits(q, k, model.queue)
+    expected = torch.cat([(q * k).sum(1, keepdim=True), q @ model.queue], dim=1) / 0.2
+    assert torch.equal(logits, expected)

@@ -1,4 +1,5 @@
-"""The wheel ships mocohub (with mocohub.cli), mocohub.training, mocohub.export, nothing else."""
+"""The wheel ships mocohub (with mocohub.cli, mocohub.detection), mocohub.training,
+mocohub.export, nothing else."""
 
 from __future__ import annotations
 
@@ -35,7 +36,13 @@ def test_wheel_contents(tmp_path: Path) -> None:
     }
     assert top_level == {"mocohub"}
     packages = {str(Path(n).parent) for n in names if n.endswith("__init__.py")}
-    assert packages == {"mocohub", "mocohub/cli", "mocohub/training", "mocohub/export"}
+    assert packages == {
+        "mocohub",
+        "mocohub/cli",
+        "mocohub/detection",
+        "mocohub/training",
+        "mocohub/export",
+    }
     assert "mocohub/py.typed" in names
     cli = {
         "mocohub/cli/embed.py",

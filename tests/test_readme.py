@@ -129,6 +129,11 @@ COMMANDS: dict[str, Line] = {
     "pip install --no-deps mocohub": Line(
         "test_install_commands_name_this_checkout_and_its_extras"
     ),
+    'pip install "mocohub[det]"': Line("test_install_commands_name_this_checkout_and_its_extras"),
+    'pip install "mocohub[wds]"': Line("test_install_commands_name_this_checkout_and_its_extras"),
+    'pip install "mocohub[parquet]"': Line(
+        "test_install_commands_name_this_checkout_and_its_extras"
+    ),
     "mocohub env": Line("test_command_line_basics"),
     "DistributedDataParallel(model)": Line(
         "test_moco_under_distributed_data_parallel",
@@ -171,6 +176,47 @@ COMMANDS: dict[str, Line] = {
         "test_train_resume_auto",
         add=(*TINY_TRAIN[:-4], "--epochs", "2", "--image-size", "32"),
         why="the sizes of the run it continues (which ended after epoch 1), one epoch more",
+    ),
+    "mocohub train fashion-mnist --preset fashion_mnist_v3 --out runs/fm-v3": Line(
+        "tests/test_train_v3.py::test_train_and_lincls_v3_from_the_command_line",
+        why="that test runs this preset on the bundled samples with sizes only (width 8, "
+        "16-d keys, 32-wide MLPs, 16 px crops, one epoch of batches of 32), then lincls",
+    ),
+    # Embedding at scale
+    "mocohub embed photos/ --out feats.npy --model M --nproc-per-node 8": Line(
+        "tests/test_embed_dist.py::test_torchrun_with_two_processes_writes_the_one_process_files",
+        why="2 CPU processes stand for 8 GPUs, on an ImageFolder tree with an undecodable "
+        "file; the merged files equal a one-process run's byte for byte",
+    ),
+    "torchrun --nproc-per-node 8 -m mocohub embed photos/ --out feats.npy --model M": Line(
+        "tests/test_embed_dist.py::test_torchrun_with_two_processes_writes_the_one_process_files",
+        why="--nproc-per-node starts torchrun, whose workers run `python -m mocohub embed` "
+        "exactly as this line's do; srun's variables: test_under_srun_...",
+    ),
+    "mocohub embed 'shards/{000000..000999}.tar' --out feats.parquet --model M": Line(
+        "tests/test_embed_sources.py::test_webdataset_shards_round_trip_their_keys",
+        why="a brace pattern over tiny shards; parquet output: "
+        "test_parquet_output_holds_ids_and_the_npy_rows",
+    ),
+    "mocohub embed items.parquet --id-column id --path-column path --out feats.npy --model M": (
+        Line(
+            "tests/test_embed_sources.py::test_tables_of_ids_and_paths_round_trip_their_ids",
+            why="a Parquet and a CSV table of a few sample images",
+        )
+    ),
+    # Detection
+    "python -m mocohub.detection.synthetic --out fmnist-det": Line(
+        "tests/test_detection_synthetic.py::test_the_same_command_writes_byte_identical_files",
+        why="that test writes a small set twice and compares the bytes",
+    ),
+    "mocohub finetune-det fmnist-det --model moco_r18_fashion_mnist --out runs/det": Line(
+        "tests/test_finetune_det.py::test_finetune_then_eval_det",
+        why="sizes only: 4 iterations of 2 images of 64 px on a tiny COCO folder, a width-8 "
+        "backbone, fp32 pinned; test_two_processes_under_gloo runs --nproc-per-node 2",
+    ),
+    "mocohub eval-det runs/det --data fmnist-det": Line(
+        "tests/test_finetune_det.py::test_finetune_then_eval_det",
+        why="evaluates the run that test fine-tunes",
     ),
     # Evaluation
     "mocohub knn --model runs/fm --train fashion-mnist": Line("test_knn_of_the_run"),
@@ -507,7 +553,7 @@ def test_install_commands_name_this_checkout_and_its_extras() -> None:
     extras = set(dist.metadata.get_all("Provides-Extra") or [])
     requirements = [Requirement(r) for r in dist.requires or []]
     targets = [t for c in COMMANDS for t in _pip_targets(c)]
-    assert len(targets) == 7
+    assert len(targets) == 10
     for target in targets:
         name, _, extra = target[-1].strip(".").partition("[")
         extra = extra.rstrip("]")

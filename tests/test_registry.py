@@ -76,6 +76,7 @@ def test_transforms_are_the_entry_preprocessing() -> None:
 
 def test_names_and_registration_errors() -> None:
     v3 = ["moco_v3_r50_100ep", "moco_v3_r50_300ep", "moco_v3_r50_1000ep"]  # numbers by value
+    v3 += ["moco_v3_vit_b", "moco_v3_vit_s"]
     names = [*sorted([*PUBLISHED, FASHION_MNIST]), *v3]
     assert [w.name for w in mocohub.list_models()] == names
     with pytest.raises(InputError, match="did you mean moco_v1_r50_200ep"):
@@ -223,6 +224,12 @@ def test_list_and_info_commands(capsys: pytest.CaptureFixture[str]) -> None:
         ]
     (row,) = [line.split() for line in lines if line.startswith("moco_v3_r50_1000ep ")]
     assert row[4:8] == ["74.6", "-", "23.5M", "cc-by-nc-4.0"]
+    for name, arch, dim, top1, params in (
+        ("moco_v3_vit_s", "vit_small", "384", "73.2", "21.7M"),
+        ("moco_v3_vit_b", "vit_base", "768", "76.7", "85.8M"),
+    ):
+        (row,) = [line.split() for line in lines if line.startswith(f"{name} ")]
+        assert row[:8] == [name, arch, dim, "300", top1, "-", params, "cc-by-nc-4.0"]
     assert "non-commercial use only" in out
     (row,) = [line.split() for line in lines if line.startswith(FASHION_MNIST)]
     knn = get_weights(FASHION_MNIST).meta["knn_top1"]

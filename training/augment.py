@@ -114,8 +114,10 @@ def recipe_transform(
                 recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue
             )
             transforms.append(_maybe(jitter, recipe.jitter_p))
-        else:  # blur
+        elif step == "blur":
             transforms.append(_maybe(PILGaussianBlur(recipe.blur_sigma), recipe.blur_p))
+        else:  # solarize: the reference's ImageOps.solarize (threshold 128), drawn from torch
+            transforms.append(v2.RandomSolarize(threshold=128, p=recipe.solarize_p))
     mean = recipe.mean if mean is None else mean
     std = recipe.std if std is None else std
     return v2.Compose([*transforms, *_normalised_tensor(mean, std)])

@@ -11,6 +11,7 @@ and ``two_views`` makes the query and key views.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,13 +22,23 @@ from torch import nn
 from mocohub.errors import ConfigError, InputError
 from mocohub.preprocessing import IMAGENET_MEAN, IMAGENET_STD, match_channels
 
-from .batch_ops import grayscale, pil_box_radius, pil_gaussian_blur, resized_crop, shift_hue
+from .batch_ops import (
+    grayscale,
+    pil_box_radius,
+    pil_gaussian_blur,
+    resized_crop,
+    shift_hue,
+    solarize,
+)
 from .recipes import AugmentRecipe, check_probability, check_range, check_stats, factor_range
 from .recipes import recipe as named_recipe
 
 __all__ = [
     "AugmentParams",
     "BatchAugment",
+    "PairAugment",
+    "SolarizeParams",
+    "augment_views",
     "batch_moco_v1",
     "batch_moco_v2",
     "batch_small",
@@ -39,6 +50,7 @@ __all__ = [
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes before a centre crop
 _MAX_SUPERSAMPLE = 4  # antialiasing averages at most 4 x 4 bilinear samples a pixel
 _PACKED_COLUMNS = [4, 1, 4, 1, 1]  # AugmentParams.pack: crops, flip, jitter, grayscale, sigma
+_SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize: pixels >= 128 of 255 inverted
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,7 @@ class AugmentParams:
     ``crops`` holds (top, left, height, width) in input pixels; ``jitter`` holds
     brightness, contrast and saturation factors and the hue shift (1, 1, 1, 0
     where a sample is not jittered); ``blur_sigma`` is 0 where it is not blurred.
+    An augmentation that can solarize gives :class:`SolarizeParams`.
     """
 
     crops: torch.Tensor  # (N, 4) int64
@@ -63,7 +76,8 @@ class AugmentParams:
     def pack(self) -> torch.Tensor:
         """All the parameters as one float64 ``(N, 11)`` tensor (exact: crops are whole pixels).
 
-        Columns: crops (4), flip (1), jitter (4), grayscale (1), blur_sigma (1).
+        Columns: crops (4), flip (1), jitter (4), grayscale (1), blur_sigma (1), and
+        solarize (1) when there is one: ``(N, 12)``.
 
         Example:
             >>> params = BatchAugment(8).sample_params(3, 10, 10)
@@ -77,6 +91,7 @@ class AugmentParams:
                 self.jitter.to(torch.float64),
                 self.grayscale.to(torch.float64)[:, None],
                 self.blur_sigma.to(torch.float64)[:, None],
+                *[extra.to(torch.float64)[:, None] for extra in self._extra_columns()],
             ],
             1,
         )
@@ -84,8 +99,33 @@ class AugmentParams:
     @classmethod
     def unpack(cls, packed: torch.Tensor) -> AugmentParams:
         """The parameters :meth:`pack` packed, on ``packed``'s device."""
+        if packed.shape[1] > sum(_PACKED_COLUMNS):
+            packed, solarized = packed.split([sum(_PACKED_COLUMNS), 1], 1)
+            base = AugmentParams.unpack(packed)
+            return SolarizeParams(**vars(base), solarize=solarized[:, 0] != 0)
         crops, flip, jitter, gray, sigma = packed.split(_PACKED_COLUMNS, 1)
-        return cls(crops.long(), flip[:, 0] != 0, jitter, gray[:, 0] != 0, sigma[:, 0])
+        return AugmentParams(crops.long(), flip[:, 0] != 0, jitter, gray[:, 0] != 0, sigma[:, 0])
+
+    def _extra_columns(self) -> list[torch.Tensor]:
+        return []
+
+
+@dataclass(frozen=True)
+class SolarizeParams(AugmentParams):
+    """:class:`AugmentParams` and which samples are solarized (packed as a 12th column).
+
+    Example:
+        >>> params = BatchAugment(8, solarize_p=0.5).sample_params(3, 10, 10)
+        >>> type(params).__name__, params.pack().shape
+        ('SolarizeParams', torch.Size([3, 12]))
+    """
+
+    solarize: torch.Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.bool)
+    )
+
+    def _extra_columns(self) -> list[torch.Tensor]:
+        return [self.solarize]
 
 
 def move_params(params: Sequence[AugmentParams], device: torch.device) -> list[AugmentParams]:
@@ -104,6 +144,8 @@ def move_params(params: Sequence[AugmentParams], device: torch.device) -> list[A
     """
     if all(p.crops.device == device for p in params):
         return list(params)
+    if len({type(p) for p in params}) > 1:  # one packed block needs one width
+        return [move_params([p], device)[0] for p in params]
     packed = torch.cat([p.pack() for p in params])
     if device.type == "cuda" and packed.device.type == "cpu":
         packed = packed.pin_memory()
@@ -143,6 +185,8 @@ class BatchAugment(nn.Module):
         grayscale_p: probability of grayscale (3 channels of the luma).
         grayscale_first: grayscale before jitter, as MoCo v1 does.
         blur_p, blur_sigma: probability of a Gaussian blur and its sigma range (pixels).
+        solarize_p: probability of solarizing (PIL's ``ImageOps.solarize``: values of
+            128/255 and above inverted), after the blur, as MoCo v3's second view.
         mean, std: per-channel normalisation (one value for all channels is fine).
         antialias: average k x k samples a pixel when crops are downscaled 1.5x or more.
         generator: draws all random parameters (on its device); the default
@@ -178,6 +222,7 @@ class BatchAugment(nn.Module):
         grayscale_first: bool = False,
         blur_p: float = 0.0,
         blur_sigma: tuple[float, float] = (0.1, 2.0),
+        solarize_p: float = 0.0,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         antialias: bool = True,
@@ -201,6 +246,7 @@ class BatchAugment(nn.Module):
         self.grayscale_first = grayscale_first
         self.blur_p = check_probability("blur_p", blur_p)
         self.blur_sigma = check_range("blur_sigma", blur_sigma, low=0.0, open_low=True)
+        self.solarize_p = check_probability("solarize_p", solarize_p)
         mean, std = check_stats(mean, std)
         self.register_buffer("mean", torch.tensor(mean), persistent=False)
         self.register_buffer("std", torch.tensor(std), persistent=False)
@@ -238,6 +284,7 @@ class BatchAugment(nn.Module):
             grayscale_first=recipe.grayscale_first,
             blur_p=recipe.blur_p,
             blur_sigma=recipe.blur_sigma,
+            solarize_p=recipe.solarize_p,
             mean=recipe.mean if mean is None else mean,
             std=recipe.std if std is None else std,
             generator=generator,
@@ -257,22 +304,29 @@ class BatchAugment(nn.Module):
         generator = generator if generator is not None else self.generator
         device = generator.device if generator is not None else torch.device("cpu")
         # One draw with a fixed layout: the same generator state gives the same parameters.
+        # A solarizing augmentation draws one more column (last), so the others draw
+        # exactly what they drew before solarize existed.
+        extra = 1 if self.solarize_p > 0 else 0
         u = torch.rand(
-            n, 2 * _CROP_TRIES + 11, generator=generator, device=device, dtype=torch.float64
+            n, 2 * _CROP_TRIES + 11 + extra, generator=generator, device=device, dtype=torch.float64
         )
-        area_u, ratio_u, rest = u.split([_CROP_TRIES, _CROP_TRIES, 11], dim=1)
+        area_u, ratio_u, rest = u.split([_CROP_TRIES, _CROP_TRIES, 11 + extra], dim=1)
         top_u, left_u, flip_u, jitter_u, gray_u, blur_u, sigma_u = rest[:, :7].unbind(1)
         factor_ranges = (self.brightness, self.contrast, self.saturation, self.hue)
         factors = torch.stack([_lerp(r, rest[:, 7 + i]) for i, r in enumerate(factor_ranges)], 1)
         identity = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=u.dtype, device=device)
         jittered = (jitter_u < self.jitter_p).unsqueeze(1)
         blurred = blur_u < self.blur_p
-        return AugmentParams(
+        kind, extra_params = AugmentParams, {}
+        if extra:
+            kind, extra_params = SolarizeParams, {"solarize": rest[:, 11] < self.solarize_p}
+        return kind(
             crops=self._random_crops(area_u, ratio_u, top_u, left_u, height, width),
             flip=flip_u < self.flip_p,
             jitter=torch.where(jittered, factors, identity),
             grayscale=gray_u < self.grayscale_p,
             blur_sigma=torch.where(blurred, _lerp(self.blur_sigma, sigma_u), 0.0),
+            **extra_params,
         )
 
     def forward(
@@ -298,15 +352,7 @@ class BatchAugment(nn.Module):
             >>> query.shape
             torch.Size([4, 3, 16, 16])
         """
-        _check_images(images)
-        n, _, height, width = images.shape
-        drawn = [self.sample_params(n, height, width, generator) for _ in range(count)]
-        shapes = [self._work_shape(images, params) for params in drawn]
-        moved = move_params(drawn, images.device)
-        return tuple(
-            self._augment(images, params, shape)
-            for params, shape in zip(moved, shapes, strict=True)
-        )
+        return augment_views([self] * count, images, generator)
 
     def apply_params(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """Augment and normalise ``images`` with the given parameters.
@@ -370,6 +416,8 @@ class BatchAugment(nn.Module):
             x = grayscale(x, params.grayscale)
         if blur_reach:
             x = pil_gaussian_blur(x, params.blur_sigma.to(x.dtype), blur_reach)
+        if isinstance(params, SolarizeParams):
+            x = solarize(x, params.solarize, _SOLARIZE_THRESHOLD)
         return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
 
     def _random_crops(
@@ -419,6 +467,7 @@ class BatchAugment(nn.Module):
     def extra_repr(self) -> str:
         names = ["size", "scale", "ratio", "flip_p", "brightness", "contrast", "saturation"]
         names += ["hue", "jitter_p", "grayscale_p", "grayscale_first", "blur_p", "blur_sigma"]
+        names += ["solarize_p"]
         settings = [f"{name}={getattr(self, name)}" for name in names]
         settings.append(f"mean={tuple(self.mean.tolist())}, std={tuple(self.std.tolist())}")
         return ", ".join(settings)
@@ -489,17 +538,94 @@ def batch_small(
     return BatchAugment.from_recipe(named_recipe("small"), size, mean, std, generator=generator)
 
 
+def augment_views(
+    augments: Sequence[BatchAugment],
+    images: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """One view of ``images`` per augmentation of ``augments``, in that order.
+
+    The parameters are drawn view after view (from ``generator``, else each
+    augmentation's own) and reach the images' device in one non-blocking copy
+    (:func:`move_params`); ``BatchAugment.views`` is this with one augmentation
+    repeated.
+
+    Example:
+        >>> pair = [batch_small(16), batch_small(16)]
+        >>> first, second = augment_views(pair, torch.rand(4, 1, 20, 20))
+        >>> first.shape
+        torch.Size([4, 1, 16, 16])
+    """
+    _check_images(images)
+    n, _, height, width = images.shape
+    drawn = [augment.sample_params(n, height, width, generator) for augment in augments]
+    shapes = [augment._work_shape(images, p) for augment, p in zip(augments, drawn, strict=True)]
+    moved = move_params(drawn, images.device)
+    return tuple(
+        augment._augment(images, params, shape)
+        for augment, params, shape in zip(augments, moved, shapes, strict=True)
+    )
+
+
+class PairAugment(nn.Module):
+    """Two batched augmentations, one per view: MoCo v3's asymmetric pair.
+
+    ``views(images)`` gives view 1 from ``first`` and view 2 from ``second``,
+    their parameters drawn in that order from one generator and moved in one
+    copy (:func:`augment_views`).
+
+    Example:
+        >>> from mocohub.training.recipes import view_recipes
+        >>> pair = PairAugment.from_recipes(view_recipes("v3"), 16)
+        >>> (pair.first.blur_p, pair.second.blur_p, pair.second.solarize_p)
+        (1.0, 0.1, 0.2)
+        >>> [v.shape[-1] for v in pair.views(torch.rand(2, 3, 20, 20))]
+        [16, 16]
+    """
+
+    def __init__(
+        self, first: BatchAugment, second: BatchAugment, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        self.first, self.second, self.generator = first, second, generator
+
+    @classmethod
+    def from_recipes(
+        cls,
+        recipes: tuple[AugmentRecipe, AugmentRecipe],
+        size: int | None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> PairAugment:
+        """The batched form of a (view 1, view 2) pair of recipes."""
+        first, second = (
+            BatchAugment.from_recipe(r, size, mean, std, generator=generator) for r in recipes
+        )
+        return cls(first, second, generator)
+
+    def views(
+        self, images: torch.Tensor, count: int = 2, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """View 1 and view 2 of ``images`` (``count`` must be 2)."""
+        if count != 2:
+            raise ConfigError(f"A PairAugment makes exactly 2 views, not {count}.")
+        return augment_views([self.first, self.second], images, generator)
+
+
 def two_views(
-    augment: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
+    augment: Callable[[torch.Tensor], torch.Tensor] | PairAugment, images: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two independently augmented views of ``images``: the query and key batches.
+    """Two independently augmented views of ``images``: the query and key batches
+    (with a :class:`PairAugment`, view 1 and view 2 by their own recipes).
 
     Example:
         >>> query, key = two_views(batch_small(28), torch.rand(4, 1, 28, 28))
         >>> query.shape == key.shape
         True
     """
-    if isinstance(augment, BatchAugment):
+    if isinstance(augment, BatchAugment | PairAugment):
         query, key = augment.views(images, 2)  # both views' parameters in one copy
         return query, key
     return augment(images), augment(images)

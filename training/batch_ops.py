@@ -12,7 +12,14 @@ import torch.nn.functional as F
 
 from mocohub.preprocessing import match_channels
 
-__all__ = ["grayscale", "pil_box_radius", "pil_gaussian_blur", "resized_crop", "shift_hue"]
+__all__ = [
+    "grayscale",
+    "pil_box_radius",
+    "pil_gaussian_blur",
+    "resized_crop",
+    "shift_hue",
+    "solarize",
+]
 
 
 def resized_crop(
@@ -121,3 +128,16 @@ def pil_gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, reach: int) -> torch
         for _ in range(3):
             planes = F.conv2d(F.pad(planes, pad, mode="replicate"), weight, groups=n * c)
     return planes.view(n, c, height, width)
+
+
+def solarize(x: torch.Tensor, which: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Invert (``1 - x``) the values at or above ``threshold`` in the samples where ``which``
+    is True: PIL's ``ImageOps.solarize`` on [0, 1] floats.
+
+    Example:
+        >>> x = torch.tensor([0.25, 0.75]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
+        >>> solarize(x, torch.tensor([True, False]), 0.5).flatten().tolist()
+        [0.25, 0.25, 0.25, 0.75]
+    """
+    flipped = torch.where(x >= threshold, 1 - x, x)
+    return torch.where(which.view(-1, 1, 1, 1), flipped, x)

@@ -18,8 +18,19 @@ from typing import Any
 import click
 
 from mocohub.errors import ConfigError
-from mocohub.launch import elastic_retry, inside_launcher, launch_options, launch_workers
+from mocohub.launch import (
+    elastic_retry,
+    inside_launcher,
+    launch_options,
+    launch_workers,
+    leave_process_group,
+)
 from mocohub.launch import worker_args as worker_args
+
+from .config import PRESETS
+
+#: mocohub.vit.VIT_ARCHITECTURES, named here so that the CLI does not import timm.
+VIT_ARCHES = ("vit_small", "vit_base", "vit_mini", "vit_nano")
 
 __all__ = ["train_command", "worker_args"]
 
@@ -37,15 +48,27 @@ __all__ = ["train_command", "worker_args"]
     "--preset",
     default="moco_v2",
     show_default=True,
-    type=click.Choice(["moco_v1", "moco_v2", "cifar", "fashion_mnist"]),
-    help="Reference recipe; every value below overrides it.",
+    type=click.Choice(list(PRESETS)),
+    help="Reference recipe (moco_v3_*, fashion_mnist_v3: MoCo v3); every value below overrides it.",
 )
-@click.option("--arch", type=click.Choice(["resnet18", "resnet34", "resnet50"]))
+@click.option(
+    "--arch",
+    type=click.Choice(["resnet18", "resnet34", "resnet50", *VIT_ARCHES]),
+    help="Backbone; the ViTs (vit_small, vit_base; vit_mini, vit_nano for small images) "
+    "train with MoCo v3 presets only.",
+)
 @click.option("--width", type=int, help="Channels of the first ResNet stage (64 standard).")
 @click.option("--small-stem/--no-small-stem", default=None, help="3x3 stem, no max-pool.")
 @click.option("--dim", type=int, help="Feature dimension of keys and queries.")
 @click.option("--queue-size", "K", type=int, help="K: negatives in the queue.")
 @click.option("--moco-m", "m", type=float, help="Momentum of the key encoder.")
+@click.option(
+    "--moco-m-cos/--no-moco-m-cos",
+    "moco_m_cos",
+    default=None,
+    help="MoCo v3: raise the momentum to 1 with a half cosine over the run.",
+)
+@click.option("--mlp-dim", type=int, help="MoCo v3: hidden width of the projector and predictor.")
 @click.option("--temperature", "T", type=float, help="Softmax temperature.")
 @click.option("--mlp/--no-mlp", default=None, help="MoCo v2 projection head.")
 @click.option("--symmetric/--no-symmetric", default=None, help="Both views as queries.")
@@ -69,6 +92,12 @@ __all__ = ["train_command", "worker_args"]
     help="Learning rate for the preset's reference batch size (scaled linearly to --batch-size).",
 )
 @click.option("--weight-decay", type=float)
+@click.option(
+    "--optimizer",
+    type=click.Choice(["sgd", "lars", "adamw"]),
+    help="sgd (MoCo v1/v2); lars or adamw (MoCo v3).",
+)
+@click.option("--warmup-epochs", type=int, help="MoCo v3: epochs of linear lr warm-up.")
 @click.option("--schedule", type=click.Choice(["cosine", "steps"]))
 @click.option("--workers", type=int, help="DataLoader worker processes per GPU/process.")
 @click.option("--seed", type=int)
@@ -168,7 +197,9 @@ def train_command(
         knn_data=knn_data,
         progress=not quiet and sys.stderr.isatty(),
     )
-    if get_rank() != 0:  # the process group train() joined (torchrun or srun)
+    rank = get_rank()  # in the process group train() joined (torchrun or srun)
+    leave_process_group()
+    if rank != 0:
         return
     if metrics.get("already_complete"):
         done = metrics["epoch"]

@@ -11,6 +11,23 @@ A run's configuration is a :class:`TrainConfig`, plain values only, saved as
 - ``cifar`` / ``fashion_mnist``: the reference single-GPU CIFAR-10 demo's
   recipe: ResNet-18 with the small stem, K=4096, m=0.99, T=0.1, lr 0.06 for
   batch 512, wd 5e-4, cosine, 200 epochs, split BN (8 splits) in one process.
+- ``moco_v3_r50`` (and ``_300ep``, ``_1000ep``), ``moco_v3_vit_s``,
+  ``moco_v3_vit_b``: MoCo v3 (``method="moco_v3"``: no queue, a predictor, the
+  symmetrised loss; Chen, Xie, He 2021), with the values of the reference
+  facebookresearch/moco-v3 ``main_moco.py`` defaults and its ``CONFIG.md``
+  commands: batch 4096, lr per 256 images, a linear warm-up then a cosine
+  (per step), the momentum raised from ``m`` to 1 by a half cosine
+  (``--moco-m-cos``), projector/predictor MLPs 4096 wide with 256 outputs.
+  ResNet-50: LARS lr 0.6 (0.3 for 300/1000 epochs), wd 1e-6 (1.5e-6 for 1000),
+  m 0.99 (0.996 for 1000), T 1.0, 10 warm-up epochs, crop-min 0.2. ViT-S/B:
+  AdamW lr 1.5e-4, wd 0.1, 40 warm-up epochs of 300, T 0.2, crop-min 0.08
+  (the reference's default), frozen random patch embedding (``--stop-grad-conv1``).
+- ``fashion_mnist_v3``: MoCo v3 for 28 px images on a CPU (not a reference
+  recipe): the ``fashion_mnist`` backbone (ResNet-18, small stem), so that a
+  comparison with v2 compares the methods, not the backbones; LARS lr 0.3 per
+  256, wd 1e-6, T 0.2, m 0.99 with the cosine, 10 warm-up epochs of 200,
+  batch 512, and the ``small_v3`` augmentation (``small`` plus v3's
+  asymmetric solarize; no blur, which wipes out 28 px images).
 
 The learning rate follows the linear scaling rule: ``lr`` is for a global batch
 of ``lr_batch``, and the optimiser uses ``lr * batch_size / lr_batch``.
@@ -52,8 +69,12 @@ class TrainConfig:
     mlp: bool = True
     symmetric: bool = False
     bn_splits: int = 1  # > 1: split BN, used only when running in one process
+    # "moco": v1/v2 (queue, training/moco.py); "moco_v3": no queue (training/moco_v3.py)
+    method: Literal["moco", "moco_v3"] = "moco"
+    mlp_dim: int = 4096  # MoCo v3: hidden width of the projector and predictor
+    moco_m_cos: bool = False  # MoCo v3: raise m to 1 with a half cosine over the run
     # data and augmentation
-    augmentation: Literal["v1", "v2", "small"] = "v2"
+    augmentation: Literal["v1", "v2", "small", "v3", "small_v3"] = "v2"
     crop_min: float | None = None  # smallest crop scale; None: the recipe's (0.2)
     image_size: int = 224
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -68,6 +89,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     schedule: Literal["cosine", "steps"] = "cosine"
     lr_steps: tuple[int, ...] = (120, 160)
+    optimizer: Literal["sgd", "lars", "adamw"] = "sgd"  # MoCo v3: lars or adamw
+    warmup_epochs: int = 0  # MoCo v3: linear warm-up, then the cosine
     # run
     workers: int = 4
     seed: int = 0
@@ -107,14 +130,10 @@ class TrainConfig:
         """Raise :class:`ConfigError` for settings that cannot work together."""
         if self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("--batch-size and --epochs must be positive.")
-        # Each step enqueues the global batch's keys, both views' with --symmetric.
-        keys_per_step = self.batch_size * (2 if self.symmetric else 1)
-        if self.K % keys_per_step:
-            what = "twice the global batch size" if self.symmetric else "the global batch size"
-            raise ConfigError(
-                f"The queue size K={self.K} must be a multiple of {what}, {keys_per_step} "
-                "keys enqueued per step; change --batch-size or --queue-size."
-            )
+        if self.method == "moco_v3":
+            self._validate_v3()
+        else:
+            self._validate_moco()
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError("--lr must be positive and --weight-decay not negative.")
         if self.crop_min is not None and not 0.0 < self.crop_min <= 1.0:
@@ -123,6 +142,82 @@ class TrainConfig:
             raise ConfigError("mean and std must have one value per image channel.")
         self.checkpoint_interval()
         return self
+
+    def _validate_moco(self) -> None:
+        """MoCo v1/v2: the queue, and none of v3's settings."""
+        if self.method != "moco":
+            raise ConfigError(f"Unknown method {self.method!r}; use moco or moco_v3.")
+        v3_only = {
+            "--arch " + self.arch: self.arch.startswith("vit_"),
+            "--optimizer " + self.optimizer: self.optimizer != "sgd",
+            "--warmup-epochs": self.warmup_epochs != 0,
+            "--moco-m-cos": self.moco_m_cos,
+            "--augmentation " + self.augmentation: self.augmentation in ("v3", "small_v3"),
+        }
+        used = [name for name, on in v3_only.items() if on]
+        if used:
+            raise ConfigError(
+                f"{', '.join(used)} belong(s) to MoCo v3, but this run is MoCo v1/v2 (the "
+                f"{self.preset} preset); use a moco_v3 preset (moco_v3_r50, moco_v3_vit_s, "
+                "fashion_mnist_v3, ...) or leave them out."
+            )
+        # Each step enqueues the global batch's keys, both views' with --symmetric.
+        keys_per_step = self.batch_size * (2 if self.symmetric else 1)
+        if self.K % keys_per_step:
+            what = "twice the global batch size" if self.symmetric else "the global batch size"
+            raise ConfigError(
+                f"The queue size K={self.K} must be a multiple of {what}, {keys_per_step} "
+                "keys enqueued per step; change --batch-size or --queue-size."
+            )
+
+    def _validate_v3(self) -> None:
+        """MoCo v3: settings of v1/v2 that have no meaning without a queue are refused,
+        not silently ignored."""
+        if self.K:
+            raise ConfigError(
+                f"MoCo v3 has no queue, so --queue-size {self.K} means nothing; leave it out "
+                "(the moco_v3 presets set it to 0)."
+            )
+        if self.symmetric or not self.mlp:
+            raise ConfigError(
+                "MoCo v3's loss is always symmetric and it always has its MLPs; leave out "
+                "--symmetric/--no-symmetric and --mlp/--no-mlp."
+            )
+        if self.bn_splits != 1:
+            # v3 normalises over the global batch (SyncBatchNorm in the reference) and
+            # has no shuffle BN to imitate; split BN would change its maths.
+            raise ConfigError(
+                f"--bn-splits {self.bn_splits} imitates v1/v2's shuffle BN, which MoCo v3 "
+                "does not have (its BN spans the whole batch); leave it at 1."
+            )
+        if self.optimizer not in ("lars", "adamw"):
+            raise ConfigError(
+                f"MoCo v3 trains with --optimizer lars (ResNet) or adamw (ViT), not "
+                f"{self.optimizer!r}."
+            )
+        if self.schedule != "cosine":
+            raise ConfigError(
+                "MoCo v3's learning rate is a warm-up then a cosine; --schedule steps is v1's."
+            )
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(
+                f"--warmup-epochs ({self.warmup_epochs}) must be at least 0 and at most "
+                f"--epochs ({self.epochs}); lower it for a short run."
+            )
+        if self.dim < 1 or self.mlp_dim < 1 or self.T <= 0 or not 0 <= self.m <= 1:
+            raise ConfigError(
+                "--dim and --mlp-dim must be positive, --temperature positive and --moco-m "
+                "in [0, 1]."
+            )
+        if self.arch.startswith("vit_") and (self.small_stem or self.width != 64):
+            raise ConfigError(
+                "--small-stem and --width shape a ResNet; a ViT takes neither (its patch "
+                "size and width come with --arch)."
+            )
+        if self.augmentation not in ("v3", "small_v3"):
+            from .recipes import view_recipes
+
+            view_recipes(self.augmentation)  # an unknown name fails here
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,6 +277,47 @@ _SMALL: dict[str, Any] = {
     "schedule": "cosine",
 }
 
+# MoCo v3, reference facebookresearch/moco-v3: main_moco.py's defaults (lr 0.6, wd
+# 1e-6, batch 4096, 100 epochs, 10 warm-up epochs, m 0.99, T 1.0, dim 256, mlp 4096,
+# LARS) and CONFIG.md's commands (--moco-m-cos --crop-min=.2 for the ResNets).
+_V3_R50: dict[str, Any] = {
+    "method": "moco_v3",
+    "arch": "resnet50",
+    "dim": 256,
+    "mlp_dim": 4096,
+    "K": 0,
+    "m": 0.99,
+    "moco_m_cos": True,
+    "T": 1.0,
+    "mlp": True,
+    "augmentation": "v3",
+    "crop_min": 0.2,
+    "image_size": 224,
+    "epochs": 100,
+    "warmup_epochs": 10,
+    "batch_size": 4096,
+    "lr": 0.6,
+    "lr_batch": 256,
+    "momentum": 0.9,
+    "weight_decay": 1e-6,
+    "optimizer": "lars",
+    "schedule": "cosine",
+}
+# CONFIG.md, ViT-S and ViT-B: -a vit_small|vit_base --optimizer=adamw --lr=1.5e-4
+# --weight-decay=.1 --epochs=300 --warmup-epochs=40 --stop-grad-conv1 --moco-m-cos
+# --moco-t=.2, default batch 4096 and crop-min 0.08.
+_V3_VIT: dict[str, Any] = {
+    **_V3_R50,
+    "arch": "vit_small",
+    "T": 0.2,
+    "crop_min": 0.08,
+    "epochs": 300,
+    "warmup_epochs": 40,
+    "lr": 1.5e-4,
+    "weight_decay": 0.1,
+    "optimizer": "adamw",
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "moco_v1": _V1,
     "moco_v2": {**_V1, "mlp": True, "T": 0.2, "augmentation": "v2", "schedule": "cosine"},
@@ -192,6 +328,32 @@ PRESETS: dict[str, dict[str, Any]] = {
         "std": (0.2470, 0.2435, 0.2616),
     },
     "fashion_mnist": {**_SMALL, "image_size": 28, "mean": (0.2860,), "std": (0.3530,)},
+    "moco_v3_r50": _V3_R50,
+    "moco_v3_r50_300ep": {**_V3_R50, "lr": 0.3, "epochs": 300},
+    "moco_v3_r50_1000ep": {
+        **_V3_R50,
+        "lr": 0.3,
+        "weight_decay": 1.5e-6,
+        "epochs": 1000,
+        "m": 0.996,
+    },
+    "moco_v3_vit_s": _V3_VIT,
+    "moco_v3_vit_b": {**_V3_VIT, "arch": "vit_base"},
+    # Not a reference recipe: see the module docstring.
+    "fashion_mnist_v3": {
+        **_V3_R50,
+        "arch": "resnet18",
+        "small_stem": True,
+        "augmentation": "small_v3",
+        "crop_min": None,
+        "image_size": 28,
+        "mean": (0.2860,),
+        "std": (0.3530,),
+        "T": 0.2,
+        "epochs": 200,
+        "batch_size": 512,
+        "lr": 0.3,
+    },
 }
 
 

@@ -16,10 +16,7 @@ the same way, so each sample gets its own key.
 
 from __future__ import annotations
 
-import datetime
 import inspect
-import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mocohub.errors import DistributedError, InputError
+from mocohub.errors import InputError
+from mocohub.launch import join_process_group, process_place
 
 __all__ = [
     "BatchShuffle",
@@ -273,55 +271,27 @@ class DistributedEnv:
         return self.rank == 0
 
 
-def _env_int(*names: str) -> int | None:
-    for name in names:
-        value = os.environ.get(name)
-        if value not in (None, ""):
-            return int(value)
-    return None
-
-
 def init_from_env(timeout_s: float = 1800.0) -> DistributedEnv:
     """Join the process group described by the environment, if there is one.
 
     Reads torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
     ``MASTER_ADDR``, ``MASTER_PORT``) or, under ``srun``, SLURM's
     (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; ``MASTER_ADDR`` and
-    ``MASTER_PORT`` must then be exported by the job script). Uses NCCL with
-    one GPU per process when CUDA is available, gloo on the CPU. With no such
-    variables (or a world of one) nothing is initialised.
+    ``MASTER_PORT`` must then be exported by the job script), through
+    :mod:`mocohub.launch`. Uses NCCL with one GPU per process when CUDA is
+    available, gloo on the CPU. With no such variables (or a world of one)
+    nothing is initialised.
     """
-    rank = _env_int("RANK", "SLURM_PROCID") or 0
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    place = process_place()
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", place.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
-        if missing:
-            raise DistributedError(
-                f"A distributed run of {world} processes needs {' and '.join(missing)} in "
-                "the environment; launch with `mocohub train --nodes ... --nproc-per-node "
-                "...` or torchrun, or export them in the SLURM job script."
-            )
-        nodes = _env_int("SLURM_NNODES", "SLURM_JOB_NUM_NODES") or 1
-        if rank == 0 and nodes > 1 and "LOCAL_RANK" not in os.environ:
-            # Under srun the processes meet here (torchrun's agents meet before they
-            # start the workers, and `mocohub train --nodes` says so itself).
-            print(
-                f"rank 0: waiting for {nodes} nodes ({world} processes) at "
-                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-                file=sys.stderr,
-                flush=True,
-            )
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=device if device.type == "cuda" else None,
-        )
-    return DistributedEnv(rank, world, local_rank, device)
+    join_process_group(
+        place,
+        "nccl" if device.type == "cuda" else "gloo",
+        timeout_s=timeout_s,
+        device_id=device if device.type == "cuda" else None,
+    )
+    return DistributedEnv(place.rank, place.world_size, place.local_rank, device)

@@ -140,25 +140,34 @@ def knn_command(
     help="reference: RandomResizedCrop + flip, val Resize + CenterCrop. "
     "small (28-32 px images): RandomCrop with padding 4 + flip, val unchanged.",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--lr", type=float, default=30.0, show_default=True, help="Not scaled by batch.")
+@click.option(
+    "--protocol",
+    type=click.Choice(["moco", "moco_v3"]),
+    default="moco",
+    show_default=True,
+    help="The optimisation settings below: moco (v1/v2 main_lincls.py: 100 epochs, batch "
+    "256, lr 30, lr x0.1 at 60 and 80) or moco_v3 (v3 main_lincls.py: 90 epochs, batch "
+    "1024, lr 0.1 per 256 images scaled to the batch, cosine); each option overrides it.",
+)
+@click.option("--epochs", type=click.IntRange(min=1), help="[protocol: 100 / 90]")
+@click.option(
+    "--lr",
+    type=float,
+    help="moco: as given (30); moco_v3: per 256 images (0.1), scaled by --batch-size / 256.",
+)
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=256,
-    show_default=True,
-    help="Global, over all processes.",
+    help="Global, over all processes. [protocol: 256 / 1024]",
 )
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--momentum", type=float, help="[protocol: 0.9]")
+@click.option("--weight-decay", type=float, help="[protocol: 0]")
 @click.option(
-    "--schedule", type=click.Choice(["steps", "cosine"]), default="steps", show_default=True
+    "--schedule", type=click.Choice(["steps", "cosine"]), help="[protocol: steps / cosine]"
 )
 @click.option(
     "--lr-steps",
-    default="60,80",
-    show_default=True,
-    help="Epochs at which the lr drops x0.1 (--schedule steps).",
+    help="Epochs at which the lr drops x0.1 (--schedule steps). [protocol: 60,80]",
 )
 @click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers (image folders).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -190,7 +199,8 @@ def lincls_command(
     out: Path,
     val_data: str | None,
     preset: str,
-    lr_steps: str,
+    protocol: str,
+    lr_steps: str | None,
     workers: int | None,
     image_size: int | None,
     restart: bool,
@@ -199,19 +209,23 @@ def lincls_command(
 ) -> None:
     """Linear evaluation of MODEL on DATA (the reference MoCo protocol): a linear
     classifier trained on the frozen backbone's features, 100 epochs of SGD with
-    lr 30. MODEL is anything mocohub.load accepts. DATA is an image folder
-    (DATA/train and DATA/val, or one tree), a folder of IDX files, a folder
-    with labels.csv, or 'fashion-mnist'. State is saved in --out after every
-    epoch; rerunning an interrupted command resumes it."""
+    lr 30 (--protocol moco_v3: MoCo v3's, 90 epochs, batch 1024, lr 0.4, cosine). MODEL is
+    anything mocohub.load accepts. DATA is an image folder (DATA/train and DATA/val, or
+    one tree), a folder of IDX files, a folder with labels.csv, or 'fashion-mnist'.
+    State is saved in --out after every epoch; rerunning an interrupted command resumes
+    it.
+    """
     from .eval_data import default_workers
-    from .lincls import LinclsConfig, linear_eval
+    from .lincls import linear_eval
+    from .lincls_config import protocol_config
 
-    config = LinclsConfig(
-        preset=preset,  # type: ignore[arg-type]
-        lr_steps=_epochs_list(lr_steps),
+    config = protocol_config(
+        protocol,
+        preset=preset,
+        lr_steps=None if lr_steps is None else _epochs_list(lr_steps),
         workers=default_workers() if workers is None else workers,
         image_size=image_size,
-        **settings,  # type: ignore[arg-type]
+        **settings,
     )
     result = linear_eval(
         model,
@@ -227,11 +241,13 @@ def lincls_command(
         return
     if result["val_is_train"]:
         _echo_err(_same_data_note("the accuracy"))
-    protocol = f"{config.preset} protocol"
+    described = f"{config.preset} protocol"
+    if protocol != "moco":
+        described += f", {protocol} settings"
     if config.cached_features:
-        protocol += ", cached features"
+        described += ", cached features"
     click.echo(
-        f"linear evaluation ({protocol}, {_count(config.epochs, 'epoch')}): "
+        f"linear evaluation ({described}, {_count(config.epochs, 'epoch')}): "
         f"top-1 {100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}% "
         f"({_count(result['val_samples'], 'image')}); wrote {out / 'lincls.json'}"
     )

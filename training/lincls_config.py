@@ -31,11 +31,13 @@ from .schedule import Schedule, epoch_lr
 __all__ = [
     "EPOCHS_NAME",
     "HEAD_NAME",
+    "PROTOCOLS",
     "RESULT_NAME",
     "STATE_NAME",
     "LinclsConfig",
     "epoch_line",
     "lr_at",
+    "protocol_config",
     "protocol_name",
     "resumable_state",
 ]
@@ -94,6 +96,55 @@ class LinclsConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: The optimisation settings of each linear-evaluation protocol. ``moco``: the MoCo
+#: v1/v2 reference ``main_lincls.py`` (facebookresearch/moco), LinclsConfig's defaults.
+#: ``moco_v3``: the MoCo v3 reference ``main_lincls.py`` (facebookresearch/moco-v3):
+#: SGD momentum 0.9, batch 1024, lr 0.1 per 256 images (``init_lr = lr * batch / 256``),
+#: a cosine over 90 epochs, no weight decay, frozen features, the same augmentation.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "moco": {
+        "epochs": 100,
+        "batch_size": 256,
+        "lr": 30.0,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "schedule": "steps",
+        "lr_steps": (60, 80),
+    },
+    "moco_v3": {
+        "epochs": 90,
+        "batch_size": 1024,
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "schedule": "cosine",
+        "lr_steps": (60, 80),
+    },
+}
+#: Protocols whose ``lr`` is per 256 images, scaled by the batch size.
+_SCALED_LR = {"moco_v3"}
+
+
+def protocol_config(protocol: str, **settings: Any) -> LinclsConfig:
+    """A :class:`LinclsConfig` with ``protocol``'s settings (:data:`PROTOCOLS`), and
+    ``settings`` (None values left out) over them. For ``moco_v3`` the lr, given
+    or not, is per 256 images and scaled to the batch size, as the reference does.
+
+    Example:
+        >>> config = protocol_config("moco_v3")
+        >>> config.epochs, config.batch_size, config.lr, config.schedule
+        (90, 1024, 0.4, 'cosine')
+        >>> protocol_config("moco_v3", batch_size=256, lr=0.2).lr
+        0.2
+    """
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"Unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}.")
+    values = {**PROTOCOLS[protocol], **{k: v for k, v in settings.items() if v is not None}}
+    if protocol in _SCALED_LR:
+        values["lr"] = values["lr"] * values["batch_size"] / 256
+    return LinclsConfig(**values).validate()
 
 
 def protocol_name(config: LinclsConfig) -> str:

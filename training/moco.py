@@ -222,7 +222,9 @@ class MoCo(nn.Module):
             q, k, queue = q.to(dtype), k.to(dtype), queue.to(dtype)
             l_pos = (q * k).sum(dim=1, keepdim=True)  # positives: N x 1
             l_neg = q @ queue  # negatives: N x K
-            return torch.cat([l_pos, l_neg], dim=1) / self.T
+            # In place: the same division without a second N x (1 + K) tensor (neither
+            # cat's nor the division's backward reads these values).
+            return torch.cat([l_pos, l_neg], dim=1).div_(self.T)
 
     def _check_inputs(self, im_q: torch.Tensor, im_k: torch.Tensor) -> None:
         if im_q.shape[0] != im_k.shape[0]:

@@ -137,8 +137,13 @@ class MetricsLog:
             self._tensorboard = None
 
 
+#: Scores drawn beside the loss, when the log has them: the k-NN monitor's, COCO AP.
+_SCORES = {"knn_top1": "k-NN top-1", "bbox_AP": "box AP", "segm_AP": "mask AP"}
+
+
 def plot_curves(metrics: Path, out: Path) -> Path | None:
-    """Draw the loss and k-NN accuracy per epoch from ``metrics.jsonl`` as a PNG.
+    """Draw the loss and the scores (k-NN accuracy, COCO AP) per epoch from ``metrics.jsonl``
+    as a PNG.
 
     Uses matplotlib when it is installed (without it, nothing is drawn: the
     JSONL file holds the same numbers), through a bare ``Figure``: pyplot and
@@ -162,12 +167,20 @@ def plot_curves(metrics: Path, out: Path) -> Path | None:
     figure = Figure(figsize=(6, 3.5), dpi=120)
     loss_axis = figure.add_subplot()
     loss_axis.plot([r["epoch"] for r in epochs], [r.get("loss", math.nan) for r in epochs], "C0")
-    loss_axis.set(xlabel="epoch", ylabel="InfoNCE loss")
-    knn = [r for r in epochs if "knn_top1" in r]
-    if knn:
-        accuracy_axis = loss_axis.twinx()
-        accuracy_axis.plot([r["epoch"] for r in knn], [r["knn_top1"] for r in knn], "C1o-")
-        accuracy_axis.set_ylabel("k-NN top-1", color="C1")
+    detection = any("loss_classifier" in r for r in epochs)  # finetune-det's epochs
+    loss_axis.set(xlabel="epoch", ylabel="detection loss" if detection else "InfoNCE loss")
+    score_axis, labels = None, []
+    for color, (key, label) in enumerate(_SCORES.items(), start=1):
+        scored = [r for r in epochs if isinstance(r.get(key), int | float)]
+        if scored:
+            score_axis = score_axis or loss_axis.twinx()
+            x, y = [r["epoch"] for r in scored], [r[key] for r in scored]
+            score_axis.plot(x, y, f"C{color}o-", label=label)
+            labels.append(label)
+    if score_axis is not None:
+        score_axis.set_ylabel(", ".join(labels))
+        if len(labels) > 1:
+            score_axis.legend(loc="best", fontsize="small")
     figure.tight_layout()
     png = io.BytesIO()
     figure.savefig(png, format="png")

@@ -25,7 +25,7 @@ import signal
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -33,12 +33,12 @@ from tqdm.auto import tqdm
 
 from mocohub.errors import MocohubError
 
-from .config import TrainConfig
 from .distributed import DistributedEnv
 from .monitor import MetricsLog
 
 __all__ = [
     "SYNC_EVERY",
+    "RunSettings",
     "StopSignal",
     "TrainingDivergedError",
     "TrainingInterrupted",
@@ -49,6 +49,18 @@ __all__ = [
 SYNC_EVERY = 10
 
 _clock = time.monotonic  # for --checkpoint-every in minutes (tests put a fake clock here)
+
+
+class RunSettings(Protocol):
+    """What the bookkeeping and the run folder read of a run's settings: a
+    :class:`~mocohub.training.config.TrainConfig`, or a detection run's
+    :class:`~mocohub.training.det_config.DetConfig`."""
+
+    epochs: int
+
+    def checkpoint_interval(self) -> tuple[int, float]: ...
+
+    def save(self, path: Path) -> None: ...
 
 
 class TrainingDivergedError(MocohubError):
@@ -101,7 +113,7 @@ class TrainingProgress:
 
     def __init__(
         self,
-        config: TrainConfig,
+        config: RunSettings,
         env: DistributedEnv,
         steps_per_epoch: int,
         log: MetricsLog,

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,9 +23,9 @@ from typing import Literal
 from mocohub.errors import ConfigError
 from mocohub.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["RECIPES", "AugmentRecipe", "Step", "recipe"]
+__all__ = ["RECIPES", "VIEW_PAIRS", "AugmentRecipe", "Step", "recipe", "view_recipes"]
 
-Step = Literal["crop", "flip", "jitter", "grayscale", "blur"]
+Step = Literal["crop", "flip", "jitter", "grayscale", "blur", "solarize"]
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,12 @@ class AugmentRecipe:
     grayscale_p: float = 0.0
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0  # PIL's ImageOps.solarize: pixels >= 128 of 255 inverted
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        known = ("crop", "flip", "jitter", "grayscale", "blur")
+        known = ("crop", "flip", "jitter", "grayscale", "blur", "solarize")
         if (
             not self.steps
             or self.steps[0] != "crop"
@@ -78,6 +80,7 @@ class AugmentRecipe:
             "jitter": self.jitter_p > 0 and jitters,
             "grayscale": self.grayscale_p > 0,
             "blur": self.blur_p > 0,
+            "solarize": self.solarize_p > 0,
         }
         for step, on in used.items():
             if on != (step in self.steps):
@@ -138,8 +141,46 @@ RECIPES: dict[str, AugmentRecipe] = {
 }
 
 
+# MoCo v3 (reference main_moco.py, lines 261-290, "BYOL's augmentation recipe"): the
+# two views differ. Both: crop, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8 ("not
+# strengthened"), grayscale p 0.2, then blur, then flip; view 1 is always blurred and
+# never solarized, view 2 blurred with p 0.1 and solarized with p 0.2. The crop's
+# smallest scale is the run's --crop-min (0.08 ViT, 0.2 ResNet in the reference).
+_V3_VIEW = AugmentRecipe(
+    ("crop", "jitter", "grayscale", "blur", "flip"),
+    scale=(0.08, 1.0),
+    flip_p=0.5,
+    brightness=0.4,
+    contrast=0.4,
+    saturation=0.2,
+    hue=0.1,
+    jitter_p=0.8,
+    grayscale_p=0.2,
+    blur_p=1.0,
+    blur_sigma=(0.1, 2.0),
+)
+_SMALL_VIEW = RECIPES["small"]
+
+#: Recipes whose two views differ, by name: (view 1, view 2).
+VIEW_PAIRS: dict[str, tuple[AugmentRecipe, AugmentRecipe]] = {
+    "v3": (
+        _V3_VIEW,
+        dataclasses.replace(
+            _V3_VIEW, steps=(*_V3_VIEW.steps[:-1], "solarize", "flip"), blur_p=0.1, solarize_p=0.2
+        ),
+    ),
+    # 28-32 px images with MoCo v3: "small" for both views, and v3's asymmetric
+    # solarize (view 2, p 0.2); not a reference recipe. Blur stays out, as in
+    # "small": it wipes out such small images.
+    "small_v3": (
+        _SMALL_VIEW,
+        dataclasses.replace(_SMALL_VIEW, steps=(*_SMALL_VIEW.steps, "solarize"), solarize_p=0.2),
+    ),
+}
+
+
 def recipe(name: str) -> AugmentRecipe:
-    """The recipe called ``name`` in :data:`RECIPES`.
+    """The recipe called ``name`` in :data:`RECIPES` (the same for both views).
 
     Example:
         >>> recipe("v1").grayscale_first
@@ -148,9 +189,30 @@ def recipe(name: str) -> AugmentRecipe:
     try:
         return RECIPES[name]
     except KeyError:
+        hint = ""
+        if name in VIEW_PAIRS:
+            hint = f" (its views differ: view_recipes({name!r}) gives one recipe per view)"
         raise ConfigError(
-            f"Unknown augmentation {name!r}; use one of {', '.join(RECIPES)}."
+            f"Unknown augmentation {name!r}; use one of {', '.join(RECIPES)}{hint}."
         ) from None
+
+
+def view_recipes(name: str) -> tuple[AugmentRecipe, AugmentRecipe]:
+    """The recipes of the first and second view of augmentation ``name``: a pair of
+    :data:`VIEW_PAIRS`, or one recipe of :data:`RECIPES` twice.
+
+    Example:
+        >>> first, second = view_recipes("v3")
+        >>> (first.blur_p, first.solarize_p), (second.blur_p, second.solarize_p)
+        ((1.0, 0.0), (0.1, 0.2))
+    """
+    if name in VIEW_PAIRS:
+        return VIEW_PAIRS[name]
+    if name in RECIPES:
+        return RECIPES[name], RECIPES[name]
+    raise ConfigError(
+        f"Unknown augmentation {name!r}; use one of {', '.join([*RECIPES, *VIEW_PAIRS])}."
+    )
 
 
 # --- argument checks shared by both paths ------------------------------------------------------

@@ -40,9 +40,9 @@ from mocohub.errors import ConfigError
 from mocohub.fileio import disk_error
 
 from .checkpoint import LAST_NAME, numbered_checkpoints
-from .config import TrainConfig
 from .distributed import DistributedEnv, all_gather_no_grad
 from .monitor import MetricsLog, truncate_metrics
+from .progress import RunSettings
 
 __all__ = [
     "RUN_FILES",
@@ -195,7 +195,7 @@ def claim_run_folder(
 @contextlib.contextmanager
 def open_run(
     run_dir: Path,
-    config: TrainConfig,
+    config: RunSettings,
     env: DistributedEnv,
     resume_point: tuple[int, int] | None = None,
 ) -> Iterator[MetricsLog]:

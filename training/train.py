@@ -32,10 +32,12 @@ import torch.nn.functional as F
 from mocohub.backbones import build_backbone
 from mocohub.errors import ConfigError, InputError
 
+from . import v3_training
 from .config import TrainConfig
 from .distributed import init_from_env, wrap_ddp
 from .moco import MoCo
 from .monitor import KnnMonitor
+from .optim import build_optimizer, use_fastest_sgd_kernel
 from .progress import StopSignal, TrainingDivergedError, TrainingInterrupted, TrainingProgress
 from .run_folder import (
     FailedStartCleanup,
@@ -245,19 +247,23 @@ def train(
     initial = load_weights(weights) if weights is not None and checkpoint is None else None
 
     torch.manual_seed(config.seed)  # identical initial weights and queue on every rank
-    model = build_moco(config, info.channels, world).to(env.device)
+    v3 = config.method == "moco_v3"  # MoCo v3's parts: training/v3_training.py
+    sync_bn = v3 and world > 1 and env.device.type == "cuda"
+    model: Any = (
+        v3_training.build_moco_v3(config, info.channels, sync_bn)
+        if v3
+        else build_moco(config, info.channels, world)
+    ).to(env.device)
     dtype = choose_precision(config, env.device)
     channels_last = config.channels_last == "on" or (
         config.channels_last == "auto" and (env.device.type == "cuda" or dtype is not None)
     )
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        model.encoder_q.parameters(),
-        lr=lr_at(config, 0),
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        **({"fused": True} if env.device.type == "cuda" else {"foreach": True}),
+    optimizer: torch.optim.Optimizer = (
+        v3_training.build_v3_optimizer(config, model)
+        if v3
+        else build_optimizer(config, model, env.device)
     )
     scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
 
@@ -266,9 +272,15 @@ def train(
         # mocohub's own checkpoints, or the reference code's (model + optimizer).
         start_epoch, start_step = ckpt.restore_training_state(checkpoint, model, optimizer, scaler)
         resumed_epoch = checkpoint.get("loop") if start_step else None
+        # The saved param groups bring the saving run's kernel choice (or none, from
+        # the reference's): this device's fastest one again, with identical results.
+        if not v3:
+            use_fastest_sgd_kernel(optimizer, env.device)
     elif initial is not None:
-        load_encoders(model, initial)
-    if config.compile:
+        v3_training.load_v3_weights(model, initial) if v3 else load_encoders(model, initial)
+    if config.compile and v3:
+        v3_training.compile_encoders(model)
+    elif config.compile:
         model.encoder_q.compile()
         model.encoder_k.compile()
     net: torch.nn.Module = wrap_ddp(model, env.device) if world > 1 else model
@@ -325,7 +337,10 @@ def train(
         )
         tracker.have_checkpoint = checkpoint is not None
         for epoch in range(start_epoch, config.epochs):
+            steps = pipeline.steps_per_epoch
             lr = lr_at(config, epoch)
+            if v3:
+                lr = v3_training.step_lr(config, epoch, start_step, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             net.train()
@@ -334,10 +349,17 @@ def train(
                 if channels_last:
                     im_q = im_q.contiguous(memory_format=torch.channels_last)
                     im_k = im_k.contiguous(memory_format=torch.channels_last)
-                model.set_shuffle_seed(step_seed(config.seed, epoch, step))
-                with torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None):
-                    logits, labels = net(im_q, im_k)
-                loss = F.cross_entropy(logits, labels)
+                if v3:  # per-step lr and momentum; the loss comes from the model
+                    for group in optimizer.param_groups:
+                        group["lr"] = v3_training.step_lr(config, epoch, step, steps)
+                    m = v3_training.step_momentum(config, epoch, step, steps)
+                    with torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None):
+                        loss = net(im_q, im_k, m)
+                else:
+                    model.set_shuffle_seed(step_seed(config.seed, epoch, step))
+                    with torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None):
+                        logits, labels = net(im_q, im_k)
+                    loss = F.cross_entropy(logits, labels)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()  # scaling only with fp16: else the identity
                 scaler.step(optimizer)
@@ -353,7 +375,7 @@ def train(
             if knn is not None and (
                 last_epoch or (config.knn_every and (epoch + 1) % config.knn_every == 0)
             ):
-                metrics.update(knn(model.encoder_q))
+                metrics.update(knn(v3_training.knn_encoder(model) if v3 else model.encoder_q))
             # The summary before the checkpoint: a stop between the two redoes the
             # epoch on resume (its records are cut back to the last checkpoint).
             log.write({"event": "epoch", **metrics})

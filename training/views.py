@@ -37,7 +37,7 @@ from mocohub.sysinfo import usable_cpus
 from .config import TrainConfig
 from .data import TensorImageDataset
 from .distributed import DistributedEnv
-from .recipes import AugmentRecipe, recipe
+from .recipes import AugmentRecipe, view_recipes
 
 __all__ = [
     "ViewPipeline",
@@ -45,7 +45,9 @@ __all__ = [
     "channel_stats",
     "epoch_batches",
     "per_sample_transform",
+    "per_sample_transforms",
     "step_seed",
+    "train_recipes",
 ]
 
 Views = tuple[torch.Tensor, torch.Tensor]
@@ -79,35 +81,67 @@ def channel_stats(
     return per_channel(config.mean, channels), per_channel(config.std, channels)
 
 
+def train_recipes(config: TrainConfig) -> tuple[AugmentRecipe, AugmentRecipe]:
+    """``config.augmentation``'s recipes of view 1 and view 2 (one recipe twice unless the
+    views differ, as MoCo v3's do), with ``config.crop_min`` as the crop's smallest scale.
+
+    Example:
+        >>> train_recipes(TrainConfig(augmentation="small", crop_min=0.5))[1].scale
+        (0.5, 1.0)
+    """
+    pair = view_recipes(config.augmentation)
+    if config.crop_min is None:
+        return pair
+    first, second = (dataclasses.replace(r, scale=(config.crop_min, 1.0)) for r in pair)
+    return (first, first) if pair[0] is pair[1] else (first, second)
+
+
 def train_recipe(config: TrainConfig) -> AugmentRecipe:
-    """``config.augmentation``'s recipe, with ``config.crop_min`` as the crop's smallest scale.
+    """``config.augmentation``'s recipe of view 1 (see :func:`train_recipes`).
 
     Example:
         >>> train_recipe(TrainConfig(augmentation="small", crop_min=0.5)).scale
         (0.5, 1.0)
     """
-    named = recipe(config.augmentation)
-    if config.crop_min is None:
-        return named
-    return dataclasses.replace(named, scale=(config.crop_min, 1.0))
+    return train_recipes(config)[0]
 
 
 def batch_augment(config: TrainConfig, channels: int, generator: torch.Generator) -> Any:
-    """The batched (on-device) augmentation of ``config.augmentation``'s recipe."""
-    from .batch_augment import BatchAugment
+    """The batched (on-device) augmentation of ``config.augmentation``'s recipe: a
+    ``BatchAugment``, or a ``PairAugment`` when the two views have their own recipes."""
+    from .batch_augment import BatchAugment, PairAugment
 
     mean, std = channel_stats(config, channels)
-    return BatchAugment.from_recipe(
-        train_recipe(config), config.image_size, mean, std, generator=generator
-    )
+    first, second = train_recipes(config)
+    if first is not second:
+        return PairAugment.from_recipes(
+            (first, second), config.image_size, mean, std, generator=generator
+        )
+    return BatchAugment.from_recipe(first, config.image_size, mean, std, generator=generator)
 
 
 def per_sample_transform(config: TrainConfig, channels: int) -> Any:
-    """The per-image (worker process) augmentation of ``config.augmentation``'s recipe."""
+    """The per-image (worker process) augmentation of view 1 (:func:`per_sample_transforms`)."""
+    return per_sample_transforms(config, channels)[0]
+
+
+def per_sample_transforms(config: TrainConfig, channels: int) -> tuple[Any, Any]:
+    """The per-image (worker process) augmentations of view 1 and view 2: one
+    transform twice unless the recipe's views differ.
+
+    Example:
+        >>> first, second = per_sample_transforms(TrainConfig(augmentation="v3"), 3)
+        >>> first is second
+        False
+    """
     from .augment import recipe_transform
 
     mean, std = channel_stats(config, channels)
-    return recipe_transform(train_recipe(config), config.image_size, mean, std)
+    first, second = train_recipes(config)
+    transform = recipe_transform(first, config.image_size, mean, std)
+    if first is second:
+        return transform, transform
+    return transform, recipe_transform(second, config.image_size, mean, std)
 
 
 class _SeededTwoViews(Dataset[Views | str]):
@@ -120,8 +154,8 @@ class _SeededTwoViews(Dataset[Views | str]):
     a worker, the error would reach the main process wrapped in a traceback.
     """
 
-    def __init__(self, dataset: Any, transform: Any, seed: int) -> None:
-        self.transform, self.seed = transform, seed
+    def __init__(self, dataset: Any, transforms: tuple[Any, Any], seed: int) -> None:
+        self.transforms, self.seed = transforms, seed
         self.images: torch.Tensor | None = None
         if isinstance(dataset, TensorImageDataset):
             self.images = dataset.images
@@ -151,7 +185,8 @@ class _SeededTwoViews(Dataset[Views | str]):
         # its random numbers as they were.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(step_seed(self.seed, epoch, index, -2))
-            return self.transform(image), self.transform(image)
+            first, second = self.transforms
+            return first(image), second(image)
 
 
 def _collate(items: list[Views | str]) -> list[torch.Tensor] | str:
@@ -212,7 +247,7 @@ class ViewPipeline:
             # the views do not depend on the number of workers (each sample is seeded).
             workers = min(config.workers, usable_cpus())
             self.loader = DataLoader(
-                _SeededTwoViews(dataset, per_sample_transform(config, info.channels), config.seed),
+                _SeededTwoViews(dataset, per_sample_transforms(config, info.channels), config.seed),
                 batch_sampler=self.plan,
                 collate_fn=_collate,
                 num_workers=workers,

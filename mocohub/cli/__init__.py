@@ -34,6 +34,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "mocohub.training.eval_cli:lincls_command",
         "Linear evaluation of a model (reference MoCo protocol).",
     ),
+    "finetune-det": (
+        "mocohub.training.det_cli:finetune_det_command",
+        "Fine-tune a Mask/Faster R-CNN with a MoCo backbone on COCO data.",
+    ),
+    "eval-det": (
+        "mocohub.training.det_cli:eval_det_command",
+        "COCO box and mask AP of a finetune-det run.",
+    ),
     "list": ("mocohub.cli.hub:list_command", "List the named MoCo weights and their metrics."),
     "info": ("mocohub.cli.hub:info_command", "Show one named weight set."),
     "convert": (

@@ -14,6 +14,7 @@ import click
 
 from mocohub.backends import BACKENDS, open_backend
 from mocohub.errors import ConfigError, InputError, MocohubError
+from mocohub.launch import inside_launcher, launch_options, launch_workers, worker_args
 from mocohub.precision import PRECISIONS
 
 __all__ = ["embed_command", "merge_command"]
@@ -29,9 +30,45 @@ def _parse_shard(value: str) -> tuple[int, int]:
     return index, count
 
 
+def _output_format(out: str, given: str | None) -> str:
+    found = {".npy": "npy", ".parquet": "parquet"}.get(os.path.splitext(out)[1])
+    if found is None:
+        raise ConfigError(f"--out must be a .npy (or .parquet) file name, got {out}.")
+    if given not in (None, found):
+        raise ConfigError(
+            f"--output-format {given} writes a .{given} file; name one in --out "
+            f"(e.g. --out feats.{given}), got {out}."
+        )
+    return found
+
+
 @click.command("embed")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npy file.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output file: .npy (or .parquet, see --output-format).",
+)
+@click.option(
+    "--output-format",
+    type=click.Choice(["npy", "parquet"]),
+    default=None,
+    help="npy: OUT.npy + OUT.manifest.txt; parquet: OUT.parquet with an id and an embedding "
+    "column (and the manifest too).  [default: from the --out suffix]",
+)
+@click.option(
+    "--id-column",
+    default="id",
+    show_default=True,
+    help="Parquet/CSV inputs: the column of ids (the manifest entries).",
+)
+@click.option(
+    "--path-column",
+    default="path",
+    show_default=True,
+    help="Parquet/CSV inputs: the column of image paths (relative to the table's folder).",
+)
 @click.option("--model", "-m", required=True, help="Anything mocohub.load takes (folder, file...).")
 @click.option(
     "--backend",
@@ -91,9 +128,15 @@ def _parse_shard(value: str) -> tuple[int, int]:
     "(where times cannot be trusted; reads every file on each run).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@launch_options
+@click.pass_context
 def embed_command(
+    ctx: click.Context,
     inputs: tuple[str, ...],
     out: str,
+    output_format: str | None,
+    id_column: str,
+    path_column: str,
     model: str,
     backend: str,
     output: str,
@@ -110,26 +153,54 @@ def embed_command(
     restart: bool,
     verify_content: bool,
     quiet: bool,
+    nodes: int,
+    nproc_per_node: int,
+    node_rank: int,
+    master_addr: str,
+    master_port: int,
+    max_restarts: int,
 ) -> None:
     """Embed images into OUT.npy (+ .manifest.txt, .errors.jsonl, .meta.json).
 
-    INPUTS are folders (searched recursively), image files, or .txt files listing
-    paths. Unreadable images are skipped and listed in OUT.errors.jsonl. An
-    interrupted run resumes when rerun with the same arguments. Each file is
-    known by its path, size and modification time (or its content, with
-    --verify-content): a rerun embeds again the files that changed, and only
-    those parts of the work. The files of OUT are published together; `mocohub
-    index` refuses ones that do not belong together.
+    INPUTS are folders (searched recursively), image files, .txt files listing
+    paths, webdataset shards (a .tar file, a folder of them, or a brace pattern
+    such as 'shards/{000000..000999}.tar': each sample's key is its manifest
+    entry), or Parquet/CSV tables of ids and paths. Unreadable images are
+    skipped and listed in OUT.errors.jsonl. An interrupted run resumes when
+    rerun with the same arguments. Each file is known by its path, size and
+    modification time (or its content, with --verify-content): a rerun embeds
+    again the files that changed, and only those parts of the work. The files of
+    OUT are published together; `mocohub index` refuses ones that do not belong
+    together.
+
+    Under torchrun or srun (or with --nproc-per-node N, which starts torchrun),
+    each process embeds its own share on its own GPU and rank 0 merges them
+    into OUT: the same files as one process writes.
 
     Example: mocohub embed photos/ --out feats.npy --model runs/fmnist/model
     """
     from mocohub.embed import EmbedSettings, default_workers, embed_files, output_files
-    from mocohub.imageio import DEFAULT_MAX_PIXELS, scan_inputs
+    from mocohub.embed_sources import scan_sources
+    from mocohub.imageio import DEFAULT_MAX_PIXELS
+    from mocohub.launch import process_place
 
     shard_index = _parse_shard(shard)
+    _output_format(out, output_format)
+    output_files(out)  # checks the name before any work
+    if nodes < 1 or nproc_per_node < 1:
+        raise ConfigError("--nodes and --nproc-per-node must be at least 1.")
+    if nodes * nproc_per_node > 1 and not inside_launcher():
+        launch = (nodes, nproc_per_node, node_rank, master_addr, master_port, max_restarts)
+        launch_workers(worker_args(ctx), *launch)
+        return
+    place = process_place()
+    if place.world_size > 1 and shard_index != (0, 1):
+        raise ConfigError(
+            "--shard and torchrun/srun both split the work; under torchrun or srun each "
+            "process takes its share by itself: drop --shard."
+        )
     if os.path.exists(model):  # recorded in the output's meta: make it work from anywhere
         model = os.path.abspath(model)
-    output_files(out)  # checks the name before any work
     opener = open_backend(backend)
     if backend != "torch" and (output != "pooled" or precision != "auto"):
         raise ConfigError(
@@ -137,12 +208,21 @@ def embed_command(
             "backend runs the model file as it was exported."
         )
 
+    # one GPU per process under torchrun/srun (LOCAL_RANK); the settings keep --device as given
+    default: Any = default_workers
+    run_device = device
+    if place.world_size > 1:
+        from mocohub.embed_dist import process_device, process_workers
+
+        run_device, default = process_device(device, place.local_rank), process_workers
+
     def open_embedder(chosen: str) -> Any:
         if backend == "torch":
-            return opener(model, device=device, precision=chosen, output=output)
+            return opener(model, device=run_device, precision=chosen, output=output)
         # --device cuda:N: each process of a multi-GPU embed runs on its own GPU;
         # max_batch: TensorRT's profile covers the batches this run makes
-        return opener(model, device=None if device == "auto" else device, max_batch=batch_size)
+        ort_device = None if run_device == "auto" else run_device
+        return opener(model, device=ort_device, max_batch=batch_size)
 
     settings = EmbedSettings(
         model=model,
@@ -155,19 +235,22 @@ def embed_command(
         part_size=part_size,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
     )
-    paths = scan_inputs(inputs)
-    result = embed_files(
-        paths,
-        out,
-        settings,
-        open_embedder,
-        shard=shard_index,
-        workers=default_workers(device) if workers is None else workers,
-        dtype=dtype,
-        restart=restart,
-        progress=not quiet,
-        verify_content=verify_content,
-    )
+    paths = scan_sources(inputs, id_column=id_column, path_column=path_column)
+    options: dict[str, Any] = {
+        "workers": default(run_device) if workers is None else workers,
+        "dtype": dtype,
+        "restart": restart,
+        "progress": not quiet,
+        "verify_content": verify_content,
+    }
+    if place.world_size > 1:
+        from mocohub.embed_dist import embed_distributed
+
+        result = embed_distributed(paths, out, settings, open_embedder, place, **options)
+        if place.rank != 0:  # rank 0 reports for all
+            return
+    else:
+        result = embed_files(paths, out, settings, open_embedder, shard=shard_index, **options)
     files = output_files(out)
     skipped = f", skipped {result.skipped} (see {files['errors']})" if result.skipped else ""
     if result.up_to_date:
@@ -179,6 +262,8 @@ def embed_command(
         kept = (
             f" ({result.kept} unchanged files kept from the earlier output)" if result.kept else ""
         )
+        if place.world_size > 1:  # what the earlier, interrupted run had done is not redone
+            kept = f" by {place.world_size} processes ({result.embedded_now} embedded in this run)"
         click.echo(
             f"embedded {result.rows} images{skipped}{kept} in {result.seconds:.1f} s "
             f"({result.images_per_s:.1f} images/s, precision {result.precision or 'n/a'}) "

@@ -5,6 +5,7 @@ Example:
     $ mocohub info moco_v2_r50_800ep
     $ mocohub convert moco_v2_800ep_pretrain.pth.tar --out moco-v2-r50-800ep
     $ mocohub convert moco_v2_r50_800ep --to detectron2 --out r50_moco.pkl
+    $ mocohub convert moco_v3_vit_b --to deit --out vit-b-deit.pth
     $ mocohub push moco-v2-r50-800ep me/moco-v2-r50-800ep
 """
 
@@ -142,11 +143,13 @@ def info_command(name: str, as_json: bool) -> None:
 @click.option(
     "--to",
     "target",
-    type=click.Choice(["mocohub", "torchvision", "detectron2"]),
+    type=click.Choice(["mocohub", "torchvision", "timm", "detectron2", "deit"]),
     default="mocohub",
     show_default=True,
     help="mocohub: artifact folder (model.safetensors, config.json, README.md); torchvision: "
-    "a resnet state dict (.pth); detectron2: the .pkl MODEL.WEIGHTS takes.",
+    "a resnet state dict (.pth); timm: a timm state dict (ViT or ResNet, .pth); "
+    "detectron2: the .pkl MODEL.WEIGHTS takes (ResNets); deit: a ViT as moco-v3's "
+    "convert_to_deit.py writes it (.pth).",
 )
 @click.option("--head", is_flag=True, help="Keep the projection head (mocohub folders only).")
 @click.option("--name", default=None, help="The model's name in its config and card.")
@@ -157,7 +160,7 @@ def convert_command(
     """Convert SOURCE (a checkpoint, folder, URL, hf-hub: repo or name) for publishing.
 
     A reference MoCo .pth.tar becomes a mocohub artifact folder, a torchvision
-    state dict or a detectron2 .pkl.
+    or timm state dict, a detectron2 .pkl (ResNets) or a DeiT checkpoint (ViTs).
     """
     from mocohub.errors import InputError
     from mocohub.loading import load
@@ -176,6 +179,18 @@ def convert_command(
 
         written = save_torchvision(model, out)
         click.echo(f"Wrote {written}: a torchvision {config.arch} state dict (no fc).")
+    elif target == "timm":
+        from mocohub.foreign import save_timm
+
+        written = save_timm(model, out)
+        click.echo(f"Wrote {written}: a timm {config.arch} state dict (no classifier head).")
+    elif target == "deit":
+        from mocohub.foreign import save_deit
+
+        written = save_deit(model, out)
+        click.echo(
+            f"Wrote {written}: a DeiT checkpoint ({{'model': ...}}, no head) of {config.arch}."
+        )
     elif target == "detectron2":
         from mocohub.foreign import save_detectron2
 
