@@ -96,3 +96,30 @@ def test_mocohub_errors_become_one_line_and_an_exit_code(
     assert exit_info.value.code == ConfigError.exit_code != 0
     err = capsys.readouterr().err
     assert err == "Error: K=10 is not a multiple of 4; choose another K.\n"
+
+
+WARNS = """
+import warnings, click
+from mocohub import cli
+
+@click.command("warn")
+def warn():
+    warnings.warn("mocohub: sync_bn runs as plain BatchNorm because ...", stacklevel=1)
+    warnings.warn("a deprecated thing", DeprecationWarning, stacklevel=1)
+
+cli.COMMANDS["warn"] = ("__main__:warn", "Warns.")
+before = warnings.formatwarning
+cli.main(["warn"])
+assert warnings.formatwarning is before, "the format is put back for in-process callers"
+"""
+
+
+def test_warnings_print_as_one_line_while_a_command_runs() -> None:
+    done = subprocess.run(
+        [sys.executable, "-W", "always", "-c", WARNS], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == (
+        "Warning: sync_bn runs as plain BatchNorm because ...\n"
+        "Warning (DeprecationWarning): a deprecated thing\n"
+    )

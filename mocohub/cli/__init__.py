@@ -95,8 +95,28 @@ def cli() -> None:
     """
 
 
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    line: str | None = None,
+) -> str:
+    """A warning as the command line shows it: one line, without the source line."""
+    kind = "" if category is UserWarning else f" ({category.__name__})"
+    return f"Warning{kind}: {str(message).removeprefix('mocohub: ')}\n"
+
+
 def main(argv: list[str] | None = None) -> Any:
-    """Entry point of the ``mocohub`` script and ``python -m mocohub``."""
+    """Entry point of the ``mocohub`` script and ``python -m mocohub``.
+
+    Warnings print as one line each while a command runs (the caller's format
+    is put back afterwards, for callers that run commands in-process).
+    """
+    import warnings
+
+    previous = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         return cli.main(args=argv, prog_name="mocohub", standalone_mode=False)
     except click.exceptions.Abort:
@@ -108,3 +128,5 @@ def main(argv: list[str] | None = None) -> Any:
     except MocohubError as error:
         click.echo(f"Error: {error}", err=True)
         sys.exit(error.exit_code)
+    finally:
+        warnings.formatwarning = previous
