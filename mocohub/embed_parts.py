@@ -160,6 +160,11 @@ def open_workdir(parts: Path, key: str, settings: dict[str, Any], restart: bool)
         True
     """
     run_file = parts / "run.json"
+    if parts.exists() and not parts.is_dir():
+        raise InputError(
+            f"{parts} is a file, but mocohub embed keeps its unfinished parts in a folder of "
+            "that name; move or delete the file, or choose another --out."
+        )
     # Nothing finished yet (e.g. the model failed to load): nothing to keep, start afresh.
     nothing_done = parts.exists() and all(
         p.name == run_file.name or p.name.endswith(".tmp") for p in parts.iterdir()

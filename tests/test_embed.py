@@ -690,3 +690,15 @@ def test_uint8_crops_normalised_on_the_gpu_give_the_cpu_numbers(dataset, model_d
         batches.close()
     assert crops.dtype == torch.uint8 and crops.is_pinned()
     np.testing.assert_allclose(gpu.embed_batch(crops), cpu.embed_batch(crops), atol=1e-4)
+
+
+def test_a_file_where_the_parts_folder_goes_is_one_clear_error(
+    tmp_path: Path, dataset, model_dir: Path
+) -> None:
+    paths = scan_inputs([dataset[0]])
+    out = tmp_path / "feats.npy"
+    (tmp_path / "feats.npy.parts").write_text("someone's file")
+    with pytest.raises(InputError, match=r"feats.npy.parts is a file, but mocohub embed keeps"):
+        run_embed(paths, out, model_dir)
+    assert (tmp_path / "feats.npy.parts").read_text() == "someone's file"  # left alone
+    assert not out.exists()

@@ -189,6 +189,17 @@ def test_parquet_output_holds_ids_and_the_npy_rows(
     capsys.readouterr()
     embed(str(tmp_path / "shards"), "--out", str(out), "-m", str(model), *ARGS)
     assert "is up to date" in capsys.readouterr().out
+    # `mocohub index` takes the parquet output as it takes a .npy: its rows and ids.
+    from mocohub.index import Index
+
+    main(["index", str(out), "--out", str(tmp_path / "p.index")])
+    index = Index.load(tmp_path / "p.index")
+    assert list(index.ids) == keys[:10]
+    query = array[:2]
+    (ids, scores), (want_ids, want_scores) = (
+        i.search(query, k=3) for i in (index, Index.build(array, keys[:10]))
+    )
+    assert ids.tolist() == want_ids.tolist() and np.array_equal(scores, want_scores)
     args = ["--out", str(tmp_path / "g.npy"), "-m", str(model), "--output-format", "parquet"]
     err = fails(capsys, str(tmp_path / "shards"), *args)
     assert "--output-format parquet writes a .parquet file" in err

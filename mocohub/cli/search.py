@@ -44,7 +44,7 @@ __all__ = ["index_command", "search_command"]
 def index_command(
     features: str, out: str, kind: str, nlist: int | None, nprobe: int | None
 ) -> None:
-    """Build a search index from FEATURES (.npy written by `mocohub embed`).
+    """Build a search index from FEATURES (.npy or .parquet written by `mocohub embed`).
 
     With FEATURES.meta.json beside it, the array, manifest and errors file must
     be the ones it records (else: rerun `mocohub embed`); a bare .npy is indexed
@@ -52,7 +52,7 @@ def index_command(
 
     Example: mocohub index feats.npy --out feats.index
     """
-    from mocohub.embed_outputs import output_files, verified_meta
+    from mocohub.embed_outputs import load_features, output_files, verified_meta
     from mocohub.index import Index
 
     files = output_files(features)
@@ -62,9 +62,9 @@ def index_command(
             k: v for k, v in verified_meta(features).items() if k not in ("files", "parts")
         }
     try:
-        vectors = np.load(features, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise InputError(f"Cannot read {features} as a .npy array ({e}).") from e
+        vectors = load_features(features)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"Cannot read {features} as a .npy or .parquet array ({e}).") from e
     ids: list[Any] | None = None
     if files["manifest"].exists():
         ids = files["manifest"].read_text(encoding="utf-8").splitlines()
