@@ -20,7 +20,10 @@ short for it):
    row names the providers its session really used; a provider that is missing or
    fell back is reported ``unavailable``, never timed under its name
    (``bench/export.py``'s :func:`ort_row`). Goals: >= 0.9x the bare forward and
-   >= 5,000 img/s.
+   >= 5,000 img/s. With more than one GPU, also ``mocohub embed --nproc-per-node
+   N`` (one process per GPU, torchrun) against the same command in one process,
+   whole commands timed (goal: >= 0.7 N x); on the CPU (the dry run) two
+   one-thread processes stand for the GPUs.
 5. ``fmnist``: Fashion-MNIST pre-training for as many epochs as the budget left
    allows, with the k-NN monitor after each (the full data set when
    ``/usr/share/datasets/fashion-mnist`` holds it, else the 300 committed samples).
@@ -459,6 +462,8 @@ def bench_embed(device: Any, sizes: Sizes, tmp: Path) -> dict[str, Any]:
     rows.append(row(f"mocohub embed, torch {embedder.precision}", f"torch {device}",
                     e2e["pipeline"], "bare forward, same model", bare, goals))  # fmt: skip
 
+    rows.append(bench_embed_processes(device, sizes, images, model_dir, precision, tmp))
+
     onnx_dir = tmp / "onnx"
     onnx_dir.mkdir()
     ex.export_files(model, onnx_dir, None, gpu=True, int8=False)
@@ -487,6 +492,55 @@ def bench_embed(device: Any, sizes: Sizes, tmp: Path) -> dict[str, Any]:
         f"{sizes.jpeg_size[0]}x{sizes.jpeg_size[1]}, batch {sizes.embed_batch}",
         "rows": rows,
     }
+
+
+def bench_embed_processes(
+    device: Any, sizes: Sizes, images: Path, model_dir: Path, precision: str, tmp: Path
+) -> dict[str, Any]:
+    """``mocohub embed --nproc-per-node N`` (one process per GPU) against one process.
+
+    Both are whole commands (interpreters, model loads and, for N, torchrun and the
+    merge included), so the ratio is what a user's wall clock sees.
+    """
+    import socket
+
+    import torch
+
+    from mocohub.embed_outputs import output_files
+
+    count = torch.cuda.device_count() if device.type == "cuda" else 2
+    name = f"mocohub embed --nproc-per-node {count}, torch {precision}"
+    if count < 2:
+        return row(name, "unavailable", None, reason=f"needs 2 or more GPUs; found {count}")
+    base = [sys.executable, "-m", "mocohub", "embed", str(images), "--model", str(model_dir),
+            "--precision", precision, "--batch-size", str(sizes.embed_batch), "--quiet",
+            "--restart"]  # fmt: skip
+    env = dict(os.environ)
+    if device.type == "cpu":  # the dry run: two one-thread processes share the CPU
+        env["OMP_NUM_THREADS"] = "1"
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    speeds = {}
+    for who, extra in (
+        ("one", []),
+        ("many", ["--nproc-per-node", str(count), "--master-port", port]),
+    ):
+        started = time.perf_counter()
+        done = subprocess.run([*base, "--out", str(tmp / f"{who}.npy"), *extra], env=env,
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return row(name, "failed", None, reason=tail)
+        rows_written = len(output_files(tmp / f"{who}.npy")["manifest"].read_text().splitlines())
+        speeds[who] = rows_written / (time.perf_counter() - started)
+    first, second = output_files(tmp / "one.npy"), output_files(tmp / "many.npy")
+    identical = all(
+        first[r].read_bytes() == second[r].read_bytes() for r in ("features", "manifest")
+    )
+    return row(name, f"{count} processes, one device each", speeds["many"],
+               "the same command, one process", speeds["one"], {"ratio": 0.7 * count},
+               identical_outputs=identical)  # fmt: skip
 
 
 # --------------------------------------------------------------------------

@@ -77,6 +77,12 @@ def test_the_dry_run_runs_every_part_and_measures_each_against_its_baseline(
     assert _real(train[0]["img_per_s"]) and train[0]["baseline_img_per_s"] == ours["img_per_s"]
     assert any(r["row"].startswith("JPEG decode, torchvision") for r in train)
 
+    embed = _rows(report, "embed")
+    many = embed["mocohub embed --nproc-per-node 2, torch fp32"]
+    assert many["baseline"] == "the same command, one process" and many["goals"] == {"ratio": 1.4}
+    assert _real(many["img_per_s"]) and _real(many["baseline_img_per_s"])
+    assert many["identical_outputs"] is True  # torchrun's shares merge into one process's files
+
     fmnist = report["parts"]["fmnist"]
     assert fmnist["epochs"] == 2 and len(fmnist["knn_top1_per_epoch"]) == 2
     assert all(0.0 <= v <= 1.0 for v in fmnist["knn_top1_per_epoch"])
