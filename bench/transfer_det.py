@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-iters", type=int, default=50)
     p.add_argument("--min-size", type=int, default=128)
     p.add_argument("--max-size", type=int, default=128)
+    p.add_argument("--rois-per-image", type=int, default=128, help="torchvision's: 512")
+    p.add_argument("--rpn-proposals", type=int, default=300, help="torchvision's: 2000")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--seeds", type=int, default=3)
@@ -185,6 +187,8 @@ def run_one(args: argparse.Namespace, data: Path, row: dict[str, Any], seed: int
         "--iters", str(args.iters), "--batch-size", str(args.batch_size),
         "--lr", str(args.lr), "--warmup-iters", str(args.warmup_iters),
         "--min-size", str(args.min_size), "--max-size", str(args.max_size),
+        "--rois-per-image", str(args.rois_per_image),
+        "--rpn-proposals", str(args.rpn_proposals),
         "--workers", str(args.workers), "--seed", str(seed),
         "--precision", args.precision, "--eval-every", "0", "--quiet", "--restart",
     ]  # fmt: skip
@@ -241,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = (
         f"{args.kind}, FPN/heads norm {args.fpn_norm}, {args.iters} iters, batch "
         f"{args.batch_size}, lr {args.lr} (per 16 images), warm-up {args.warmup_iters}, "
-        f"size {args.min_size}/{args.max_size}, precision {args.precision}, "
+        f"size {args.min_size}/{args.max_size}, {args.rois_per_image} RoIs and "
+        f"{args.rpn_proposals} proposals per image, precision {args.precision}, "
         f"seeds 0..{args.seeds - 1}"
     )
     print()

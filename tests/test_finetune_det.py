@@ -190,11 +190,19 @@ def test_run_settings_reach_the_detector(backbone: Path) -> None:
 
     loaded = mocohub.load(str(backbone)).conv1.weight
     options: dict[str, Any] = {"norm": "gn", "fpn_norm": "none", "min_size": 64, "max_size": 96}
-    detector = build_run_detector(DetConfig(model=str(backbone), **options), num_classes=3)
+    sized = {"fpn_channels": 32, "rois_per_image": 64, "rpn_proposals": 100}
+    detector = build_run_detector(DetConfig(model=str(backbone), **options, **sized), 3)
     assert torch.equal(detector.backbone.body.conv1.weight, loaded)
     assert isinstance(detector.backbone.body.bn1, torch.nn.GroupNorm)
     assert detector.transform.min_size == (64,) and detector.transform.max_size == 96
     assert detector.roi_heads.box_predictor.cls_score.out_features == 3
+    # the heads' work, sized for small images
+    assert detector.backbone.out_channels == 32
+    assert detector.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+    assert detector.rpn._post_nms_top_n["training"] == 100
+    assert detector.rpn._pre_nms_top_n["training"] == 200
+    default = build_run_detector(DetConfig(model=str(backbone), **options), num_classes=3)
+    assert default.roi_heads.fg_bg_sampler.batch_size_per_image == 512
     config = DetConfig(model=str(backbone), pretrained=False, **options)
     random = build_run_detector(config, num_classes=3)
     assert random.backbone.body.conv1.weight.shape == loaded.shape

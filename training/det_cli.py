@@ -115,6 +115,20 @@ def _scores(metrics: dict[str, Any]) -> str:
 @click.option("--min-size", type=click.IntRange(min=1), help="Short side images are resized to.")
 @click.option("--max-size", type=click.IntRange(min=1), help="Longest side after resizing.")
 @click.option(
+    "--fpn-channels", type=click.IntRange(min=1), help="FPN and head width (default 256, or less)."
+)
+@click.option(
+    "--rois-per-image",
+    type=click.IntRange(min=1),
+    help="RoIs sampled per image for the box and mask heads (torchvision's 512).",
+)
+@click.option(
+    "--rpn-proposals",
+    type=click.IntRange(min=1),
+    help="RPN proposals kept per image in training (torchvision's 2000; small images need far "
+    "fewer).",
+)
+@click.option(
     "--train-ann", help="Training annotations (default DATA/annotations/instances_train.json)."
 )
 @click.option(

@@ -34,9 +34,14 @@ __all__ = ["DetConfig"]
 class DetConfig:
     """Every setting of a detection fine-tuning run (see the module docstring).
 
-    ``norm``, ``fpn_norm``, ``trainable_layers``, ``min_size`` and ``max_size``
-    go to :func:`mocohub.detection.build_detector` ("default" and None take
-    its defaults; ``fpn_norm="none"`` is its ``fpn_norm=None``).
+    ``norm``, ``fpn_norm``, ``trainable_layers``, ``min_size``, ``max_size``
+    and ``fpn_channels`` go to :func:`mocohub.detection.build_detector`
+    ("default" and None take its defaults; ``fpn_norm="none"`` is its
+    ``fpn_norm=None``). ``rois_per_image`` (torchvision's
+    ``box_batch_size_per_image``, 512) and ``rpn_proposals`` (the proposals kept
+    per image in training, ``rpn_post_nms_top_n_train``, 2000; twice as many
+    before NMS) size the heads' work: COCO's values, several times what small
+    images with a few objects need, and most of a CPU step.
     """
 
     model: str
@@ -46,6 +51,9 @@ class DetConfig:
     trainable_layers: int | None = None
     min_size: int | None = None
     max_size: int | None = None
+    fpn_channels: int | None = None
+    rois_per_image: int | None = None
+    rpn_proposals: int | None = None
     pretrained: bool = True  # False: the same network at random initialisation
     # optimisation
     epochs: int = 12

@@ -53,9 +53,14 @@ def build_run_detector(config: DetConfig, num_classes: int) -> Any:
         value = getattr(config, name)
         if value != "default":
             options[name] = None if value == "none" else value
-    for name in ("trainable_layers", "min_size", "max_size"):
+    for name in ("trainable_layers", "min_size", "max_size", "fpn_channels"):
         if getattr(config, name) is not None:
             options[name] = getattr(config, name)
+    if config.rois_per_image is not None:
+        options["box_batch_size_per_image"] = config.rois_per_image
+    if config.rpn_proposals is not None:
+        options["rpn_post_nms_top_n_train"] = config.rpn_proposals
+        options["rpn_pre_nms_top_n_train"] = 2 * config.rpn_proposals
     return build_detector(
         config.model, config.kind, num_classes=num_classes, pretrained=config.pretrained, **options
     )
