@@ -46,10 +46,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("mocohub.cli.hub:info_command", "Show one named weight set."),
     "convert": (
         "mocohub.cli.hub:convert_command",
-        "Convert a MoCo checkpoint to a mocohub folder, torchvision or detectron2.",
+        "Convert a MoCo checkpoint to a mocohub folder, torchvision, timm, DeiT or detectron2.",
     ),
     "push": ("mocohub.cli.hub:push_command", "Publish a model folder on the Hugging Face Hub."),
-    "embed": ("mocohub.cli.embed:embed_command", "Embed folders of images into a .npy file."),
+    "embed": (
+        "mocohub.cli.embed:embed_command",
+        "Embed images (folders, lists, shards, tables) into a .npy or .parquet file.",
+    ),
     "embed-merge": (
         "mocohub.cli.embed:merge_command",
         "Merge the outputs of `mocohub embed --shard i/n` runs.",
