@@ -14,9 +14,11 @@ This is the one place that knows the layout of MoCo checkpoints:
   missing) and ``optimizer``; trained with ImageNet's preprocessing (224 px
   crops of images resized to 256, ImageNet mean/std);
 - a **reference MoCo v3 checkpoint** (facebookresearch/moco-v3
-  ``main_moco.py``): ``arch`` (``resnet50``, ``vit_small``, ``vit_base``),
-  ``state_dict`` with ``module.base_encoder.*``, ``module.momentum_encoder.*``
-  and ``module.predictor.*``; the backbone is ``base_encoder.*`` minus its
+  ``main_moco.py``): ``epoch``, ``arch`` (``resnet50``, ``vit_small``,
+  ``vit_base``), ``state_dict`` with ``module.base_encoder.*``,
+  ``module.momentum_encoder.*`` and ``module.predictor.*``, ``optimizer``
+  (LARS or AdamW over all of the model's parameters) and ``scaler`` (its
+  GradScaler's state); the backbone is ``base_encoder.*`` minus its
   projector (a BN MLP, not kept): ``fc.*`` for a ResNet, ``head.*`` for a ViT
   (the keys that the reference's ``main_lincls.py`` and ``convert_to_deit.py``
   drop too). A ViT's keys are timm's, loaded strictly into
@@ -76,6 +78,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "backbone_state_from_moco",
+    "checkpoint_method",
     "find_checkpoint_file",
     "head_from_state",
     "is_reference_checkpoint",
@@ -89,6 +92,7 @@ _MOCO_KEYS = ("encoder_q.", "encoder_k.", "queue", "queue_ptr")
 _QUERY_ENCODER = "encoder_q."
 # MoCo v3 (facebookresearch/moco-v3 moco/builder.py): the trained network is base_encoder.
 _V3_BASE_ENCODER = "base_encoder."
+_V3_KEYS = (_V3_BASE_ENCODER, "momentum_encoder.", "predictor.")
 _HEAD = "fc."
 _VIT_HEAD = "head."
 
@@ -152,12 +156,44 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         ) from e
 
 
-def is_reference_checkpoint(ckpt: Any) -> bool:
-    """True for a facebookresearch/moco ``main_moco.py`` checkpoint (MoCo v1/v2).
+def _state_method(state: Mapping[Any, Any]) -> str | None:
+    """``"moco"`` (v1/v2) or ``"moco_v3"``: which MoCo a model state dict holds, by its keys
+    (``module.`` stripped); None for anything else."""
+    keys = [k.removeprefix("module.") for k in state if isinstance(k, str)]
+    for method, prefixes in (("moco", _MOCO_KEYS), ("moco_v3", _V3_KEYS)):
+        if all(any(k.startswith(p) for k in keys) for p in prefixes):
+            return method
+    return None
 
-    It is ``{'epoch', 'arch', 'state_dict', 'optimizer'}`` whose ``state_dict``
-    keys are ``module.encoder_q.*``, ``module.encoder_k.*``, ``module.queue``
-    and ``module.queue_ptr`` (a DDP model; the prefix may also be absent).
+
+def checkpoint_method(ckpt: Any) -> str | None:
+    """The MoCo a checkpoint trains, as ``TrainConfig.method`` names it, or None.
+
+    ``"moco"`` for MoCo v1/v2 (``encoder_q``, ``encoder_k``, ``queue``,
+    ``queue_ptr``), ``"moco_v3"`` for MoCo v3 (``base_encoder``,
+    ``momentum_encoder``, ``predictor``), read from the keys of a mocohub
+    checkpoint's ``model`` or a reference checkpoint's ``state_dict``; None for
+    any other checkpoint (a detector's, say).
+
+    Example:
+        >>> checkpoint_method(read_checkpoint("r-50-100ep.pth.tar"))
+        'moco_v3'
+    """
+    if not isinstance(ckpt, Mapping):
+        return None
+    state = ckpt.get("model") if is_native_checkpoint(ckpt) else ckpt.get("state_dict")
+    return _state_method(state) if isinstance(state, Mapping) else None
+
+
+def is_reference_checkpoint(ckpt: Any) -> bool:
+    """True for a facebookresearch/moco or moco-v3 ``main_moco.py`` checkpoint.
+
+    MoCo v1/v2: ``{'epoch', 'arch', 'state_dict', 'optimizer'}`` whose
+    ``state_dict`` keys are ``module.encoder_q.*``, ``module.encoder_k.*``,
+    ``module.queue`` and ``module.queue_ptr``. MoCo v3: ``{'epoch', 'arch',
+    'state_dict', 'optimizer', 'scaler'}`` with ``module.base_encoder.*``,
+    ``module.momentum_encoder.*`` and ``module.predictor.*``. The ``module.``
+    prefix (a DDP model) may also be absent.
 
     Example:
         >>> is_reference_checkpoint(read_checkpoint("moco_v2_800ep_pretrain.pth.tar"))
@@ -166,17 +202,15 @@ def is_reference_checkpoint(ckpt: Any) -> bool:
     if not isinstance(ckpt, Mapping) or is_native_checkpoint(ckpt):
         return False
     state = ckpt.get("state_dict")
-    if not isinstance(state, Mapping):
-        return False
-    keys = [k.removeprefix("module.") for k in state if isinstance(k, str)]
-    return all(any(k.startswith(p) for k in keys) for p in _MOCO_KEYS)
+    return isinstance(state, Mapping) and _state_method(state) is not None
 
 
 def moco_state_from_reference(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """A reference checkpoint's MoCo state_dict, ``module.`` stripped, for ``MoCo.load_state_dict``.
+    """A reference checkpoint's model state_dict, ``module.`` stripped, for ``load_state_dict``.
 
-    Build ``MoCo`` with the reference run's ``arch``, ``dim``, ``K`` and
-    ``mlp`` and it loads strictly.
+    Build ``MoCo`` (v1/v2) with the reference run's ``arch``, ``dim``, ``K``
+    and ``mlp``, or ``MoCoV3`` with its ``arch``, ``dim`` and ``mlp_dim``, and
+    it loads strictly.
 
     Example:
         >>> model = MoCo(torchvision.models.resnet50, dim=128, K=65536, mlp=True)
@@ -185,8 +219,9 @@ def moco_state_from_reference(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor
     """
     if not is_reference_checkpoint(ckpt):
         raise InputError(
-            "This is not a reference MoCo v1/v2 checkpoint (its state_dict lacks encoder_q, "
-            "encoder_k, queue and queue_ptr); pass a main_moco.py checkpoint."
+            "This is not a reference MoCo checkpoint (its state_dict lacks encoder_q, "
+            "encoder_k, queue and queue_ptr, or base_encoder, momentum_encoder and "
+            "predictor); pass a main_moco.py checkpoint."
         )
     return {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
 
@@ -194,11 +229,13 @@ def moco_state_from_reference(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor
 def optimizer_state_from_reference(ckpt: Mapping[str, Any], num_params: int | None) -> Any:
     """A reference checkpoint's optimizer state, cut to ``encoder_q`` when the optimizer holds it.
 
-    The reference optimizes ``model.parameters()``: encoder_q's P tensors,
-    then encoder_k's P, which never get a gradient and so have no state. An
-    optimizer with one parameter group of ``num_params`` = P tensors (over
-    ``encoder_q.parameters()``) takes the first P entries; any other shape
-    (``num_params`` None: several groups) gets the state as it is.
+    The reference optimizes ``model.parameters()``: in v1/v2 encoder_q's P
+    tensors, then encoder_k's P, which never get a gradient and so have no
+    state. An optimizer with one parameter group of ``num_params`` = P
+    tensors (over ``encoder_q.parameters()``) takes the first P entries; any
+    other shape (``num_params`` None: several groups) gets the state as it
+    is. So does a v3 optimizer (LARS's ``mu``, AdamW's moments), which
+    mocohub builds over ``model.parameters()`` as the reference does.
 
     Example:
         >>> optimizer.load_state_dict(optimizer_state_from_reference(ckpt, 62))

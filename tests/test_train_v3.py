@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import traceback
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image, ImageOps
+from v3_helpers import SAMPLES, newest_state, sample_images, tiny_v3
 
 from mocohub.errors import ConfigError
 from mocohub.training import checkpoint as ckpt
@@ -23,13 +23,9 @@ from mocohub.training.augment import PILGaussianBlur
 from mocohub.training.batch_augment import BatchAugment, PairAugment, SolarizeParams
 from mocohub.training.cli import VIT_ARCHES
 from mocohub.training.config import preset
-from mocohub.training.data import resolve_dataset
 from mocohub.training.lars import LARS
 from mocohub.training.train import TrainingInterrupted, train
 from mocohub.training.views import batch_augment, per_sample_transforms
-
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "samples" / "fashion-mnist"
 
 # Reference values: facebookresearch/moco-v3 main_moco.py defaults and CONFIG.md commands.
 REFERENCE = {
@@ -186,30 +182,9 @@ def test_per_image_views_draw_blur_and_solarize_with_the_recipe_s_probabilities(
     assert abs(blurred - 100) < 30 and abs(solarized - 200) < 40  # p 0.1 and 0.2
 
 
-def _tiny(arch: str, **overrides: Any):
-    if arch.startswith("vit"):
-        base = {"arch": arch, "augmentation": "small_v3", "crop_min": 0.2}
-        name = "moco_v3_vit_s"
-    else:
-        base = {"arch": arch, "width": 8}
-        name = "fashion_mnist_v3"
-    values = dict(
-        image_size=16, dim=16, mlp_dim=32, batch_size=32, epochs=2, warmup_epochs=1,
-        workers=0, precision="fp32", mean=(0.286,), std=(0.353,),
-    )  # fmt: skip
-    return preset(name, **{**base, **values, **overrides})
-
-
-def _state(run_dir: Path) -> dict[str, Any]:
-    latest = ckpt.find_latest_checkpoint(run_dir)
-    assert latest is not None
-    return ckpt.load_checkpoint(latest)
-
-
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    dataset, _ = resolve_dataset(SAMPLES)
-    return dataset.images[:96]  # 3 steps of 32 an epoch
+    return sample_images(96)  # 3 steps of 32 an epoch
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit_nano"])
@@ -218,13 +193,13 @@ def test_a_tiny_v3_run_resumes_bit_identically(
 ) -> None:
     # The ResNet's views are made on the device, the ViT's per image (both paths).
     path = "device" if arch == "resnet18" else "workers"
-    config = _tiny(arch, checkpoint_every=2, augment_on=path)
+    config = tiny_v3(arch, checkpoint_every=2, augment_on=path)
     straight = train(config, images, tmp_path / "a", progress=False)
     with pytest.raises(TrainingInterrupted, match="at step 2"):
         train(config, images, tmp_path / "b", progress=False, stop_after_steps=2)
-    assert _state(tmp_path / "b")["step"] == 2
+    assert newest_state(tmp_path / "b")["step"] == 2
     resumed = train(config, images, tmp_path / "b", resume="auto", progress=False)
-    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    a, b = newest_state(tmp_path / "a"), newest_state(tmp_path / "b")
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 0)
     assert {key.split(".")[0] for key in a["model"]} == {
         "base_encoder",
@@ -263,7 +238,7 @@ def test_a_v3_run_loads_monitors_and_builds_lars_over_the_reference_parameters(
 ) -> None:
     import mocohub
 
-    config = _tiny("resnet18", epochs=1)
+    config = tiny_v3("resnet18", epochs=1)
     labels = torch.arange(len(images)) % 10
     metrics = train(
         config, images, tmp_path, progress=False, knn_data=((images, labels), (images, labels))
@@ -276,7 +251,7 @@ def test_a_v3_run_loads_monitors_and_builds_lars_over_the_reference_parameters(
     assert optimizer.param_groups[0]["params"] == list(model.parameters())
     # The run folder loads as a backbone: the base encoder without its projector.
     backbone = mocohub.load(tmp_path)
-    state = _state(tmp_path)["model"]
+    state = newest_state(tmp_path)["model"]
     torch.testing.assert_close(
         backbone.state_dict()["conv1.weight"], state["base_encoder.conv1.weight"]
     )
@@ -287,7 +262,7 @@ def test_the_vit_knn_encoder_gives_the_class_token() -> None:
     from mocohub.training.monitor import pooled_features
 
     torch.manual_seed(0)
-    model = v3_training.build_moco_v3(_tiny("vit_nano"), 1).eval()
+    model = v3_training.build_moco_v3(tiny_v3("vit_nano"), 1).eval()
     x = torch.randn(2, 1, 16, 16)
     with pooled_features(v3_training.knn_encoder(model)) as backbone:
         pooled = backbone(x)
@@ -296,7 +271,12 @@ def test_the_vit_knn_encoder_gives_the_class_token() -> None:
     assert pooled.shape == (2, 32)
 
 
-def _gloo_worker(rank: int, port: int, run_dir: str, images: torch.Tensor, out: str) -> None:
+def _gloo_worker(
+    rank: int, port: int, jobs: list[tuple[str, dict[str, Any]]], images: torch.Tensor, out: str
+) -> None:
+    """Rank ``rank`` of a 2-process gloo run: the ``train`` calls ``jobs`` lists (run folder,
+    keyword arguments), one after the other in the same process group; a job with
+    ``stop_after_steps`` must stop. Writes ``rank{rank}.txt``: "ok" or the traceback."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE="2",
@@ -308,7 +288,18 @@ def _gloo_worker(rank: int, port: int, run_dir: str, images: torch.Tensor, out: 
     torch.set_num_threads(1)
     outcome = "ok"
     try:
-        train(_tiny("vit_nano", epochs=1), images, Path(run_dir), progress=False)
+        for run_dir, options in jobs:
+            config = tiny_v3("vit_nano", checkpoint_every=2)
+            try:
+                train(config, images, Path(run_dir), progress=False, **options)
+            except TrainingInterrupted:
+                if "stop_after_steps" not in options:
+                    raise
+                if rank == 0:  # where rank 0 saved on stopping
+                    epoch, step = ckpt.checkpoint_point(newest_state(Path(run_dir)))
+                    Path(out, "stopped_at.txt").write_text(f"{epoch} {step}")
+            else:
+                assert "stop_after_steps" not in options, f"{run_dir} did not stop"
     except BaseException:
         outcome = traceback.format_exc()
     finally:
@@ -320,23 +311,46 @@ def _gloo_worker(rank: int, port: int, run_dir: str, images: torch.Tensor, out: 
 
 
 @pytest.mark.slow
-def test_two_process_gloo_v3_run_checkpoints(images: torch.Tensor, tmp_path: Path) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    run_dir = tmp_path / "run"
+def test_two_process_gloo_v3_run_checkpoints_and_resumes_bit_identically(
+    images: torch.Tensor, tmp_path: Path, free_port: int
+) -> None:
+    """A tiny ViT (AdamW) on 2 gloo processes, 16 images a rank a step, 3 steps an epoch,
+    2 epochs: a run stopped at step 2 (a mid-epoch checkpoint) and resumed with
+    resume="auto" ends where the straight run ends, bit for bit: weights, BN statistics,
+    AdamW's moments and step counts. The straight run goes between the stop and the
+    resume, in the same processes (one launch keeps the test short), so the resume
+    starts from whatever state that run left in them, as a fresh process would not."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    jobs = [
+        (str(stopped), {"stop_after_steps": 2}),
+        (str(straight), {}),
+        (str(stopped), {"resume": "auto"}),
+    ]
     mp.start_processes(
         _gloo_worker,
-        args=(port, str(run_dir), images, str(tmp_path)),
+        args=(free_port, jobs, images, str(tmp_path)),
         nprocs=2,
         join=True,
         start_method="spawn",
     )
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert outcomes == ["ok", "ok"], outcomes
-    state = _state(run_dir)
-    assert (state["epoch"], state["step"]) == (1, 0)
-    assert json.loads((run_dir / "config.json").read_text())["method"] == "moco_v3"
+
+    a, b = newest_state(straight), newest_state(stopped)
+    assert ckpt.checkpoint_point(a) == ckpt.checkpoint_point(b) == (2, 0)
+    assert json.loads((stopped / "config.json").read_text())["method"] == "moco_v3"
+    assert (tmp_path / "stopped_at.txt").read_text() == "0 2"  # mid-epoch: step 2 of 3
+    assert a["model"].keys() == b["model"].keys()
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys() and state_a
+    for index, moments in state_a.items():
+        assert moments.keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for name, value in moments.items():
+            assert torch.equal(value, state_b[index][name]), (index, name)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert not torch.equal(a["model"]["predictor.0.weight"], _init_predictor(tiny_v3("vit_nano")))
 
 
 def test_lincls_v3_protocol_values() -> None:
@@ -392,7 +406,7 @@ def test_train_and_lincls_v3_from_the_command_line(
 
 
 def test_weights_load_from_a_v3_checkpoint_of_either_format() -> None:
-    config = _tiny("vit_nano")
+    config = tiny_v3("vit_nano")
     torch.manual_seed(1)
     source = v3_training.build_moco_v3(config, 1)
     reference = {"state_dict": {"module." + k: v for k, v in source.state_dict().items()}}
@@ -406,5 +420,5 @@ def test_weights_load_from_a_v3_checkpoint_of_either_format() -> None:
         v3_training.load_v3_weights(target, {"state_dict": {"module.encoder_q.fc.weight": 0}})
     with pytest.raises(ConfigError, match="use the same --arch, --dim and --mlp-dim"):
         v3_training.load_v3_weights(
-            v3_training.build_moco_v3(_tiny("vit_nano", dim=8), 1), {"model": source.state_dict()}
+            v3_training.build_moco_v3(tiny_v3("vit_nano", dim=8), 1), {"model": source.state_dict()}
         )

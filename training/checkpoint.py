@@ -17,8 +17,10 @@ Bytes damaged after the write are caught on load: :func:`load_checkpoint`
 first runs :func:`verify_checkpoint`, and :func:`find_resumable_checkpoint`
 skips damaged checkpoints for the newest intact one.
 
-The reference code's ``.pth.tar`` (facebookresearch/moco ``main_moco.py``) is
-understood too: see :func:`is_reference_checkpoint`.
+The reference code's ``.pth.tar`` (``main_moco.py`` of facebookresearch/moco,
+MoCo v1/v2, and of facebookresearch/moco-v3) is understood too: see
+:func:`is_reference_checkpoint`. A checkpoint of one MoCo never resumes a run of
+the other (:func:`check_same_method`).
 
 Example:
     >>> state = training_state(model, optimizer, None, None, epoch=3, step=1200, config={})
@@ -55,6 +57,7 @@ from mocohub.checkpoint_format import (
     verify_checkpoint,
 )
 from mocohub.convert import (
+    checkpoint_method,
     is_reference_checkpoint,
     moco_state_from_reference,
     optimizer_state_from_reference,
@@ -63,6 +66,8 @@ from mocohub.convert import (
 from mocohub.errors import ConfigError, InputError
 from mocohub.fileio import atomic_link, atomic_writer, fsync_dir, remove_dead_temporaries
 
+from .moco import MoCo
+from .moco_v3 import MoCoV3
 from .rng import capture_rng_state, restore_rng_state
 
 __all__ = [
@@ -70,6 +75,8 @@ __all__ = [
     "FORMAT_VERSION",
     "LAST_NAME",
     "atomic_save",
+    "check_same_method",
+    "checkpoint_method",
     "checkpoint_point",
     "find_latest_checkpoint",
     "find_resumable_checkpoint",
@@ -324,6 +331,51 @@ def _load(what: str, target: Any, state: Any) -> None:
         ) from e
 
 
+#: method: (its name, its checkpoints' keys, presets that train it)
+_METHODS = {
+    "moco": ("MoCo v1/v2", "encoder_q, encoder_k, queue", "moco_v2, moco_v1 or fashion_mnist"),
+    "moco_v3": (
+        "MoCo v3",
+        "base_encoder, momentum_encoder, predictor",
+        "moco_v3_r50, moco_v3_vit_s or fashion_mnist_v3",
+    ),
+}
+
+
+def _method_of(model: nn.Module) -> str | None:
+    """``"moco_v3"``, ``"moco"`` or None (not a MoCo): what ``model`` trains."""
+    target = _unwrap(model)
+    if isinstance(target, MoCoV3):
+        return "moco_v3"
+    return "moco" if isinstance(target, MoCo) else None
+
+
+def check_same_method(checkpoint: Mapping[str, Any], model: nn.Module | str) -> None:
+    """Refuse, in one sentence, a MoCo v3 checkpoint for a MoCo v1/v2 run or the other way.
+
+    The checkpoint's method is read from its keys (:func:`checkpoint_method`,
+    mocohub's format or the reference's); the run's is ``model``'s class
+    (:class:`~mocohub.training.moco.MoCo` or :class:`~mocohub.training.moco_v3.MoCoV3`,
+    inside any DDP or compile wrapper) or ``model`` itself when it is a method
+    name (``TrainConfig.method``: ``"moco"`` or ``"moco_v3"``). Anything else (a
+    detector and its checkpoints) is not checked.
+
+    Example:
+        >>> check_same_method(load_checkpoint("r-50-100ep.pth.tar"), "moco")
+        Traceback (most recent call last):
+        mocohub.errors.ConfigError: The checkpoint holds a MoCo v3 model ...
+    """
+    wanted = model if isinstance(model, str) else _method_of(model)
+    held = checkpoint_method(checkpoint)
+    if wanted not in _METHODS or held is None or held == wanted:
+        return
+    held_name, held_keys, presets = _METHODS[held]
+    raise ConfigError(
+        f"The checkpoint holds a {held_name} model ({held_keys}) but this run trains "
+        f"{_METHODS[wanted][0]}; use it with a {held_name} preset such as --preset {presets}."
+    )
+
+
 def restore_training_state(
     checkpoint: Mapping[str, Any],
     model: nn.Module,
@@ -339,23 +391,34 @@ def restore_training_state(
     Under DDP its RNG state is the saving rank's.
 
     A reference ``main_moco.py`` checkpoint restores the model and, when given,
-    the optimizer, built over ``model.parameters()`` as the reference does or
-    over ``model.encoder_q.parameters()`` (the only ones with state). Its
-    ``epoch`` is already the next epoch to run and is returned as is. It
-    records no step (0 is returned), no RNG state, no scaler and no
-    scheduler: those start afresh (a passed scheduler is left untouched), so
-    the continued run is statistically, not bitwise, the same.
+    the optimizer: for MoCo v1/v2 built over ``model.parameters()`` as the
+    reference does or over ``model.encoder_q.parameters()`` (the only ones
+    with state); for MoCo v3 LARS (its ``mu``) or AdamW (its moments and step
+    counts) over ``model.parameters()``, and the scaler from its ``scaler``
+    entry (a disabled scaler, fp32 or bf16, ignores it). Its ``epoch`` is
+    already the next epoch to run and is returned as is, as the reference's
+    own resume starts there. It records no step (0 is returned), no RNG state
+    and no scheduler: those start afresh (a passed scheduler is left
+    untouched). mocohub's loop draws its batches and views from
+    (seed, epoch, step), so it continues as it would have from its own
+    checkpoint of that epoch end.
+
+    A MoCo v3 checkpoint for a v1/v2 model, or the other way, is one
+    :class:`~mocohub.errors.ConfigError` (:func:`check_same_method`).
 
     Example:
         >>> epoch, step = restore_training_state(load_checkpoint(path), model, optimizer)
     """
     target = _unwrap(model)
+    check_same_method(checkpoint, target)
     if not is_native_checkpoint(checkpoint):
         _load("model", target, moco_state_from_reference(checkpoint))
         if optimizer is not None and checkpoint.get("optimizer") is not None:
             groups = optimizer.param_groups
             own = len(groups[0]["params"]) if len(groups) == 1 else None
             _load("optimizer", optimizer, optimizer_state_from_reference(checkpoint, own))
+        if scaler is not None and checkpoint.get("scaler"):  # MoCo v3's: fp16 autocast
+            _load("scaler", scaler, checkpoint["scaler"])
         return int(checkpoint.get("epoch", 0)), 0
 
     checkpoint = upgrade_checkpoint(checkpoint, "the checkpoint")  # a version-1 one, too

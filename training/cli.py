@@ -124,7 +124,7 @@ __all__ = ["train_command", "worker_args"]
 @click.option(
     "--resume",
     help="'auto' (the newest intact checkpoint in --out; damaged ones are skipped) "
-    "or a checkpoint path, also a reference MoCo .pth.tar.",
+    "or a checkpoint path, also a reference MoCo v1/v2/v3 .pth.tar (main_moco.py).",
 )
 @click.option(
     "--restart",
@@ -135,7 +135,7 @@ __all__ = ["train_command", "worker_args"]
 @click.option(
     "--weights",
     help="Start from these encoder weights (fine-tuning from epoch 0): a reference MoCo "
-    "v1/v2 .pth.tar, a mocohub checkpoint or run folder.",
+    "v1/v2/v3 .pth.tar, a mocohub checkpoint or run folder.",
 )
 @launch_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -87,8 +87,9 @@ def build_moco(config: TrainConfig, in_channels: int, world_size: int = 1) -> Mo
 
 def load_encoders(model: MoCo, checkpoint: dict[str, Any]) -> None:
     """Copy both encoders' weights from a checkpoint (mocohub's or the reference's)."""
-    from .checkpoint import is_reference_checkpoint, moco_state_from_reference
+    from .checkpoint import check_same_method, is_reference_checkpoint, moco_state_from_reference
 
+    check_same_method(checkpoint, model)  # not a MoCo v3 checkpoint
     state = (
         moco_state_from_reference(checkpoint)
         if is_reference_checkpoint(checkpoint)
@@ -240,6 +241,8 @@ def train(
             "start the run again with --restart instead of --resume auto."
         )
     checkpoint = ckpt.load_checkpoint(Path(source)) if source is not None else None
+    if checkpoint is not None:
+        ckpt.check_same_method(checkpoint, config.method)  # v3 into v1/v2, or the other way
     point = ckpt.checkpoint_point(checkpoint) if checkpoint is not None else None
     discard = claim_run_folder(run_dir, env, resume, source, point, restart)
     if point is not None and point >= (config.epochs, 0):

@@ -26,7 +26,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from torch import nn
 
 from mocohub.errors import ConfigError
 
+from .checkpoint import check_same_method, is_reference_checkpoint, moco_state_from_reference
 from .config import TrainConfig
 from .lars import LARS
 from .moco_v3 import MoCoV3
@@ -166,25 +167,22 @@ def knn_encoder(model: MoCoV3) -> nn.Module:
     return encoder if hasattr(encoder, "fc") else _PooledViT(encoder)
 
 
-def _v3_state(checkpoint: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
-    """(key, tensor) of a mocohub v3 checkpoint's model or a reference one's state_dict."""
-    state = checkpoint.get("model")
-    if not isinstance(state, Mapping):
-        state = checkpoint.get("state_dict", {})
-    for key, value in state.items():
-        yield key.removeprefix("module."), value
-
-
 def load_v3_weights(model: MoCoV3, checkpoint: Mapping[str, Any]) -> None:
-    """Copy the encoders and the predictor of a MoCo v3 checkpoint (mocohub's, or the
-    reference's ``module.base_encoder.*`` ones) into ``model``: ``--weights``.
+    """Copy the encoders and the predictor of a MoCo v3 checkpoint (mocohub's ``model``,
+    or the reference's ``module.base_encoder.*`` ``state_dict``) into ``model``: ``--weights``.
+
+    A MoCo v1/v2 checkpoint is one :class:`~mocohub.errors.ConfigError`.
 
     Example:
-        >>> load_v3_weights(model, torch.load("r-50-100ep.pth.tar", map_location="cpu"))
+        >>> load_v3_weights(model, load_checkpoint("r-50-100ep.pth.tar"))
     """
+    check_same_method(checkpoint, model)
+    held = checkpoint.get("model")
+    if is_reference_checkpoint(checkpoint):
+        held = moco_state_from_reference(checkpoint)
     state = {
         key: value
-        for key, value in _v3_state(checkpoint)
+        for key, value in (held.items() if isinstance(held, Mapping) else ())
         if key.startswith(("base_encoder.", "momentum_encoder.", "predictor."))
     }
     if not state:
