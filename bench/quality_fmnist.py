@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,41 @@ from mocohub.training.config import preset
 from mocohub.training.knn_eval import knn_evaluate
 from mocohub.training.lincls import LinclsConfig, linear_eval
 from mocohub.training.train import TrainingInterrupted, train
+
+# The MoCo reference demo's k-NN monitor: 200 neighbours, vote temperature 0.1, cosine.
+KNN_K = 200
+KNN_T = 0.1
+
+
+def evaluate(
+    run_dir: Path, data: Any, linear: LinclsConfig, *, resume_linear: bool = True
+) -> dict[str, Any]:
+    """k-NN and linear-probe top-1 of the newest checkpoint in ``run_dir``, on ``data``'s
+    test split, with the train split as the k-NN memory bank and the probe's training set.
+
+    The probe writes to ``run_dir / "lincls"``; ``resume_linear=False`` starts it afresh
+    instead of continuing a saved probe there.
+
+    Example:
+        >>> result = evaluate(Path("runs/fmnist"), "fashion-mnist",
+        ...                   LinclsConfig(preset="small", cached_features=True))
+        >>> sorted(result)
+        ['knn', 'linear', 'seconds']
+    """
+    start = time.perf_counter()
+    knn = knn_evaluate(run_dir, data, k=KNN_K, t=KNN_T, precision="fp32")
+    knn_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    result = linear_eval(run_dir, data, run_dir / "lincls", linear, resume=resume_linear)
+    linear_seconds = time.perf_counter() - start
+    seconds = {"knn": round(knn_seconds, 1), "linear": round(linear_seconds, 1)}
+    return {"knn": knn, "linear": result, "seconds": seconds}
+
+
+def epoch_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch summaries (``"event": "epoch"``) of ``run_dir``'s ``metrics.jsonl``."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("event") == "epoch"]
 
 
 def main() -> None:
@@ -81,14 +117,9 @@ def main() -> None:
             return
     train_seconds = time.perf_counter() - start
     # Evaluate the newest checkpoint in the run folder, whoever wrote it.
-    start = time.perf_counter()
-    knn = knn_evaluate(args.out, args.data, k=200, t=0.1, precision="fp32")
-    knn_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    linear = linear_eval(
+    evaluation = evaluate(
         args.out,
         args.data,
-        args.out / "lincls",
         LinclsConfig(
             preset="small",
             epochs=args.linear_epochs,
@@ -98,21 +129,18 @@ def main() -> None:
             cached_features=args.linear_cached,
         ),
     )
-    linear_seconds = time.perf_counter() - start
-    log = [json.loads(line) for line in (args.out / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in log if r.get("event") == "epoch"]
+    epochs = epoch_records(args.out)
     flags = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16", "avx512f", "avx2", "amx_int8"})
     result = {
         "config": config.to_dict(),
         "epochs_trained": epochs[-1]["epoch"] if epochs else 0,
-        "knn_top1": knn["top1"],
-        "linear_top1": linear["top1"],
+        "knn_top1": evaluation["knn"]["top1"],
+        "linear_top1": evaluation["linear"]["top1"],
         "linear_protocol": "cached features" if args.linear_cached else "augmented (reference)",
         "knn_per_epoch": [(r["epoch"], r.get("knn_top1")) for r in epochs],
         "seconds": {
             "train_this_call": round(train_seconds, 1),
-            "knn": round(knn_seconds, 1),
-            "linear": round(linear_seconds, 1),
+            **evaluation["seconds"],
         },
         "machine": {
             "cpu": cpu_model(),
