@@ -87,7 +87,9 @@ def model_card(
     )
     params = num_params or meta.get("num_params")
     output = (
-        f"{config.feature_dim}-d pooled features (`fc` is `Identity`)"
+        f"{config.feature_dim}-d class token (`head` is `Identity`)"
+        if config.is_vit
+        else f"{config.feature_dim}-d pooled features (`fc` is `Identity`)"
         if config.head is None
         else f"{config.head.dim}-d MoCo embedding with the head; {config.feature_dim}-d pooled "
         "features with head=False"
@@ -95,7 +97,9 @@ def model_card(
     rows = [
         (
             "Architecture",
-            f"{config.arch}, width {config.width}"
+            f"{config.arch}, {config.patch_size}x{config.patch_size} patches"
+            if config.is_vit  # a ViT has no ResNet width or stem
+            else f"{config.arch}, width {config.width}"
             + (", small-image stem" if config.small_stem else ""),
         ),
         ("Output", output),

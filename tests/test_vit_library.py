@@ -307,7 +307,8 @@ def test_convert_to_timm_and_deit(
 ) -> None:
     path, timm_model = checkpoint
     code, out, err = run_cli(["convert", path, "--to", "timm", "--out", tmp_path / "t"], capsys)
-    assert code == 0, err and "timm vit_nano state dict" in out
+    assert code == 0, err
+    assert "timm vit_nano state dict" in out
     timm_state = torch.load(tmp_path / "t" / "model.pth", weights_only=True)
     fresh = timm_nano(num_classes=0)
     fresh.load_state_dict(timm_state, strict=True)

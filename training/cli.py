@@ -206,9 +206,12 @@ def train_command(
         where = f"epoch {done} of {config.epochs}"
         if done != config.epochs:
             where = f"epoch {done}, past --epochs {config.epochs}"
+        # A checkpoint given by path (e.g. a reference .pth.tar) may be all there is:
+        # --resume auto would find nothing in run_dir and start from scratch.
+        what = run_dir if resume == "auto" else f"The checkpoint {resume}"
         click.echo(
-            f"{run_dir} is already complete ({where}): nothing to do. "
-            f"To train longer, rerun with --resume auto --epochs N (N above {done})."
+            f"{what} is already complete ({where}): nothing to do. "
+            f"To train longer, rerun with --resume {resume} --epochs N (N above {done})."
         )
         return
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))

@@ -361,5 +361,11 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     """The configuration of preset ``name`` with ``overrides`` applied, validated."""
     if name not in PRESETS:
         raise ConfigError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")
-    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values = dict(PRESETS[name])
+    if str(given.get("arch", "")).startswith("vit_"):
+        # A ResNet preset's stem and width shape its ResNet, not the ViT asked for.
+        values.pop("small_stem", None)
+        values.pop("width", None)
+    values.update(given)
     return TrainConfig.from_dict({**values, "preset": name}).validate()

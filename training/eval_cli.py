@@ -2,7 +2,7 @@
 
 MODEL (``--model``) is anything ``mocohub.load`` accepts: a registry name
 (``mocohub list``), an artifact folder or ``.safetensors`` file, ``hf-hub:org/name``,
-a URL, a mocohub run folder or checkpoint, or a reference MoCo v1/v2 ``.pth.tar``.
+a URL, a mocohub run folder or checkpoint, or a reference MoCo v1/v2/v3 ``.pth.tar``.
 Both commands run in one process, or in every process of
 a ``torchrun``/``srun`` launch (only rank 0 prints and writes), e.g.
 ``torchrun --nproc-per-node 8 -m mocohub lincls imagenet --model M --out DIR``.
@@ -21,7 +21,7 @@ __all__ = ["knn_command", "lincls_command"]
 _MODEL_HELP = (
     "Any model mocohub.load accepts: a name from `mocohub list`, an artifact folder or "
     ".safetensors file, hf-hub:ORG/NAME, a URL, a mocohub run folder or checkpoint, or a "
-    "reference MoCo v1/v2 .pth.tar."
+    "reference MoCo v1/v2/v3 .pth.tar."
 )
 _DATA_HELP = "an image folder (DATA/train and DATA/val, or one tree), a folder of IDX files, "
 _DATA_HELP += "a folder with labels.csv, or 'fashion-mnist'."

@@ -87,7 +87,12 @@ def build_moco(config: TrainConfig, in_channels: int, world_size: int = 1) -> Mo
 
 def load_encoders(model: MoCo, checkpoint: dict[str, Any]) -> None:
     """Copy both encoders' weights from a checkpoint (mocohub's or the reference's)."""
-    from .checkpoint import check_same_method, is_reference_checkpoint, moco_state_from_reference
+    from .checkpoint import (
+        _reason,
+        check_same_method,
+        is_reference_checkpoint,
+        moco_state_from_reference,
+    )
 
     check_same_method(checkpoint, model)  # not a MoCo v3 checkpoint
     state = (
@@ -100,7 +105,7 @@ def load_encoders(model: MoCo, checkpoint: dict[str, Any]) -> None:
         missing, unexpected = model.load_state_dict(encoders, strict=False)
     except RuntimeError as error:
         raise ConfigError(
-            f"The checkpoint's encoders do not fit this configuration ({str(error)[:300]}); "
+            f"The checkpoint's encoders do not fit this configuration ({_reason(error)}); "
             "use the same --arch, --width, --dim and --mlp as the checkpoint."
         ) from None
     missing = [k for k in missing if k not in ("queue", "queue_ptr")]

@@ -34,7 +34,12 @@ from torch import nn
 
 from mocohub.errors import ConfigError
 
-from .checkpoint import check_same_method, is_reference_checkpoint, moco_state_from_reference
+from .checkpoint import (
+    _reason,
+    check_same_method,
+    is_reference_checkpoint,
+    moco_state_from_reference,
+)
 from .config import TrainConfig
 from .lars import LARS
 from .moco_v3 import MoCoV3
@@ -194,6 +199,6 @@ def load_v3_weights(model: MoCoV3, checkpoint: Mapping[str, Any]) -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise ConfigError(
-            f"The checkpoint's MoCo v3 weights do not fit this configuration "
-            f"({str(error)[:300]}); use the same --arch, --dim and --mlp-dim as it."
+            f"The checkpoint's MoCo v3 weights do not fit this configuration ({_reason(error)}); "
+            "use the same --arch, --dim and --mlp-dim as it (and, for a ViT, --image-size)."
         ) from None

@@ -184,6 +184,23 @@ def convert_command(
 
         written = save_timm(model, out)
         click.echo(f"Wrote {written}: a timm {config.arch} state dict (no classifier head).")
+        if config.is_vit:
+            # Every head count gives the same key shapes, so a wrong one loads strictly and
+            # silently computes other features: name the shape to build.
+            vit: Any = model
+            click.echo(
+                "Load it into timm.models.vision_transformer.VisionTransformer("
+                f"img_size={config.image_size}, patch_size={config.patch_size}, "
+                f"in_chans={config.in_channels}, embed_dim={config.feature_dim}, "
+                f"depth={len(vit.blocks)}, num_heads={vit.blocks[0].attn.num_heads}, "
+                "num_classes=0)"
+                + (
+                    "; not timm's vit_small_patch16_224, which has 6 heads (MoCo v3's ViT-S has "
+                    "12)."
+                    if config.arch == "vit_small"
+                    else "."
+                )
+            )
     elif target == "deit":
         from mocohub.foreign import save_deit
 

@@ -32,6 +32,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from mocohub.artifact import get_config
 from mocohub.detection.norms import norm_layer, set_backbone_norm, synchronise
 from mocohub.errors import ConfigError, InputError
 
@@ -266,7 +267,15 @@ def _backbone(
         return backbone, getattr(model, "mocohub_config", None) is not None
     from mocohub.loading import load
 
-    return load(model, pretrained=pretrained), True
+    backbone = load(model, pretrained=pretrained)
+    config = get_config(backbone)
+    if config.is_vit:  # MoCo v3's ViTs load too, but torchvision's FPN takes ResNet stages
+        raise InputError(
+            f"build_detector needs a ResNet, but {model} is a Vision Transformer "
+            f"({config.arch}); pass ResNet weights such as moco_v3_r50_1000ep or "
+            "moco_v2_r50_800ep."
+        )
+    return backbone, True
 
 
 def _in_channels(backbone: nn.Module) -> int:
