@@ -127,6 +127,7 @@ def embed_files(
     restart: bool = False,
     progress: bool = False,
     verify_content: bool = False,
+    run_parts: Callable[..., int] | None = None,
 ) -> EmbedResult:
     """Embed ``paths`` (the full input list) into ``out``; see the module docstring.
 
@@ -141,6 +142,9 @@ def embed_files(
         dtype: ``"float32"`` or ``"float16"`` rows in ``out``.
         verify_content: know each input file by its content's SHA-256 instead of
             its size and modification time (reads every file on every run).
+        run_parts: another engine's runner of the pending parts, called with the
+            arguments of this module's own (``_run_parts``), which saves each part
+            as it does (:mod:`mocohub.embed_ray`: on a Ray cluster).
 
     A full, read-only or unwritable disk is one :class:`InputError`; the
     finished parts are kept and an earlier output is left as it was.
@@ -172,7 +176,7 @@ def embed_files(
         started = time.perf_counter()
         embedded_now = 0
         if pending:
-            embedded_now = _run_parts(
+            embedded_now = (run_parts or _run_parts)(
                 names,
                 source,
                 owned,

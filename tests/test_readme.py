@@ -131,6 +131,7 @@ COMMANDS: dict[str, Line] = {
     ),
     'pip install "mocohub[det]"': Line("test_install_commands_name_this_checkout_and_its_extras"),
     'pip install "mocohub[wds]"': Line("test_install_commands_name_this_checkout_and_its_extras"),
+    'pip install "mocohub[ray]"': Line("test_install_commands_name_this_checkout_and_its_extras"),
     'pip install "mocohub[parquet]"': Line(
         "test_install_commands_name_this_checkout_and_its_extras"
     ),
@@ -192,6 +193,13 @@ COMMANDS: dict[str, Line] = {
         "tests/test_embed_dist.py::test_torchrun_with_two_processes_writes_the_one_process_files",
         why="--nproc-per-node starts torchrun, whose workers run `python -m mocohub embed` "
         "exactly as this line's do; srun's variables: test_under_srun_...",
+    ),
+    "mocohub embed photos/ --out feats.npy --model M --engine ray --address auto "
+    "--num-gpus-per-worker 1": Line(
+        "tests/test_embed_ray.py::test_ray_writes_the_local_engines_npy_manifest_errors_and_record",
+        why="a local Ray instance of 2 CPUs stands for the cluster (no --address auto: none "
+        "is running; no GPU, so 0 GPUs per worker) on a folder with unreadable files; the "
+        "files equal the local engine's byte for byte",
     ),
     "mocohub embed 'shards/{000000..000999}.tar' --out feats.parquet --model M": Line(
         "tests/test_embed_sources.py::test_webdataset_shards_round_trip_their_keys",
@@ -553,7 +561,7 @@ def test_install_commands_name_this_checkout_and_its_extras() -> None:
     extras = set(dist.metadata.get_all("Provides-Extra") or [])
     requirements = [Requirement(r) for r in dist.requires or []]
     targets = [t for c in COMMANDS for t in _pip_targets(c)]
-    assert len(targets) == 10
+    assert len(targets) == 11
     for target in targets:
         name, _, extra = target[-1].strip(".").partition("[")
         extra = extra.rstrip("]")

@@ -87,25 +87,17 @@ def build_moco(config: TrainConfig, in_channels: int, world_size: int = 1) -> Mo
 
 def load_encoders(model: MoCo, checkpoint: dict[str, Any]) -> None:
     """Copy both encoders' weights from a checkpoint (mocohub's or the reference's)."""
-    from .checkpoint import (
-        _reason,
-        check_same_method,
-        is_reference_checkpoint,
-        moco_state_from_reference,
-    )
+    from . import checkpoint as ckpt
 
-    check_same_method(checkpoint, model)  # not a MoCo v3 checkpoint
-    state = (
-        moco_state_from_reference(checkpoint)
-        if is_reference_checkpoint(checkpoint)
-        else checkpoint["model"]
-    )
+    ckpt.check_same_method(checkpoint, model)  # not a MoCo v3 checkpoint
+    reference = ckpt.is_reference_checkpoint(checkpoint)
+    state = ckpt.moco_state_from_reference(checkpoint) if reference else checkpoint["model"]
     encoders = {k: v for k, v in state.items() if k.startswith(("encoder_q.", "encoder_k."))}
     try:
         missing, unexpected = model.load_state_dict(encoders, strict=False)
     except RuntimeError as error:
         raise ConfigError(
-            f"The checkpoint's encoders do not fit this configuration ({_reason(error)}); "
+            f"The checkpoint's encoders do not fit this configuration ({ckpt._reason(error)}); "
             "use the same --arch, --width, --dim and --mlp as the checkpoint."
         ) from None
     missing = [k for k in missing if k not in ("queue", "queue_ptr")]

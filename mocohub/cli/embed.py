@@ -128,6 +128,34 @@ def _output_format(out: str, given: str | None) -> str:
     "(where times cannot be trusted; reads every file on each run).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: decode in Ray tasks and run the model in a pool of Ray actors, on a Ray "
+    'cluster (pip install "mocohub[ray]"); the same output files as local.',
+)
+@click.option(
+    "--address",
+    default=None,
+    help="--engine ray: the Ray cluster to join (auto: the one running here).  "
+    "[default: RAY_ADDRESS, else a new local Ray instance]",
+)
+@click.option(
+    "--num-gpus-per-worker",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="--engine ray: GPUs each model actor holds.  [default: 1 when the cluster has "
+    "GPUs, else 0]",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="--engine ray: model actors.  [default: the cluster's GPUs / --num-gpus-per-worker; "
+    "without GPUs, one per CPU]",
+)
 @launch_options
 @click.pass_context
 def embed_command(
@@ -153,6 +181,10 @@ def embed_command(
     restart: bool,
     verify_content: bool,
     quiet: bool,
+    engine: str,
+    address: str | None,
+    num_gpus_per_worker: float | None,
+    concurrency: int | None,
     nodes: int,
     nproc_per_node: int,
     node_rank: int,
@@ -175,7 +207,9 @@ def embed_command(
 
     Under torchrun or srun (or with --nproc-per-node N, which starts torchrun),
     each process embeds its own share on its own GPU and rank 0 merges them
-    into OUT: the same files as one process writes.
+    into OUT: the same files as one process writes. With --engine ray, a Ray
+    cluster does the work (--address auto joins the one running here): the
+    same files again.
 
     Example: mocohub embed photos/ --out feats.npy --model runs/fmnist/model
     """
@@ -189,6 +223,16 @@ def embed_command(
     output_files(out)  # checks the name before any work
     if nodes < 1 or nproc_per_node < 1:
         raise ConfigError("--nodes and --nproc-per-node must be at least 1.")
+    ray_options = None
+    if engine == "ray":
+        from mocohub.embed_ray import RayOptions, check_ray_command
+
+        check_ray_command(nodes * nproc_per_node > 1 or inside_launcher(), workers)
+        ray_options = RayOptions(address, num_gpus_per_worker, concurrency)
+    elif (address, num_gpus_per_worker, concurrency) != (None, None, None):
+        raise ConfigError(
+            "--address, --num-gpus-per-worker and --concurrency are options of --engine ray."
+        )
     if nodes * nproc_per_node > 1 and not inside_launcher():
         launch = (nodes, nproc_per_node, node_rank, master_addr, master_port, max_restarts)
         launch_workers(worker_args(ctx), *launch)
@@ -216,12 +260,13 @@ def embed_command(
 
         run_device, default = process_device(device, place.local_rank), process_workers
 
-    def open_embedder(chosen: str) -> Any:
+    def open_embedder(chosen: str, device: str | None = None) -> Any:
+        on = run_device if device is None else device  # device: the Ray driver's CPU copy
         if backend == "torch":
-            return opener(model, device=run_device, precision=chosen, output=output)
+            return opener(model, device=on, precision=chosen, output=output)
         # --device cuda:N: each process of a multi-GPU embed runs on its own GPU;
         # max_batch: TensorRT's profile covers the batches this run makes
-        ort_device = None if run_device == "auto" else run_device
+        ort_device = None if on == "auto" else on
         return opener(model, device=ort_device, max_batch=batch_size)
 
     settings = EmbedSettings(
@@ -237,13 +282,19 @@ def embed_command(
     )
     paths = scan_sources(inputs, id_column=id_column, path_column=path_column)
     options: dict[str, Any] = {
-        "workers": default(run_device) if workers is None else workers,
         "dtype": dtype,
         "restart": restart,
         "progress": not quiet,
         "verify_content": verify_content,
     }
-    if place.world_size > 1:
+    if ray_options is None:  # Ray decodes in its own tasks
+        options["workers"] = default(run_device) if workers is None else workers
+    if ray_options is not None:
+        from mocohub.embed_ray import embed_files_ray
+
+        run = (paths, out, settings, open_embedder, ray_options)
+        result = embed_files_ray(*run, shard=shard_index, **options)
+    elif place.world_size > 1:
         from mocohub.embed_dist import embed_distributed
 
         result = embed_distributed(paths, out, settings, open_embedder, place, **options)
