@@ -7,6 +7,17 @@ prints that sentence (no traceback) and exits with a non-zero code.
 
 from __future__ import annotations
 
+import re
+
+__all__ = [
+    "ConfigError",
+    "DistributedError",
+    "InputError",
+    "MissingHeadError",
+    "MocohubError",
+    "error_summary",
+]
+
 
 class MocohubError(Exception):
     """Base class of the errors mocohub raises on purpose."""
@@ -32,3 +43,25 @@ class MissingHeadError(InputError):
 
 class DistributedError(MocohubError, RuntimeError):
     """The processes of a distributed run disagree, or cannot be set up."""
+
+
+def error_summary(error: BaseException) -> str:
+    """The informative part of another library's error message, short enough to
+    quote inside one of mocohub's one-sentence errors.
+
+    The first non-empty line (the second when the first only introduces it,
+    ending in ``:``, as PyTorch's state-dict errors do), its first sentence, no
+    terminal colour codes, at most 160 characters; the error's type when it has
+    no message.
+
+    Example:
+        >>> error_summary(RuntimeError("Error(s) in loading state_dict:\\n\\tsize mismatch. More."))
+        'size mismatch'
+    """
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return type(error).__name__
+    line = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+    line = line.split(". ")[0].rstrip(".")  # its first sentence
+    return line if len(line) <= 160 else line[:157] + "..."

@@ -24,8 +24,8 @@ import pytest
 import torch
 from cli_helpers import run_cli
 from hub_helpers import reference_checkpoint, reference_encoder
-from test_moco_v3 import RefLARS, RefMoCo, RefMoCoResNet, RefMoCoViT
 from v3_helpers import SAMPLES, newest_state, sample_images, tiny_v3
+from v3_reference import RefLARS, RefMoCo, RefMoCoResNet, RefMoCoViT
 
 from mocohub.backbones import build_backbone
 from mocohub.errors import ConfigError

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,7 @@ from mocohub.convert import (
     optimizer_state_from_reference,
     read_checkpoint,
 )
-from mocohub.errors import ConfigError, InputError
+from mocohub.errors import ConfigError, InputError, error_summary
 from mocohub.fileio import atomic_link, atomic_writer, fsync_dir, remove_dead_temporaries
 
 from .moco import MoCo
@@ -310,23 +309,12 @@ def load_checkpoint(
     )
 
 
-def _reason(error: BaseException) -> str:
-    """The informative line of a PyTorch error message, short, for one-sentence errors."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
-    lines = [line for line in lines if line]
-    if not lines:
-        return type(error).__name__
-    line = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
-    line = line.split(". ")[0].rstrip(".")  # its first sentence
-    return line if len(line) <= 160 else line[:157] + "..."
-
-
 def _load(what: str, target: Any, state: Any) -> None:
     try:
         target.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
         raise ConfigError(
-            f"The checkpoint's {what} state does not fit this {what} ({_reason(e)}); "
+            f"The checkpoint's {what} state does not fit this {what} ({error_summary(e)}); "
             "build it with the settings of the run that wrote the checkpoint."
         ) from e
 

@@ -32,10 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mocohub.errors import ConfigError
+from mocohub.errors import ConfigError, error_summary
 
 from .checkpoint import (
-    _reason,
     check_same_method,
     is_reference_checkpoint,
     moco_state_from_reference,
@@ -199,6 +198,7 @@ def load_v3_weights(model: MoCoV3, checkpoint: Mapping[str, Any]) -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise ConfigError(
-            f"The checkpoint's MoCo v3 weights do not fit this configuration ({_reason(error)}); "
+            "The checkpoint's MoCo v3 weights do not fit this configuration "
+            f"({error_summary(error)}); "
             "use the same --arch, --dim and --mlp-dim as it (and, for a ViT, --image-size)."
         ) from None
