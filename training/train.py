@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from mocohub.backbones import build_backbone
-from mocohub.errors import ConfigError, InputError
+from mocohub.errors import ConfigError, InputError, error_summary
 
 from . import v3_training
 from .config import TrainConfig
@@ -97,7 +97,7 @@ def load_encoders(model: MoCo, checkpoint: dict[str, Any]) -> None:
         missing, unexpected = model.load_state_dict(encoders, strict=False)
     except RuntimeError as error:
         raise ConfigError(
-            f"The checkpoint's encoders do not fit this configuration ({ckpt._reason(error)}); "
+            f"The checkpoint's encoders do not fit this configuration ({error_summary(error)}); "
             "use the same --arch, --width, --dim and --mlp as the checkpoint."
         ) from None
     missing = [k for k in missing if k not in ("queue", "queue_ptr")]
