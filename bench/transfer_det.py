@@ -71,6 +71,8 @@ from typing import Any
 import torch
 from train_step import machine_info, machine_line
 
+from mocohub.sysinfo import usable_cpus
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_IDX = Path("/work/shared/data/fashion-mnist")
 NORMS = ("bn", "frozen_bn", "gn", "sync_bn")
@@ -207,7 +209,7 @@ def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def run_threads(jobs: int) -> int:
     """Threads of each run when ``jobs`` run at once: the usable CPUs shared out, at least 1."""
-    return max(1, len(os.sched_getaffinity(0)) // jobs)
+    return max(1, usable_cpus() // jobs)
 
 
 def run_one(args: argparse.Namespace, data: Path, row: dict[str, Any], seed: int) -> dict:
@@ -284,9 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             results = [[f.result() for f in row_futures] for row_futures in futures]
         except RuntimeError as error:
-            for row_futures in futures:
-                for f in row_futures:
-                    f.cancel()
+            pool.shutdown(cancel_futures=True)  # runs not started yet never start
             sys.exit(str(error))
     total = time.perf_counter() - started
     table = [
