@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mocohub.backbones import resnet18
 from mocohub.errors import ConfigError, InputError
-from mocohub.training import SplitBatchNorm, convert_split_batchnorm, split_batchnorm
+from mocohub.training import SplitBatchNorm, convert_split_batchnorm
 
 CL = torch.channels_last
 FORMATS = [
@@ -19,11 +19,11 @@ FORMATS = [
 ]
 
 
-def _reference_forward(bn: SplitBatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """The implementation this one replaced (the reference demo's grouping): the oracle.
+def _interleaved_forward(bn: SplitBatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """The reference demo's split BN (sample ``i`` in sub-batch ``i % s``).
 
     ``(n, c, h, w) -> (n/s, s*c, h, w)``, one ``F.batch_norm``; updates ``bn``'s
-    buffers as that implementation did.
+    buffers as that implementation did. See :func:`_reference_forward`.
     """
     splits = bn.num_splits
     n, c, h, w = x.shape
@@ -55,19 +55,44 @@ def _reference_forward(bn: SplitBatchNorm, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _sub_batch(x: torch.Tensor, k: int, splits: int) -> slice:
+    """The samples of sub-batch ``k``: ``k::s`` for NCHW ``x``, else block ``k``."""
+    if x.is_contiguous():
+        return slice(k, None, splits)
+    rows = x.shape[0] // splits
+    return slice(k * rows, (k + 1) * rows)
+
+
+def _reference_forward(bn: SplitBatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """The oracle: the reference demo's split BN. For NCHW ``x`` as it is; for
+    other layouts on the batch reordered so that the demo's sub-batch ``k``
+    (samples ``k::s``) is block ``k``, and the output ordered back
+    (differentiable, so ``x.grad`` comes back in block order)."""
+    if x.is_contiguous():
+        return _interleaved_forward(bn, x)
+    splits, rest = bn.num_splits, x.shape[1:]
+    rows = x.shape[0] // splits
+    interleaved = x.reshape(splits, rows, *rest).transpose(0, 1).reshape(x.shape)
+    out = _interleaved_forward(bn, interleaved)
+    # In x's memory format, so that the next layer sees the layout (and grouping) it would.
+    blocks = out.reshape(rows, splits, *rest).transpose(0, 1).reshape(x.shape)
+    return torch.empty_like(x).copy_(blocks)
+
+
 def _plain_bn_per_split(bn: SplitBatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """Plain BatchNorm on each sub-batch ``x[k::s]`` separately, running stats averaged."""
+    """Plain BatchNorm on each sub-batch separately, running stats averaged."""
     splits = bn.num_splits
     out = torch.empty_like(x)
     means, variances = [], []
     for k in range(splits):
+        block = _sub_batch(x, k, splits)
         running_mean = bn.running_mean.clone() if bn.track_running_stats else None
         running_var = bn.running_var.clone() if bn.track_running_stats else None
         momentum = bn.momentum
         if bn.track_running_stats and bn.momentum is None:
             momentum = 1.0 / float(bn.num_batches_tracked + 1)
-        out[k::splits] = F.batch_norm(
-            x[k::splits], running_mean, running_var, bn.weight, bn.bias, True, momentum, bn.eps
+        out[block] = F.batch_norm(
+            x[block], running_mean, running_var, bn.weight, bn.bias, True, momentum, bn.eps
         )
         means.append(running_mean)
         variances.append(running_var)
@@ -138,33 +163,27 @@ def test_matches_todays_grouping_and_plain_bn_per_split(
 
 @pytest.mark.parametrize("memory_format", FORMATS)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
-@pytest.mark.parametrize("slice_bytes", [None, 1], ids=["whole", "sliced"])
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_bf16_under_autocast_keeps_float32_statistics(
-    memory_format: torch.memory_format,
-    affine: bool,
-    slice_bytes: int | None,
-    monkeypatch: pytest.MonkeyPatch,
+    memory_format: torch.memory_format, affine: bool, half: torch.dtype
 ) -> None:
-    """bf16 activations, float32 parameters (CPU autocast): statistics in float32,
-    also when the batch is processed in slices (one sample row per slice here)."""
-    if slice_bytes is not None:
-        monkeypatch.setattr(split_batchnorm, "_SLICE_BYTES", slice_bytes)
+    """bf16/fp16 activations, float32 parameters (CPU autocast): statistics in float32."""
     splits, c = 4, 6
     bn, oracle = _twin_layers(c, splits, affine, 0.1, torch.float32)
     gen = torch.Generator().manual_seed(0)
     # A mean far from 0: a bf16-rounded mean (step 2^-6 near 6) would move the
     # running mean by ~1e-3 and the output by ~0.1 std.
-    x = (torch.randn(16, c, 6, 6, generator=gen) * 0.5 + 6).to(torch.bfloat16)
+    x = (torch.randn(16, c, 6, 6, generator=gen) * 0.5 + 6).to(half)
     x = x.contiguous(memory_format=memory_format)
-    grad = torch.randn(16, c, 6, 6, generator=gen).to(torch.bfloat16)
+    grad = torch.randn(16, c, 6, 6, generator=gen).to(half)
     grad = grad.contiguous(memory_format=memory_format)
 
     x_in = x.detach().clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=half):
         out = bn(x_in)
     out.backward(grad)
-    assert out.dtype == torch.bfloat16 and x_in.grad is not None
-    assert x_in.grad.dtype == torch.bfloat16
+    assert out.dtype == half and x_in.grad is not None
+    assert x_in.grad.dtype == half
     assert out.stride() == x.stride() and x_in.grad.stride() == x.stride()
     # The oracle: today's code in float32 on the same (bf16-exact) values.
     want = _run(_reference_forward, oracle, x.float(), grad.float())
@@ -217,8 +236,10 @@ _COPY_OPS = ("copy_", "_to_copy", "clone", "contiguous", "_unsafe_view", "_resha
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
 def test_channels_last_runs_without_layout_copies(autocast: bool) -> None:
     """Every activation-sized tensor written in forward and backward stays
-    channels_last, and no same-dtype copy runs: today's code fails this (its
-    reshape copies to NCHW, and its output is NCHW)."""
+    channels_last, and no copy runs: the reference demo's grouping fails this (its
+    reshape copies to NCHW, and its output is NCHW), and so did the float32
+    slices this layer converted bf16 activations to before it ran BatchNorm's
+    own kernels."""
     n, c, h, w = 8, 16, 5, 5
     bn = SplitBatchNorm(c, num_splits=4)
     gen = torch.Generator().manual_seed(0)
@@ -234,17 +255,17 @@ def test_channels_last_runs_without_layout_copies(autocast: bool) -> None:
     allowed = _channels_last_strides(4, (n, c, h, w))
     for op, strides, _, _ in recorder.writes:
         assert strides in allowed, (op, strides)
+    # No copy at all: neither a layout copy nor a float32 copy of bf16 activations.
     copies = [w for w in recorder.writes if w[0] in _COPY_OPS]
-    # Only bf16 <-> float32 conversions (float32 sums), none at all in float32.
-    assert all(written != read for _, _, written, read in copies), copies
-    assert bool(copies) == autocast, copies
+    assert not copies, copies
     assert out.is_contiguous(memory_format=CL)
     assert x.grad is not None and x.grad.is_contiguous(memory_format=CL)
 
 
 def test_inplace_relu_after_channels_last_bf16_resnet() -> None:
     """The way the MoCo encoders run: channels_last, bf16 autocast, in-place ReLU
-    after each BN; the gradients match today's implementation's."""
+    after each BN; the gradients match the reference demo's split BN (on the same
+    sub-batches)."""
     torch.manual_seed(0)
     net = convert_split_batchnorm(resnet18(num_classes=4, small_stem=True, width=4), 2)
     oracle = convert_split_batchnorm(resnet18(num_classes=4, small_stem=True, width=4), 2)
@@ -256,7 +277,7 @@ def test_inplace_relu_after_channels_last_bf16_resnet() -> None:
     x = torch.randn(4, 3, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = net(x.contiguous(memory_format=CL)).float().square().sum()
-        loss_ref = oracle(x).float().square().sum()
+        loss_ref = oracle(x.contiguous(memory_format=CL)).float().square().sum()
     loss.backward()
     loss_ref.backward()
     torch.testing.assert_close(loss, loss_ref, rtol=2e-2, atol=1e-2)
@@ -267,23 +288,35 @@ def test_inplace_relu_after_channels_last_bf16_resnet() -> None:
     torch.testing.assert_close(net.bn1.running_mean, oracle.bn1.running_mean, atol=1e-3, rtol=1e-2)
 
 
-def test_train_mode_normalises_each_split_on_its_own() -> None:
+@pytest.mark.parametrize(
+    ("memory_format", "members"),
+    [
+        pytest.param(torch.contiguous_format, [0, 3, 6, 9], id="nchw_every_third"),
+        pytest.param(CL, [0, 1, 2, 3], id="channels_last_blocks"),
+    ],
+)
+def test_train_mode_normalises_each_split_on_its_own(
+    memory_format: torch.memory_format, members: list[int]
+) -> None:
+    """Sub-batch 0 of 12 samples in 3 splits: samples 0, 3, 6, 9 (NCHW, the
+    demo's grouping) or 0-3 (channels_last, contiguous blocks)."""
     torch.manual_seed(0)
     bn = SplitBatchNorm(6, num_splits=3, momentum=0.1)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-1, 1)
-    x = torch.randn(12, 6, 4, 4) * 3 + 2
+    x = (torch.randn(12, 6, 4, 4) * 3 + 2).contiguous(memory_format=memory_format)
     out = bn(x)
+    assert list(range(12))[_sub_batch(x, 0, 3)] == members
     expected_running_mean = torch.zeros(6)
     expected_running_var = torch.zeros(6)
     for s in range(3):
-        part = x[s::3]  # sample i belongs to split i % 3
+        block = _sub_batch(x, s, 3)
         plain = nn.BatchNorm2d(6, momentum=0.1)
         plain.load_state_dict(
             {**bn.state_dict(), "running_mean": torch.zeros(6), "running_var": torch.ones(6)}
         )
-        torch.testing.assert_close(out[s::3], plain(part), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[block], plain(x[block]), atol=1e-5, rtol=1e-5)
         expected_running_mean += plain.running_mean / 3
         expected_running_var += plain.running_var / 3
     torch.testing.assert_close(bn.running_mean, expected_running_mean)

@@ -7,13 +7,24 @@ shuffling the key batch), which imitates ``num_splits`` GPUs. The layer is a
 ``BatchNorm2d`` subclass with the same parameters and buffers, so state dicts
 (and torchvision's key names) are unchanged; in eval mode it is plain BN.
 
-The demo groups samples with ``view(-1, C * num_splits, H, W)``. That is free
-on an NCHW tensor, where this layer does the same and BatchNorm's own kernel
-does the work; on a channels_last tensor it was a copy to NCHW at every BN
-layer (and the next convolution copied back). There the statistics are taken
-on the ``(n/s, s, c, h, w)`` view instead (splitting the batch dimension is a
-view in every layout), with the backward pass written out: no activation-sized
-layout copy runs and the output keeps the input's memory format.
+Which samples form a sub-batch depends on the memory format, so that neither
+runs a layout copy:
+
+- NCHW input: the demo's grouping, ``view(-1, C * num_splits, H, W)`` (free
+  there), sample ``i`` in sub-batch ``i % num_splits``; BatchNorm's own kernel
+  normalises the ``num_splits * C`` channels in one call, exactly as the demo.
+- channels_last (any other layout): contiguous blocks, sample ``i`` in
+  sub-batch ``i // (n / num_splits)``, as GPU ``k`` holds the ``k``-th block of
+  a global batch. A block of the batch dimension is itself channels_last
+  contiguous, so BatchNorm's own kernels (``native_batch_norm`` and its
+  backward, float32 statistics for bf16/fp16 activations) run on each block and
+  write (``out=``) into one output in the input's memory format: no layout copy,
+  no float32 copy of bf16 activations. The demo's grouping there would be a copy
+  to NCHW and back at every layer.
+
+Both are partitions of an already shuffled batch (the key batch is shuffled
+before the key encoder; the query batch comes in the loader's random order)
+into equal sub-batches, so the maths, BatchNorm per sub-batch, is the same.
 """
 
 from __future__ import annotations
@@ -28,52 +39,38 @@ from mocohub.errors import ConfigError, InputError
 
 __all__ = ["SplitBatchNorm", "convert_split_batchnorm"]
 
-
-def _per_split_sum(t: torch.Tensor) -> torch.Tensor:
-    """``(n/s, s, c, h, w) -> (s, c)`` sums.
-
-    Reducing ``h, w`` first keeps the reduction a fast one in both memory
-    formats (one reduction over the non-adjacent dims 0, 3, 4 is several times
-    slower on channels_last); the second sum is over a tiny ``(n/s, s, c)``.
-    """
-    return t.sum((3, 4)).sum(0)
+_aten = torch.ops.aten
 
 
-def _into(dst: torch.Tensor, op: Any, *args: torch.Tensor) -> torch.Tensor:
-    """``op(*args, out=dst)``; under ``torch.compile``, ``dst.copy_(op(*args))``
-    (Dynamo breaks the graph on ``out=`` into a strided view; Inductor fuses the copy)."""
-    if torch.compiler.is_compiling():
-        return dst.copy_(op(*args))
-    return op(*args, out=dst)
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` unchanged when it is NCHW- or channels_last-contiguous, else NCHW."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
 
 
-# bf16/fp16 activations are processed in slices of the batch of about this many
-# float32 bytes: float32 temporaries of the whole activation would be fresh
-# memory at every layer (page faults cost more than the arithmetic on a CPU),
-# while slices stay in cache and their memory is reused.
-_SLICE_BYTES = 1 << 21
-
-
-def _slices(t: torch.Tensor) -> list[slice]:
-    """Slices of ``t``'s dim 0 of about ``_SLICE_BYTES`` (float32) each; one slice
-    off the CPU (cached allocators) and under compile (Inductor fuses the ops)."""
-    rows = t.shape[0]
-    if t.device.type != "cpu" or torch.compiler.is_compiling():
-        return [slice(0, rows)]
-    step = max(1, _SLICE_BYTES // (t[:1].numel() * 4))
-    return [slice(i, i + step) for i in range(0, rows, step)]
+def _affine(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' weight and bias: ones and zeros when the layer has none, in
+    float32 for bf16/fp16 ``x`` so that the statistics stay float32."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    c = x.shape[1]
+    if weight is None:
+        weight = torch.ones(c, dtype=dtype, device=x.device)
+    if bias is None:
+        bias = torch.zeros(c, dtype=weight.dtype, device=x.device)
+    return weight, bias
 
 
 class _SplitBatchNormFunction(torch.autograd.Function):
-    """Training-mode split BN on ``x`` of shape ``(n, c, h, w)``, any memory format.
+    """Training-mode split BN on ``x`` of shape ``(n, c, h, w)``, NCHW or channels_last.
 
-    Returns the output (same dtype and strides as ``x``) and the per-split
-    mean and biased variance, ``(num_splits, c)`` in the accumulation dtype
-    (float32 for bf16/fp16 ``x``, as BatchNorm's own kernels accumulate).
-    All the work is on the ``(n/s, s, c, h, w)`` view (splitting dim 0 is a
-    view in every layout) and keeps ``x``'s strides. The backward is the
-    standard BN backward per (split, channel), ``xhat = (x - mean) * invstd``:
-    ``dx = scale * (g - mean(g) - xhat * mean(g * xhat))``.
+    Returns the output (``x``'s dtype and strides) and each block's mean and
+    inverse standard deviation, ``(num_splits, c)`` in the kernels' statistics
+    dtype (float32 for bf16/fp16 ``x`` under autocast). Forward and backward
+    are BatchNorm's own kernels on each block, writing (``out=``) into the
+    block's rows of one output tensor.
     """
 
     @staticmethod
@@ -85,108 +82,80 @@ class _SplitBatchNormFunction(torch.autograd.Function):
         num_splits: int,
         eps: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n, c, h, w = x.shape
-        acc = torch.promote_types(x.dtype, torch.float32)
-        shape5 = (n // num_splits, num_splits, c, h, w)
-        stat5 = (1, num_splits, c, 1, 1)
-        count = shape5[0] * h * w
-        xs = x.view(shape5)
-        # Two passes (mean, then squared deviations), as BatchNorm's kernels do:
-        # a one-pass E[x^2] - E[x]^2 loses the variance when |mean| >> std.
-        if x.dtype == acc:
-            mean = _per_split_sum(xs).div_(count)
-            centered = xs - mean.view(stat5)  # kept for backward instead of x
-            out = torch.empty_like(x)  # 4-D: autograd forbids returning a view
-            squares = _into(out.view(shape5), torch.mul, centered, centered)
-            var = _per_split_sum(squares).div_(count)
-            invstd = (var + eps).rsqrt_()
-            scale = invstd if weight is None else invstd * weight
-            shift = torch.zeros_like(scale) if bias is None else bias.to(acc).expand_as(scale)
-            _into(out.view(shape5), torch.addcmul, shift.view(stat5), centered, scale.view(stat5))
-            ctx.save_for_backward(centered, weight, mean, invstd)
-        else:
-            parts = _slices(xs)
-            total = torch.zeros(num_splits, c, dtype=acc, device=x.device)
-            for part in parts:
-                total += _per_split_sum(xs[part].to(acc))
-            mean = total.div_(count)
-            total = torch.zeros_like(mean)
-            for part in parts:
-                total += _per_split_sum(xs[part].to(acc).sub_(mean.view(stat5)).square_())
-            var = total.div_(count)
-            invstd = (var + eps).rsqrt_()
-            scale = invstd if weight is None else invstd * weight
-            shift = -mean * scale if bias is None else bias - mean * scale
-            # x * scale + shift in float32, as BatchNorm's kernels do, then bf16.
-            out = torch.empty_like(x)
-            out_s = out.view(shape5)
-            for part in parts:
-                out_s[part] = torch.addcmul(shift.view(stat5), xs[part], scale.view(stat5))
-            ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.num_splits = num_splits
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
+        x = _dense(x)
+        w, b = _affine(x, weight, bias)
+        rows = x.shape[0] // num_splits
+        out = torch.empty_like(x)
+        mean = torch.empty(num_splits, x.shape[1], dtype=w.dtype, device=x.device)
+        invstd = torch.empty_like(mean)
+        for k, (block, out_block) in enumerate(zip(x.split(rows), out.split(rows), strict=True)):
+            _aten.native_batch_norm.out(
+                block, w, b, None, None, True, 0.0, eps,
+                out=out_block, save_mean=mean[k], save_invstd=invstd[k],
+            )  # fmt: skip
+        ctx.save_for_backward(x, w, mean, invstd)
+        ctx.num_splits, ctx.eps = num_splits, eps
+        ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd
 
     @staticmethod
     def backward(
-        ctx: Any, grad_out: torch.Tensor, _grad_mean: torch.Tensor, _grad_var: torch.Tensor
+        ctx: Any, grad_out: torch.Tensor, _grad_mean: torch.Tensor, _grad_invstd: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
-        saved, weight, mean, invstd = ctx.saved_tensors
-        num_splits = ctx.num_splits
-        n, c, h, w = grad_out.shape
-        shape5 = (n // num_splits, num_splits, c, h, w)
-        stat5 = (1, num_splits, c, 1, 1)
-        count = shape5[0] * h * w
-        grad = grad_out.reshape(shape5)  # a view unless autograd handed odd strides
-        scale = invstd if weight is None else invstd * weight
-        if saved.dim() == 5:  # float32/float64: the saved centred input
-            centered = saved
-            # The one activation-sized buffer, in x's layout; it becomes dx (4-D,
-            # no view, so autograd takes it as is).
-            buffer = torch.empty_like(centered.view(n, c, h, w))
-            products = _into(buffer.view(shape5), torch.mul, grad, centered)
-            sum_grad = _per_split_sum(grad)
-            sum_grad_centered = _per_split_sum(products)
-        else:  # bf16/fp16: x was saved; float32 slices of g and x - mean
-            xs = saved.view(shape5)
-            parts = _slices(xs)
-            sum_grad = torch.zeros_like(mean)
-            sum_grad_centered = torch.zeros_like(mean)
-            for part in parts:
-                g = grad[part].to(mean.dtype)
-                sum_grad += _per_split_sum(g)
-                centered = xs[part].to(mean.dtype).sub_(mean.view(stat5))
-                sum_grad_centered += _per_split_sum(centered.mul_(g))
-        # dx = scale * g + k_centered * (x - mean) + k_const
-        k_centered = -scale * invstd.square() * sum_grad_centered / count
-        k_const = -scale * sum_grad / count
-        grad_input = None
-        if ctx.needs_input_grad[0] and saved.dim() == 5:
-            grad_input = buffer
-            dx = buffer.view(shape5)  # overwrites the products
-            _into(dx, torch.addcmul, k_const.view(stat5), centered, k_centered.view(stat5))
-            dx.addcmul_(grad, scale.view(stat5))
-        elif ctx.needs_input_grad[0]:
-            k_const = k_const - k_centered * mean  # (x - mean) * k_centered + k_const
-            grad_input = torch.empty_like(saved)
-            dx = grad_input.view(shape5)
-            for part in parts:
-                slice_ = torch.addcmul(k_const.view(stat5), xs[part], k_centered.view(stat5))
-                dx[part] = slice_.addcmul_(grad[part], scale.view(stat5))
-        grad_weight = grad_bias = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = (sum_grad_centered * invstd).sum(0).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = sum_grad.sum(0).to(weight.dtype if weight is not None else mean.dtype)
-        return grad_input, grad_weight, grad_bias, None, None
+        x, w, mean, invstd = ctx.saved_tensors
+        grad_out = grad_out.contiguous(
+            memory_format=torch.contiguous_format if x.is_contiguous() else torch.channels_last
+        )
+        rows = x.shape[0] // ctx.num_splits
+        grad_input = torch.empty_like(x)
+        # Per-block weight and bias gradients, summed below (the kernel's .out
+        # form computes all three: masked outputs would have to be undefined).
+        grad_w = torch.empty_like(mean)
+        grad_b = torch.empty_like(mean)
+        blocks = zip(x.split(rows), grad_out.split(rows), grad_input.split(rows), strict=True)
+        for k, (block, grad_block, grad_in_block) in enumerate(blocks):
+            _aten.native_batch_norm_backward.out(
+                grad_block, block, w, None, None, mean[k], invstd[k], True, ctx.eps,
+                [True, True, True], out0=grad_in_block, out1=grad_w[k], out2=grad_b[k],
+            )  # fmt: skip
+        needs = ctx.needs_input_grad
+        return (
+            grad_input if needs[0] else None,
+            grad_w.sum(0).to(w.dtype) if needs[1] else None,
+            grad_b.sum(0).to(w.dtype) if needs[2] else None,
+            None,
+            None,
+        )
+
+
+def _split_batch_norm_traced(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_splits: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same per block, out of place, for ``torch.compile`` (Dynamo breaks the
+    graph on ``out=`` into views; Inductor fuses the concatenation away)."""
+    w, b = _affine(x, weight, bias)
+    parts = [
+        _aten.native_batch_norm(block, w, b, None, None, True, 0.0, eps)
+        for block in x.split(x.shape[0] // num_splits)
+    ]
+    out = torch.cat([p[0] for p in parts])
+    mean = torch.stack([p[1] for p in parts]).detach()
+    invstd = torch.stack([p[2] for p in parts]).detach()
+    return out, mean, invstd
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
     """``BatchNorm2d`` whose training statistics are taken per sub-batch.
 
-    Sample ``i`` belongs to sub-batch ``i % num_splits``; the running statistics
-    are the mean of the sub-batches' running statistics. Any memory format
-    works without layout copies, and the output has the input's strides.
+    Sample ``i`` of a batch of ``n`` belongs to sub-batch ``i % num_splits`` for
+    NCHW input (the reference demo's grouping) and ``i // (n / num_splits)``
+    (contiguous blocks) for channels_last (see the module's docstring); the
+    running statistics are the mean of the sub-batches' running statistics.
+    Neither layout runs a layout copy, and the output has the input's strides.
 
     Example:
         >>> bn = SplitBatchNorm(16, num_splits=4)
@@ -226,7 +195,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
                 momentum = 1.0 / float(self.num_batches_tracked)
         if x.is_contiguous():
             return self._forward_grouped_channels(x, momentum)
-        return self._forward_split_view(x, momentum)
+        return self._forward_blocks(x, momentum)
 
     def _forward_grouped_channels(self, x: torch.Tensor, momentum: float) -> torch.Tensor:
         """NCHW: ``(n, c, h, w) -> (n/s, s*c, h, w)`` is a free view there (the
@@ -257,21 +226,28 @@ class SplitBatchNorm(nn.BatchNorm2d):
                 self.running_var.copy_(running_var.view(splits, c).mean(0))  # type: ignore[union-attr]
         return out
 
-    def _forward_split_view(self, x: torch.Tensor, momentum: float) -> torch.Tensor:
-        """channels_last (any other layout): statistics on the free
-        ``(n/s, s, c, h, w)`` view, output in ``x``'s memory format."""
+    def _forward_blocks(self, x: torch.Tensor, momentum: float) -> torch.Tensor:
+        """channels_last (any layout but NCHW): BatchNorm's kernels on each
+        contiguous block of ``n / num_splits`` samples, output in ``x``'s format."""
+        splits = self.num_splits
         n, _, h, w = x.shape
-        count = (n // self.num_splits) * h * w
-        out, mean, var = _SplitBatchNormFunction.apply(
-            x, self.weight, self.bias, self.num_splits, self.eps
+        count = (n // splits) * h * w
+        split_bn = (
+            _split_batch_norm_traced
+            if torch.compiler.is_compiling()
+            else _SplitBatchNormFunction.apply
         )
+        out, mean, invstd = split_bn(x, self.weight, self.bias, splits, self.eps)
         if self.track_running_stats:
             assert self.running_mean is not None and self.running_var is not None
             # Each split's running update, averaged: (1 - m) * r + m * mean(stat_k),
             # with the unbiased variance, as F.batch_norm stores it.
             with torch.no_grad():
-                self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), momentum)
+                # BatchNorm's kernels return 1 / sqrt(var + eps), not var.
+                var = invstd.to(torch.promote_types(invstd.dtype, torch.float32))
+                var = var.pow(-2).sub_(self.eps).clamp_(min=0)
                 unbiased = var.mean(0) * (count / (count - 1))
+                self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
         return out
 
