@@ -382,3 +382,30 @@ def test_torch_compile_traces_without_graph_breaks() -> None:
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(compiled[0].weight.grad, eager[0].weight.grad)
     torch.testing.assert_close(compiled[1].running_var, eager[1].running_var)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_cuda_bf16_autocast_matches_the_reference_grouping(
+    memory_format: torch.memory_format,
+) -> None:
+    """On CUDA (the kernels' ``out=`` forms there), bf16 autocast: within bf16
+    rounding of the reference demo's split BN in float32, same sub-batches."""
+    splits, c = 4, 8
+    bn, oracle = _twin_layers(c, splits, True, 0.1, torch.float32)
+    bn = bn.cuda()
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, c, 6, 6, generator=gen) * 0.5 + 6).to(torch.bfloat16)
+    grad = torch.randn(16, c, 6, 6, generator=gen).to(torch.bfloat16)
+    x, grad = (t.contiguous(memory_format=memory_format) for t in (x, grad))
+    x_in = x.cuda().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = bn(x_in)
+    out.backward(grad.cuda())
+    assert out.stride() == x.stride() and x_in.grad is not None
+    want = _run(_reference_forward, oracle, x.float(), grad.float())
+    torch.testing.assert_close(out.float().cpu(), want[0], atol=1e-2, rtol=4e-3)
+    torch.testing.assert_close(x_in.grad.float().cpu(), want[1], atol=1e-2, rtol=4e-3)
+    torch.testing.assert_close(bn.weight.grad.cpu(), want[2], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(bn.running_var.cpu(), want[-2], atol=1e-5, rtol=1e-5)
