@@ -135,7 +135,8 @@ def leave_process_group() -> None:
     exit while another process still talks to it; then the group is destroyed,
     so that gloo's threads end before the interpreter does (a process that exits
     with them running can abort with "terminate called without an active
-    exception"). Call it on the way out of a successful run, on every rank.
+    exception"). The ``mocohub`` command group calls it after every command that
+    succeeds; a script that calls the library under torchrun calls it itself.
     """
     import torch.distributed as dist
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
@@ -123,3 +124,33 @@ def test_warnings_print_as_one_line_while_a_command_runs() -> None:
         "Warning: sync_bn runs as plain BatchNorm because ...\n"
         "Warning (DeprecationWarning): a deprecated thing\n"
     )
+
+
+def test_a_command_that_succeeds_leaves_the_process_group_it_joined(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every command leaves a group it joined once it succeeds (a worker that exits with
+    gloo's threads running can abort); a command that fails leaves it to the error path."""
+    import torch.distributed as dist
+
+    @click.command("joins")
+    @click.option("--fail", is_flag=True)
+    def joins(fail: bool) -> None:
+        store = dist.FileStore(str(tmp_path / f"store{fail}"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        if fail:
+            raise ConfigError("failed after joining")
+
+    monkeypatch.setitem(cli.COMMANDS, "joins", ("test_cli:joins", "Joins a group."))
+    monkeypatch.setitem(sys.modules, "test_cli", sys.modules[__name__])
+    monkeypatch.setattr(sys.modules[__name__], "joins", joins, raising=False)
+    try:
+        cli.main(["joins"])
+        assert not dist.is_initialized()
+        with pytest.raises(SystemExit):
+            cli.main(["joins", "--fail"])
+        assert dist.is_initialized()  # no barrier on the way out of a failure
+        assert "failed after joining" in capsys.readouterr().err
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -23,7 +23,6 @@ from mocohub.launch import (
     inside_launcher,
     launch_options,
     launch_workers,
-    leave_process_group,
 )
 from mocohub.launch import worker_args as worker_args
 
@@ -197,9 +196,7 @@ def train_command(
         knn_data=knn_data,
         progress=not quiet and sys.stderr.isatty(),
     )
-    rank = get_rank()  # in the process group train() joined (torchrun or srun)
-    leave_process_group()
-    if rank != 0:
+    if get_rank() != 0:  # the command group leaves the process group after this returns
         return
     if metrics.get("already_complete"):
         done = metrics["epoch"]

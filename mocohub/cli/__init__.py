@@ -98,6 +98,21 @@ def cli() -> None:
     """
 
 
+@cli.result_callback()
+def _leave_process_group(*_: Any, **__: Any) -> None:
+    """After a command succeeds, leave the process group it joined under torchrun or srun.
+
+    One place for every command (train, knn, lincls, finetune-det, eval-det,
+    embed): without it gloo's threads can outlive the interpreter, and the
+    worker aborts with "terminate called without an active exception" after a
+    run that succeeded. Commands that never imported torch.distributed skip it.
+    """
+    if "torch.distributed" in sys.modules:
+        from mocohub.launch import leave_process_group
+
+        leave_process_group()
+
+
 def _one_line_warning(
     message: Warning | str,
     category: type[Warning],
