@@ -44,7 +44,7 @@ def test_every_loading_path_gives_the_same_model(monkeypatch: pytest.MonkeyPatch
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         expected = by_name(x)
-        assert expected.shape == (4, 128)
+        assert expected.shape == (4, 256)
         for model in (by_folder, by_hub):
             torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     # The registry row and the shipped folder's config.json (its model card's source) agree.

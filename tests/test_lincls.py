@@ -411,7 +411,7 @@ def test_knn_and_lincls_evaluate_every_model_source(
     config = knn["model_config"]
     assert (config["arch"], config["in_channels"]) == ("resnet18", 1)
     if kind == "registry name":
-        assert config["width"] == 16 and config["meta"]["name"] == "moco_r18_fashion_mnist"
+        assert config["width"] == 32 and config["meta"]["name"] == "moco_r18_fashion_mnist"
     elif kind == "reference .pth.tar":
         assert config["width"] == 8 and config["meta"]["format"] == "reference"
         assert config["preprocessing"]["image_size"] == 224  # ImageNet's, as the reference
@@ -460,7 +460,7 @@ def test_lincls_records_and_prints_the_protocol_it_followed(
 def test_an_in_memory_model_needs_its_mocohub_config(few_samples: Path) -> None:
     model = mocohub.load("moco_r18_fashion_mnist")
     result = knn_evaluate(model, few_samples, k=5, workers=0)
-    assert result["model"] == "moco_r18_fashion_mnist" and result["feature_dim"] == 128
+    assert result["model"] == "moco_r18_fashion_mnist" and result["feature_dim"] == 256
     with pytest.raises(InputError, match="has no mocohub config"):
         knn_evaluate(resnet18(width=8), few_samples, k=5)
 

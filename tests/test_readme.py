@@ -881,7 +881,7 @@ def test_embed_shards_and_merge(user: Path) -> None:
 def test_python_feature_extractor(user: Path) -> None:
     """A list that mixes a path, a PIL image and a (C, H, W) tensor: one row each."""
     feats = run_inline('mocohub.FeatureExtractor(model)(["a.png", image, tensor])', "feats")
-    assert feats["feats"].shape == (3, 128)
+    assert feats["feats"].shape == (3, 256)
     np.testing.assert_allclose(np.linalg.norm(feats["feats"], axis=1), 1, rtol=1e-3)
 
 
@@ -924,10 +924,10 @@ def test_export_embed_serve(user: Path) -> None:
 
     command = "mocohub embed photos/ --out feats.npy --model out/fm --backend onnxruntime"
     assert "embedded 6 images" in ok(run_line(command)).out
-    assert np.load(user / "feats.npy").shape == (6, 128)
+    assert np.load(user / "feats.npy").shape == (6, 256)
 
     embedder = run_inline("mocohub.export.OnnxEmbedder(path)", "embedder")["embedder"]
-    assert embedder.embed_images([Image.open(user / "shoe.png")]).shape == (1, 128)
+    assert embedder.embed_images([Image.open(user / "shoe.png")]).shape == (1, 256)
 
     (port,) = free_ports(1)
     words = typed('pip install "mocohub[serve]" && mocohub serve out/fm --port 8000', port=port)
@@ -949,7 +949,7 @@ def test_export_embed_serve(user: Path) -> None:
             )
             with urllib.request.urlopen(request, timeout=60) as answer:
                 reply = json.loads(answer.read())
-        assert reply["count"] == 1 and reply["dim"] == 128
+        assert reply["count"] == 1 and reply["dim"] == 256
         np.testing.assert_allclose(np.linalg.norm(reply["embeddings"][0]), 1, rtol=1e-3)
     finally:
         server.send_signal(signal.SIGINT)

@@ -234,11 +234,11 @@ def test_list_and_info_commands(capsys: pytest.CaptureFixture[str]) -> None:
     (row,) = [line.split() for line in lines if line.startswith(FASHION_MNIST)]
     knn = get_weights(FASHION_MNIST).meta["knn_top1"]
     assert row[2:] == [
-        "128",
+        "256",
         str(get_weights(FASHION_MNIST).meta["epochs"]),
         "-",
         str(knn),
-        "0.7M",
+        "2.8M",
         "mit",
         "yes",
     ]
