@@ -27,7 +27,9 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "fashion-mnist"
 BF16_MIN_COSINE = 0.9995
 
 
-def make_model(folder: Path, *, rgb: bool = False, head: bool = False, seed: int = 0) -> Path:
+def make_model(
+    folder: Path, *, rgb: bool = False, head: bool = False, seed: int = 0, width: int = 8
+) -> Path:
     """A random tiny ResNet-18 artifact folder: 28 px gray, or 32 px RGB."""
     torch.manual_seed(seed)
     if rgb:
@@ -38,7 +40,7 @@ def make_model(folder: Path, *, rgb: bool = False, head: bool = False, seed: int
         "resnet18",
         small_stem=True,
         in_channels=prep.channels,
-        width=8,
+        width=width,
         head=HeadConfig("mlp", 16) if head else None,
         preprocessing=prep,
     )

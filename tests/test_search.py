@@ -101,6 +101,27 @@ def test_search_errors_are_one_line(
     assert err.count("\n") == 1
 
 
+def test_a_model_whose_size_changed_since_the_index_is_named_before_any_query_is_read(
+    indexed, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An index names its model; when the weights under that name give another size (a
+    bundled model retrained at another width), search says so and how to rebuild."""
+    root, _model, manifest = indexed
+    shutil.copytree(root / "index", tmp_path / "index")
+    wider = make_model(tmp_path / "same-name", rgb=True, width=16)
+    header = json.loads((tmp_path / "index" / "index.json").read_text())
+    header["meta"]["embeddings"]["model"] = str(wider)
+    (tmp_path / "index" / "index.json").write_text(json.dumps(header))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", str(tmp_path / "index"), "--query", manifest[0]])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"holds 64-d embeddings, but {wider} gives 128-d ones" in err
+    assert "mocohub embed IMAGES --model" in err and "mocohub index" in err
+    assert err.count("\n") == 1
+
+
 def test_draw_grid_marks_unreadable_neighbours(tmp_path: Path) -> None:
     good = tmp_path / "good.png"
     Image.new("RGB", (50, 30), (10, 200, 10)).save(good)
