@@ -24,9 +24,11 @@ short for it):
    N`` (one process per GPU, torchrun) against the same command in one process,
    whole commands timed (goal: >= 0.7 N x); on the CPU (the dry run) two
    one-thread processes stand for the GPUs.
-5. ``fmnist``: Fashion-MNIST pre-training for as many epochs as the budget left
-   allows, with the k-NN monitor after each (the full data set when
-   ``/usr/share/datasets/fashion-mnist`` holds it, else the 300 committed samples).
+5. ``fmnist``: Fashion-MNIST pre-training with the shipped model's recipe (width
+   32, ``--crop-min 0.85``, lr 0.12 for batch 512) for as many epochs as the
+   budget left allows, with the k-NN monitor after each, on ``--fmnist-data``
+   (the IDX files; default ``/usr/share/datasets/fashion-mnist`` where it exists,
+   else the 300 committed samples).
 
 Writes ``gpu.json`` (every figure, the machine, the command) and ``gpu.md`` (a
 table for BENCHMARKS.md) in ``--out``. Needs no network. ``--dry-run`` runs every
@@ -35,6 +37,7 @@ part at tiny sizes on the CPU (CI runs it: ``tests/test_gpu_script.py``).
 Run from the repository root, the source tree on the path::
 
     PYTHONPATH=. python bench/gpu.py                    # on the GPU machine
+    PYTHONPATH=. python bench/gpu.py --fmnist-data data/fashion-mnist  # IDX files carried there
     PYTHONPATH=. python bench/gpu.py --dry-run --out /tmp/gpu
 
 Where ``mocohub.training`` is not importable (the source tree on PYTHONPATH, not
@@ -548,21 +551,26 @@ def bench_embed_processes(
 # --------------------------------------------------------------------------
 
 
-def bench_fmnist(device: Any, sizes: Sizes, tmp: Path, budget: Budget) -> dict[str, Any]:
+def bench_fmnist(
+    device: Any, sizes: Sizes, tmp: Path, budget: Budget, source: str | None = None
+) -> dict[str, Any]:
     import torch
 
     from mocohub.training.config import preset
     from mocohub.training.data import FASHION_MNIST_DIR, resolve_dataset
     from mocohub.training.train import train
 
-    source = "fashion-mnist" if FASHION_MNIST_DIR.is_dir() else str(FMNIST_SAMPLES)
+    if source is None:
+        source = "fashion-mnist" if FASHION_MNIST_DIR.is_dir() else str(FMNIST_SAMPLES)
+    samples = Path(source).resolve() == FMNIST_SAMPLES.resolve()
     data: Any = source
     if sizes.fmnist_images is not None:
         dataset = resolve_dataset(source, "train")[0]
         data = dataset.batch(torch.arange(min(sizes.fmnist_images, len(dataset))))
     # 300 samples make one step of batch 256 per epoch: a smaller batch there.
-    batch = sizes.fmnist_batch if source == "fashion-mnist" else min(sizes.fmnist_batch, 64)
+    batch = min(sizes.fmnist_batch, 64) if samples else sizes.fmnist_batch
     config = preset("fashion_mnist", width=sizes.fmnist_width, batch_size=batch,
+                    lr=0.12, crop_min=0.85,  # the shipped moco_r18_fashion_mnist's recipe
                     K=4096 if device.type == "cuda" else 64, epochs=1, knn_every=1,
                     knn_k=200 if device.type == "cuda" else 20, workers=0,
                     precision=sizes.precision)  # fmt: skip
@@ -578,9 +586,10 @@ def bench_fmnist(device: Any, sizes: Sizes, tmp: Path, budget: Budget) -> dict[s
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r.get("event") == "epoch"]
     return {
-        "data": source if source == "fashion-mnist" else "samples/fashion-mnist",
+        "data": "samples/fashion-mnist" if samples else source,
         "images": len(resolve_dataset(data, "train")[0]),
         "epochs": len(epochs),
+        "config": {k: getattr(config, k) for k in ("width", "batch_size", "lr", "crop_min", "K")},
         "seconds": round(time.perf_counter() - started, 1),
         "knn_top1_per_epoch": [r.get("knn_top1") for r in epochs],
         "loss_per_epoch": [r.get("loss") for r in epochs],
@@ -676,6 +685,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="gpu.json and gpu.md here")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument(
+        "--fmnist-data",
+        help="Fashion-MNIST IDX folder for the fmnist part (default: Debian's "
+        "/usr/share/datasets/fashion-mnist where it exists, else the 300 committed samples)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network, whatever a part tries
     budget = Budget(args.budget_s or (300.0 if args.dry_run else 420.0))
@@ -722,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif name == "embed":
                     slot["result"] = bench_embed(device, sizes, folder)
                 else:
-                    slot["result"] = bench_fmnist(device, sizes, folder, budget)
+                    slot["result"] = bench_fmnist(device, sizes, folder, budget, args.fmnist_data)
         report["elapsed_s"] = round(budget.seconds - budget.left(), 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")

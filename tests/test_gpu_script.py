@@ -14,6 +14,7 @@ from types import ModuleType, SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
+from readme_helpers import idx_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,6 +87,20 @@ def test_the_dry_run_runs_every_part_and_measures_each_against_its_baseline(
     fmnist = report["parts"]["fmnist"]
     assert fmnist["epochs"] == 2 and len(fmnist["knn_top1_per_epoch"]) == 2
     assert all(0.0 <= v <= 1.0 for v in fmnist["knn_top1_per_epoch"])
+
+
+def test_the_fmnist_part_trains_on_the_idx_folder_it_is_given(tmp_path: Path) -> None:
+    """``--fmnist-data`` (the IDX files carried to the GPU machine) is what the part trains
+    on, with the shipped model's recipe, not the 300 committed samples."""
+    data = idx_folder(tmp_path / "fm", train=40, val=10)
+    out = tmp_path / "out"
+    command = [sys.executable, "bench/gpu.py", "--dry-run", "--parts", "fmnist"]
+    command += ["--fmnist-data", str(data), "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    fmnist = json.loads((out / "gpu.json").read_text())["parts"]["fmnist"]
+    assert (fmnist["data"], fmnist["images"], fmnist["epochs"]) == (str(data), 40, 2)
+    assert fmnist["config"]["crop_min"] == 0.85 and fmnist["config"]["lr"] == 0.12
 
 
 @pytest.mark.slow
