@@ -183,9 +183,13 @@ class Index:
         """Row numbers (int64, -1 where an approximate index found fewer) and cosine scores."""
         q = _as_matrix(queries, "queries")
         if q.shape[1] != self.dim:
+            made_by = self.meta.get("embeddings", {}).get("model")
+            by = f" (made with {made_by})" if made_by else ""
             raise InputError(
-                f"The queries have {q.shape[1]} dims but the index has {self.dim}; embed them "
-                "with the model (and output) that made the index."
+                f"The queries have {q.shape[1]} dims but the index has {self.dim}{by}; embed "
+                "them with the model (and output) that made the index, or, if that model's "
+                "weights have changed since (a named model retrained), embed the images again "
+                "with `mocohub embed` and rebuild the index with `mocohub index`."
             )
         if k < 1:
             raise InputError(f"k must be at least 1, got {k}.")

@@ -101,7 +101,7 @@ def test_search_errors_are_one_line(
     assert err.count("\n") == 1
 
 
-def test_a_model_whose_size_changed_since_the_index_is_named_before_any_query_is_read(
+def test_a_model_whose_size_changed_since_the_index_is_named_with_how_to_rebuild(
     indexed, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An index names its model; when the weights under that name give another size (a
@@ -117,8 +117,8 @@ def test_a_model_whose_size_changed_since_the_index_is_named_before_any_query_is
         main(["search", str(tmp_path / "index"), "--query", manifest[0]])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert f"holds 64-d embeddings, but {wider} gives 128-d ones" in err
-    assert "mocohub embed IMAGES --model" in err and "mocohub index" in err
+    assert f"queries have 128 dims but the index has 64 (made with {wider})" in err
+    assert "mocohub embed" in err and "mocohub index" in err
     assert err.count("\n") == 1
 
 

@@ -120,16 +120,6 @@ def search_command(
         normalize=True,
         precision="auto",  # a few queries: the check against fp32 costs nothing
     )
-    if extractor.dim != index.dim:
-        # Before any query is read: the model the index names no longer gives its size,
-        # typically named weights that a mocohub upgrade replaced.
-        raise InputError(
-            f"{index_dir} holds {index.dim}-d embeddings, but {model} gives {extractor.dim}-d "
-            "ones (other weights under that name since the index was built, or another "
-            f"model); embed the images again with `mocohub embed IMAGES --model {model}` and "
-            "rebuild the index with `mocohub index`, or pass --model with the model that "
-            "made it."
-        )
     paths, batches = [], []
     for path in scan_inputs(queries):
         try:
