@@ -274,10 +274,19 @@ def verified_meta(out: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def complete_output(files: dict[str, Path], key: str, dtype: str) -> dict[str, Any] | None:
-    """The record of a complete, intact earlier output of run ``key`` in ``dtype``, else None."""
+    """The record of a complete, intact earlier output of run ``key`` in ``dtype``, else None.
+
+    Raises :class:`InputError` when ``OUT`` is a file that no embed record
+    describes (not mocohub's to replace; the caller's ``restart`` skips this).
+    """
     try:
         meta = read_meta(files["features"])
     except InputError:
+        if files["features"].exists():
+            raise InputError(
+                f"{files['features']} exists and no {files['meta'].name} says mocohub embed "
+                "wrote it; choose another --out, or add --restart to replace it."
+            ) from None
         return None
     if meta.get("key") != key or meta.get("dtype") != dtype:
         return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -460,6 +461,66 @@ def test_interrupted_run_resumes_to_the_same_array(
     embed_files(paths, other, settings, opener, restart=True)
     np.testing.assert_allclose(np.load(other), reference, atol=1e-5)
     assert not output_files(other)["parts"].exists()
+
+
+def test_the_help_names_every_extension_a_folder_is_searched_for(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mocohub.imageio import IMAGE_EXTENSIONS
+
+    main(["embed", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert all(re.search(rf"{re.escape(ext)}\b", shown) for ext in IMAGE_EXTENSIONS)
+
+
+def test_ctrl_c_on_the_command_line_says_how_to_resume(
+    tmp_path: Path, dataset, model_dir: Path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real, calls = TorchEmbedder.embed_batch, []
+
+    def interrupted(self: TorchEmbedder, images):
+        calls.append(len(images))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
+        return real(self, images)
+
+    monkeypatch.setattr(TorchEmbedder, "embed_batch", interrupted)
+    out = tmp_path / "feats.npy"
+    argv = ["embed", str(dataset[0]), "--out", str(out), "--model", str(model_dir), "-q"]
+    argv += ["--batch-size", "8", "--part-size", "8", "--device", "cpu", "--workers", "0"]
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert f"the finished parts are kept in {output_files(out)['parts']}" in err
+    assert "rerun the same command to resume" in err
+    assert not out.exists()
+    monkeypatch.setattr(TorchEmbedder, "embed_batch", real)
+    main(argv)  # and the same command does
+    assert out.is_file() and "embedded" in capsys.readouterr().out
+
+
+def test_an_output_is_replaced_only_when_mocohub_wrote_it_and_never_silently(
+    tmp_path: Path, dataset, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "feats.npy"
+    out.write_bytes(b"the user's own file")
+    argv = ["embed", "--out", str(out), "--model", str(model_dir), "-q", "--device", "cpu"]
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, str(dataset[0])])
+    assert refused.value.code != 0
+    err = capsys.readouterr().err
+    assert "no feats.meta.json says mocohub embed wrote it" in err and "--restart" in err
+    assert out.read_bytes() == b"the user's own file"  # untouched
+
+    main([*argv, str(dataset[0]), "--restart"])
+    assert "replacing" not in capsys.readouterr().out
+    rows = len(np.load(out))
+    some = sorted(p for p in dataset[0].rglob("*.png"))[:3]
+    main([*argv, *map(str, some)])  # other inputs, the same --out
+    said = capsys.readouterr().out
+    assert f"(replacing an output of other inputs or settings: {rows} rows)" in said
+    assert len(np.load(out)) == 3
 
 
 @pytest.mark.precision

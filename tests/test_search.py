@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,24 @@ def test_a_model_whose_size_changed_since_the_index_is_named_with_how_to_rebuild
     assert f"queries have 128 dims but the index has 64 (made with {wider})" in err
     assert "mocohub embed" in err and "mocohub index" in err
     assert err.count("\n") == 1
+
+
+def test_a_grid_drawn_away_from_relative_paths_says_why_its_tiles_are_grey(
+    indexed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, model, _manifest = indexed
+    monkeypatch.chdir(root)  # embedded as a user would: `mocohub embed images/`
+    main(["embed", "images", "--out", str(tmp_path / "rel.npy"), "--model", str(model), "-q"])
+    main(["index", str(tmp_path / "rel.npy"), "--out", str(tmp_path / "rel.index")])
+    query = str(root / "images" / sorted(p.name for p in (root / "images").iterdir())[0])
+    argv = ["search", str(tmp_path / "rel.index"), "--query", query, "--k", "3"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # from the folder embed ran in, every tile is found
+        main([*argv, "--grid", str(tmp_path / "here.png")])
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=r"3 of the 3 neighbours .* not files here .*images/"):
+        main([*argv, "--grid", str(tmp_path / "away.png")])
+    assert (tmp_path / "away.png").is_file()  # still drawn: the search itself is right
 
 
 def test_draw_grid_marks_unreadable_neighbours(tmp_path: Path) -> None:

@@ -7,7 +7,10 @@ asks for it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -194,7 +197,8 @@ def embed_command(
 ) -> None:
     """Embed images into OUT.npy (+ .manifest.txt, .errors.jsonl, .meta.json).
 
-    INPUTS are folders (searched recursively), image files, .txt files listing
+    INPUTS are folders (searched recursively for .jpg, .jpeg, .png, .bmp, .webp,
+    .tif, .tiff and .gif files; other files are passed over), image files, .txt files listing
     paths, webdataset shards (a .tar file, a folder of them, or a brace pattern
     such as 'shards/{000000..000999}.tar': each sample's key is its manifest
     entry), or Parquet/CSV tables of ids and paths. Unreadable images are
@@ -289,19 +293,21 @@ def embed_command(
     }
     if ray_options is None:  # Ray decodes in its own tasks
         options["workers"] = default(run_device) if workers is None else workers
-    if ray_options is not None:
-        from mocohub.embed_ray import embed_files_ray
+    before = _record(out)
+    with _resume_hint(output_files(out)["parts"]):
+        if ray_options is not None:
+            from mocohub.embed_ray import embed_files_ray
 
-        run = (paths, out, settings, open_embedder, ray_options)
-        result = embed_files_ray(*run, shard=shard_index, **options)
-    elif place.world_size > 1:
-        from mocohub.embed_dist import embed_distributed
+            run = (paths, out, settings, open_embedder, ray_options)
+            result = embed_files_ray(*run, shard=shard_index, **options)
+        elif place.world_size > 1:
+            from mocohub.embed_dist import embed_distributed
 
-        result = embed_distributed(paths, out, settings, open_embedder, place, **options)
-        if place.rank != 0:  # rank 0 reports for all
-            return
-    else:
-        result = embed_files(paths, out, settings, open_embedder, shard=shard_index, **options)
+            result = embed_distributed(paths, out, settings, open_embedder, place, **options)
+            if place.rank != 0:  # rank 0 reports for all
+                return
+        else:
+            result = embed_files(paths, out, settings, open_embedder, shard=shard_index, **options)
     files = output_files(out)
     skipped = f", skipped {result.skipped} (see {files['errors']})" if result.skipped else ""
     if result.up_to_date:
@@ -315,6 +321,10 @@ def embed_command(
         )
         if place.world_size > 1:  # what the earlier, interrupted run had done is not redone
             kept = f" by {place.world_size} processes ({result.embedded_now} embedded in this run)"
+        after = _record(out)
+        if before is not None and after is not None and before.get("key") != after.get("key"):
+            rows = before.get("rows")
+            kept += f" (replacing an output of other inputs or settings: {rows} rows)"
         click.echo(
             f"embedded {result.rows} images{skipped}{kept} in {result.seconds:.1f} s "
             f"({result.images_per_s:.1f} images/s, precision {result.precision or 'n/a'}) "
@@ -324,6 +334,31 @@ def embed_command(
         raise InputError(
             f"{result.skipped} files were skipped (--strict); see {files['errors']} for why."
         )
+
+
+def _record(out: str) -> dict[str, Any] | None:
+    """The embed record of ``out`` (``OUT.meta.json``), or None when there is none."""
+    from mocohub.embed_outputs import read_meta
+
+    try:
+        return read_meta(out)
+    except InputError:
+        return None
+
+
+@contextlib.contextmanager
+def _resume_hint(parts: Path) -> Iterator[None]:
+    """On Ctrl-C, say where the finished work is and how to resume it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if parts.is_dir():
+            click.echo(
+                f"Interrupted: the finished parts are kept in {parts}; "
+                "rerun the same command to resume.",
+                err=True,
+            )
+        raise
 
 
 @click.command("embed-merge")

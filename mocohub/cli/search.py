@@ -140,11 +140,31 @@ def search_command(
         for rank, (i, s) in enumerate(zip(ids, row, strict=True), 1):
             click.echo(f"{rank:4d}  {s:.4f}  {i}")
     if grid:
-        from mocohub.grid import draw_grid
+        from mocohub.grid import GRID_ROWS, draw_grid
 
+        _warn_missing([str(i) for ids in found[:GRID_ROWS] for i in ids])
         with disk_errors(grid, option="--grid"):
             draw_grid(paths, [[str(i) for i in ids] for ids in found], scores, grid)
         click.echo(f"grid -> {grid}", err=True)
+
+
+def _warn_missing(shown: list[str]) -> None:
+    """Warn when images the grid should show are not where the index says they are."""
+    missing = [path for path in shown if not os.path.isfile(path)]
+    if not missing:
+        return
+    if all(path.isdigit() for path in missing):
+        why = "the index names its rows by number (it was built without FEATURES.manifest.txt)"
+    else:
+        why = (
+            "the index names images by the paths `mocohub embed` was given, relative to the "
+            "folder it ran in: run search from that folder, or embed with absolute paths"
+        )
+    warnings.warn(
+        f"{len(missing)} of the {len(shown)} neighbours in the grid are not files here "
+        f"(first: {missing[0]}) and are drawn as grey tiles; {why}.",
+        stacklevel=1,
+    )
 
 
 def _plain(value: Any) -> Any:
