@@ -496,8 +496,9 @@ def test_ctrl_c_on_the_command_line_says_how_to_resume(
     assert "rerun the same command to resume" in err
     assert not out.exists()
     monkeypatch.setattr(TorchEmbedder, "embed_batch", real)
-    main(argv)  # and the same command does
-    assert out.is_file() and "embedded" in capsys.readouterr().out
+    main(argv)  # and the same command does, without embedding the finished parts again
+    said = capsys.readouterr().out
+    assert out.is_file() and "embedded in this run, the rest resumed from its parts" in said
 
 
 def test_an_output_is_replaced_only_when_mocohub_wrote_it_and_never_silently(

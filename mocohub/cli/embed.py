@@ -321,6 +321,8 @@ def embed_command(
         )
         if place.world_size > 1:  # what the earlier, interrupted run had done is not redone
             kept = f" by {place.world_size} processes ({result.embedded_now} embedded in this run)"
+        elif not result.kept and result.embedded_now < result.rows:
+            kept = f" ({result.embedded_now} embedded in this run, the rest resumed from its parts)"
         after = _record(out)
         if before is not None and after is not None and before.get("key") != after.get("key"):
             rows = before.get("rows")
