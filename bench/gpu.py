@@ -40,9 +40,10 @@ Run from the repository root, the source tree on the path::
     PYTHONPATH=. python bench/gpu.py --fmnist-data data/fashion-mnist  # IDX files carried there
     PYTHONPATH=. python bench/gpu.py --dry-run --out /tmp/gpu
 
-Where ``mocohub.training`` is not importable (the source tree on PYTHONPATH, not
-installed), the script first installs the tree into a temporary folder with pip
-(offline, no dependencies) and uses that.
+Nothing needs installing: with the source tree on PYTHONPATH, ``mocohub`` finds
+``training/`` and ``export/`` beside it as ``mocohub.training`` and
+``mocohub.export``; run without PYTHONPATH, the script puts the tree's root there
+itself (:func:`ensure_package`).
 """
 
 from __future__ import annotations
@@ -105,13 +106,15 @@ DRY_SIZES = Sizes("resnet18", 8, True, 32, 8, 64, 2, 2, 1, 8 * 12, (48, 40),
 # --------------------------------------------------------------------------
 
 
-def ensure_package(tmp: Path) -> str | None:
-    """Make ``mocohub.training`` and ``mocohub.export`` importable; return where from.
+def ensure_package() -> str | None:
+    """Make ``mocohub`` (with ``mocohub.training`` and ``mocohub.export``) importable.
 
-    They live in ``training/`` and ``export/`` at the repository root and only
-    install as ``mocohub.*``: with the bare source tree on PYTHONPATH, pip installs
-    a copy of it into ``tmp`` (offline, no dependencies) for this process and the
-    processes it starts. Returns None when nothing had to be done.
+    Installed, or on PYTHONPATH as a source tree, it already is (a source tree's
+    ``mocohub`` finds ``training/`` and ``export/`` beside it). Run as plain
+    ``python bench/gpu.py`` with nothing installed, the tree's root is put on
+    ``sys.path`` and PYTHONPATH, for this process and the ones it starts; no
+    install, so no build backend is needed on an offline machine. Returns the
+    root then, else None.
     """
     try:
         import mocohub.export
@@ -120,26 +123,13 @@ def ensure_package(tmp: Path) -> str | None:
         return None
     except ImportError:
         pass
-    source, site = tmp / "source", tmp / "site"
-    shutil.copytree(
-        ROOT,
-        source,
-        ignore=shutil.ignore_patterns(
-            ".*", "bench", "tests", "runs", "build", "dist", "*.egg-info", "__pycache__"
-        ),
-    )
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-         "--no-build-isolation", "--target", str(site), str(source)],
-        check=True,
-    )  # fmt: skip
-    sys.path.insert(0, str(site))
+    sys.path.insert(0, str(ROOT))
     for name in [n for n in sys.modules if n == "mocohub" or n.startswith("mocohub.")]:
         del sys.modules[name]
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(site), os.environ.get("PYTHONPATH")])
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
     )
-    return str(site)
+    return str(ROOT)
 
 
 class Budget:
@@ -698,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
                "fmnist": (30, 3)}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="mocohub-gpu-") as temp:
         tmp = Path(temp)
-        installed = ensure_package(tmp)
+        installed = ensure_package()
         import torch
 
         if not args.dry_run and not torch.cuda.is_available():

@@ -12,12 +12,22 @@ Example:
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from mocohub._lazy import lazy_exports
 from mocohub.errors import ConfigError, DistributedError, InputError, MocohubError
 
 __version__ = "0.1.0"
+
+# pyproject installs training/ and export/ as mocohub.training and mocohub.export.
+# Run from a bare source tree (PYTHONPATH=., nothing installed) they sit beside this
+# package instead, so the tree's root joins the package's search path.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(os.path.dirname(__file__), "training")) and os.path.isfile(
+    os.path.join(_ROOT, "training", "__init__.py")
+):
+    __path__.append(_ROOT)
 
 # name -> module that defines it; resolved on first access (PEP 562).
 _LAZY = {

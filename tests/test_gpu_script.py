@@ -27,6 +27,36 @@ def _bench_export() -> ModuleType:
     return module
 
 
+def test_the_bare_source_tree_imports_as_the_installed_package(tmp_path: Path) -> None:
+    """The GPU machine runs the tree on PYTHONPATH with nothing installed: ``-S`` keeps
+    this environment's editable install (a .pth finder) out, site-packages go on the
+    path for torch, and every package pyproject maps must import from the tree."""
+    import site
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = sorted(mapping["package-dir"])
+    code = (
+        f"import sys; sys.path[:0] = [{str(ROOT)!r}]; sys.path += {site.getsitepackages()!r}\n"
+        "import importlib, mocohub\n"
+        f"for name in {packages!r}: print(importlib.import_module(name).__file__)\n"
+        "import mocohub.training.train, mocohub.export.onnx\n"
+        "print(mocohub.load('moco_r18_fashion_mnist').width)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    *files, width = done.stdout.split()
+    folders = [mapping["package-dir"][name] for name in packages]
+    assert files == [str(ROOT / f / "__init__.py") for f in folders]
+    assert width == "32"  # the bundled weights load from the tree too
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("gpu")
