@@ -198,10 +198,10 @@ def embed_command(
     """Embed images into OUT.npy (+ .manifest.txt, .errors.jsonl, .meta.json).
 
     INPUTS are folders (searched recursively for .jpg, .jpeg, .png, .bmp, .webp,
-    .tif, .tiff and .gif files; other files are passed over), image files, .txt files listing
-    paths, webdataset shards (a .tar file, a folder of them, or a brace pattern
-    such as 'shards/{000000..000999}.tar': each sample's key is its manifest
-    entry), or Parquet/CSV tables of ids and paths. Unreadable images are
+    .tif, .tiff and .gif files; other files are passed over), image files, .txt
+    files listing paths, webdataset shards (a .tar file, a folder of them, or a
+    brace pattern such as 'shards/{000000..000999}.tar': each sample's key is
+    its manifest entry), or Parquet/CSV tables of ids and paths. Unreadable images are
     skipped and listed in OUT.errors.jsonl. An interrupted run resumes when
     rerun with the same arguments. Each file is known by its path, size and
     modification time (or its content, with --verify-content): a rerun embeds
