@@ -429,12 +429,23 @@ def test_knn_says_when_k_is_capped_at_the_training_images(
     args = ["knn", "--model", run_dir, "--train", few_samples, "--out", tmp_path]
     code, out, err = run_cli(args, capsys)  # the default k, 200
     assert code == 0, err
-    assert "note: --k 200 is more than the 60 training images, so k=60" in err
-    assert out.startswith("k-NN (k=60, t=0.1): top-1 ") and "(60 queries, 60 neighbours)" in out
+    # no val split: leave-one-out, so each image has 59 others to vote
+    assert "note: --k 200 is more than the 60 training images, so k=59: every other" in err
+    assert out.startswith("k-NN (k=59, t=0.1): top-1 ") and "(60 queries, 60 neighbours)" in out
     saved = json.loads((tmp_path / "knn.json").read_text())
-    assert (saved["k"], saved["k_requested"]) == (60, 200)
-    code, out, err = run_cli([*args[:-2], "--k", 60], capsys)
-    assert code == 0 and "note: --k" not in err and out.startswith("k-NN (k=60,")
+    assert (saved["k"], saved["k_requested"]) == (59, 200)
+    code, out, err = run_cli([*args[:-2], "--k", 59], capsys)
+    assert code == 0 and "note: --k" not in err and out.startswith("k-NN (k=59,")
+
+
+def test_knn_without_a_val_split_never_lets_an_image_vote_for_itself(
+    run_dir: Path, few_samples: Path
+) -> None:
+    alone = knn_evaluate(run_dir, few_samples, k=1, workers=0)  # leave-one-out
+    itself = knn_evaluate(run_dir, few_samples, few_samples, k=1, workers=0)
+    assert alone["val_is_train"] and not itself["val_is_train"]
+    assert itself["top1"] == 1.0  # named as the val data too, each image finds itself
+    assert alone["top1"] < 1.0  # its nearest other image is not always of its class
 
 
 def test_lincls_records_and_prints_the_protocol_it_followed(

@@ -124,6 +124,32 @@ TINY_FLAGS = [
 ]  # fmt: skip
 
 
+def test_sigterm_to_the_process_group_with_loader_workers_still_saves_and_stops(
+    tmp_path: Path,
+) -> None:
+    """`timeout`, Slurm and Kubernetes signal every process of the job, the
+    DataLoader's workers too: the run must still stop as SIGTERM to it alone does."""
+    photos = image_folder(tmp_path / "photos", per_class=6)
+    run = tmp_path / "run"
+    process = _mocohub(
+        "train", str(photos), "--out", str(run), "--epochs", "500", "--preset", "cifar",
+        "--width", "8", "--image-size", "32", "--batch-size", "8", "--queue-size", "64",
+        "--workers", "2", "--augment-on", "workers", "--precision", "fp32", "--quiet",
+        start_new_session=True,
+    )  # fmt: skip
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no progress within 2 minutes"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "Stopped by SIGTERM" in err and "Traceback" not in err
+    assert final_state(run)["step"] > 0 or final_state(run)["epoch"] > 0
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     process = _mocohub("train", str(SAMPLES), "--out", str(run), "--epochs", "50", *TINY_FLAGS)
@@ -154,6 +180,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert final_state(run)["epoch"] == state["epoch"] + 1
+    assert f"resuming from {run / 'checkpoint_'}" in err  # it says that it continues
 
 
 def test_two_nodes_on_one_machine(tmp_path: Path, free_port: int) -> None:

@@ -49,7 +49,7 @@ from .det_eval import (
     write_eval,
 )
 from .distributed import DistributedEnv, init_from_env, wrap_ddp
-from .progress import StopSignal, TrainingProgress
+from .progress import StopSignal, TrainingProgress, ignore_stop_signals
 from .run_folder import (
     FailedStartCleanup,
     claim_run_folder,
@@ -94,6 +94,7 @@ def _epoch_loader(
         batch_sampler=keys,
         collate_fn=collate_detection,
         num_workers=config.workers,
+        worker_init_fn=ignore_stop_signals,  # the main process stops them
         # Its own generator: worker seeds never draw from the global RNG the run restores.
         generator=torch.Generator().manual_seed(config.seed),
     )

@@ -104,11 +104,16 @@ def knn_command(
     if not _is_main():
         return
     if result["val_is_train"]:
-        _echo_err(_same_data_note("k-NN accuracy"))
+        _echo_err(
+            "note: the data has no separate validation split, so k-NN accuracy is measured "
+            "leave-one-out on the training images (each classified by the others); pass "
+            "--val for held-out images."
+        )
     if result["k"] < k:
+        voters = "every other training image" if result["val_is_train"] else "every training image"
         _echo_err(
             f"note: --k {k} is more than the {_count(result['train_samples'], 'training image')}, "
-            f"so k={result['k']}: every training image votes."
+            f"so k={result['k']}: {voters} votes."
         )
     click.echo(
         f"k-NN (k={result['k']}, t={t}): top-1 {100 * result['top1']:.2f}%, "

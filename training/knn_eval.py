@@ -65,7 +65,8 @@ def knn_evaluate(
         train: labelled data (its train split) whose features vote.
         val: labelled data (its val split) to classify; default: ``train``'s
             val split (with no such split, the training images themselves,
-            which ``val_is_train`` in the result flags).
+            each classified by the others, leave-one-out; ``val_is_train`` in
+            the result flags it).
         k, t: neighbours (capped at the number of ``train`` images) and vote
             temperature.
         batch_size, workers: embedding batches; DataLoader workers for image folders.
@@ -92,8 +93,12 @@ def knn_evaluate(
             raise InputError(f"{data_info.source} has no labels; k-NN needs labelled images.")
     backbone = freeze_backbone(place_backbone(backbone, env.device))
     workers = default_workers() if workers is None else workers
+    # No held-out split: each training image is classified by the others (leave-one-out),
+    # never by itself, which would make k=1 score 100%.
+    val_is_train = val is None and same_images(train_set, train_info, val_set, val_info)
     features = []
-    for dataset, data_info in ((train_set, train_info), (val_set, val_info)):
+    sets = [(train_set, train_info)] + ([] if val_is_train else [(val_set, val_info)])
+    for dataset, data_info in sets:
         batches = EvalBatches(
             dataset,
             data_info,
@@ -104,10 +109,19 @@ def knn_evaluate(
             workers=workers,
         )
         features.append(extract_features(backbone, batches, env, dtype=dtype))
-    (train_x, train_y), (val_x, val_y) = features
+    (train_x, train_y), (val_x, val_y) = features[0], features[-1]
     num_classes = max(train_info.num_classes, val_info.num_classes)
-    used = min(k, len(train_x))  # knn_accuracy caps k the same way
-    accuracy = knn_accuracy(train_x, train_y, val_x, val_y, k=used, t=t, num_classes=num_classes)
+    used = min(k, len(train_x) - int(val_is_train))  # knn_accuracy caps k the same way
+    accuracy = knn_accuracy(
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        k=used,
+        t=t,
+        num_classes=num_classes,
+        leave_one_out=val_is_train,
+    )
     return {
         **accuracy,
         "k": used,
@@ -119,7 +133,7 @@ def knn_evaluate(
         "model_config": model_record(config),
         "train": str(train_info),
         "val": str(val_info),
-        "val_is_train": val is None and same_images(train_set, train_info, val_set, val_info),
+        "val_is_train": val_is_train,
         "train_samples": train_info.num_samples,
         "val_samples": val_info.num_samples,
         "seconds": time.perf_counter() - started,

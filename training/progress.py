@@ -75,6 +75,19 @@ class TrainingInterrupted(MocohubError):
         self.exit_code = 128 + signum
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: leave SIGTERM and SIGINT to the main process.
+
+    ``timeout``, Slurm and Kubernetes signal the whole process group. A worker
+    killed by that SIGTERM makes the main process raise at its next batch
+    (PyTorch reports a worker's death), before it can save its checkpoint.
+    Ignoring it, the worker serves batches until the main process stops and
+    shuts it down, as after the last epoch.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class StopSignal:
     """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
 

@@ -301,6 +301,8 @@ def train(
                     Path(str(source)).name,
                     f" (the damaged file is kept as {aside[0].name})" if aside else "",
                 )
+            if checkpoint is not None:  # said, so a rerun that continues is not taken for new
+                logger.warning("mocohub: resuming from %s.", source)
     # From here on files are written; a failure before the first checkpoint removes them.
     cleanup = FailedStartCleanup(run_dir, enabled=env.is_main)
 

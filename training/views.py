@@ -37,6 +37,7 @@ from mocohub.sysinfo import usable_cpus
 from .config import TrainConfig
 from .data import TensorImageDataset
 from .distributed import DistributedEnv
+from .progress import ignore_stop_signals
 from .recipes import AugmentRecipe, view_recipes
 
 __all__ = [
@@ -254,6 +255,7 @@ class ViewPipeline:
                 pin_memory=cuda,
                 persistent_workers=workers > 0,
                 prefetch_factor=4 if workers > 0 else None,
+                worker_init_fn=ignore_stop_signals,  # the main process stops them
                 # Its own generator for the workers' base seed: every epoch's
                 # iterator would otherwise draw one number from the global RNG.
                 generator=torch.Generator(),
