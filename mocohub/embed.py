@@ -172,7 +172,13 @@ def embed_files(
             return EmbedResult(files["features"], rows, skipped, 0, 0.0, used, up_to_date=True)
         plan = (files, key, asdict(settings), inputs, part_files, owned)
         run, pending, kept = resume(*plan, restart=restart, earlier=earlier)
-        embedder = open_embedder(run["precision"] or settings.precision)
+        try:
+            embedder = open_embedder(run["precision"] or settings.precision)
+        except BaseException:  # a model that does not load: leave no work folder of nothing
+            parts = files["parts"]
+            if parts.is_dir() and {p.name for p in parts.iterdir()} <= {"run.json"}:
+                shutil.rmtree(parts, ignore_errors=True)
+            raise
         started = time.perf_counter()
         embedded_now = 0
         if pending:

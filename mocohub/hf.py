@@ -244,10 +244,11 @@ def from_pretrained(
     head: bool = False,
     pretrained: bool = True,
 ) -> Backbone:
-    """The mocohub model in a Hub repo (``"org/name"`` or ``"hf-hub:org/name[@rev]"``).
+    """The mocohub model in a Hub repo (``"org/name"`` or ``"hf-hub:org/name[@rev]"``),
+    or in a local folder that :func:`save_pretrained` wrote.
 
     Args:
-        source: the repo, optionally with its revision after ``@``.
+        source: the repo, optionally with its revision after ``@``; or a folder.
         revision: a branch, tag or commit (overrides one given in ``source``).
         head: keep the stored projection head as ``fc``.
         pretrained: False fetches only ``config.json`` and returns random weights.
@@ -257,9 +258,12 @@ def from_pretrained(
         >>> model.mocohub_config.preprocessing.image_size
         224
     """
-    repo_id, stated = parse_repo(source)
-    where = f"{HF_PREFIX}{repo_id}" + (f"@{revision or stated}" if revision or stated else "")
-    folder = download_repo(where, weights=pretrained)
+    if os.path.isdir(source) and revision is None:  # as transformers' from_pretrained does
+        folder, where = Path(source), str(source)
+    else:
+        repo_id, stated = parse_repo(source)
+        where = f"{HF_PREFIX}{repo_id}" + (f"@{revision or stated}" if revision or stated else "")
+        folder = download_repo(where, weights=pretrained)
     if not pretrained:
         config = read_config(folder)
         if head and config.head is None:
@@ -267,7 +271,8 @@ def from_pretrained(
         return build_model(config if head else config.without_head())
     model = load_pretrained(folder, head=head)
     config = model.mocohub_config
-    model.mocohub_config = replace(config, meta={**config.meta, "hub_repo": where})
+    if where.startswith(HF_PREFIX):
+        model.mocohub_config = replace(config, meta={**config.meta, "hub_repo": where})
     return model
 
 

@@ -473,6 +473,18 @@ def test_the_help_names_every_extension_a_folder_is_searched_for(
     assert all(re.search(rf"{re.escape(ext)}\b", shown) for ext in IMAGE_EXTENSIONS)
 
 
+def test_a_model_that_does_not_load_leaves_nothing_behind(
+    tmp_path: Path, dataset, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "model.pth"
+    broken.write_bytes(b"not a checkpoint")
+    out = tmp_path / "feats.npy"
+    with pytest.raises(SystemExit) as failed:
+        main(["embed", str(dataset[0]), "--out", str(out), "--model", str(broken), "-q"])
+    assert failed.value.code != 0 and "Error:" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]  # no feats.npy.parts/
+
+
 def test_ctrl_c_on_the_command_line_says_how_to_resume(
     tmp_path: Path, dataset, model_dir: Path, monkeypatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -72,6 +72,19 @@ def test_save_pretrained_writes_the_artifact_with_a_card(tmp_path: Path) -> None
     assert f"| Parameters | {params:,} |" in card
 
 
+def test_from_pretrained_loads_the_folder_save_pretrained_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny_model(head=True)
+    folder = mocohub.save_pretrained(model, tmp_path / "art")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a folder: nothing to fetch
+    for head in (False, True):
+        loaded = mocohub.from_pretrained(str(folder), head=head)
+        state = model.state_dict()
+        assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+        assert "hub_repo" not in loaded.mocohub_config.meta
+
+
 def test_registry_card_states_source_metrics_and_licence() -> None:
     card = model_card(get_weights("moco_v2_r50_800ep").config(), repo_id="org/moco")
     for text in ("71.1", "arXiv:2003.04297", "cc-by-nc-4.0", "800", "Intended use", "2048-d"):

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from hub_helpers import reference_checkpoint, reference_encoder
 from readme_helpers import UserData, mocohub, ok, user_data, write_reference_checkpoint
 
 PRESETS = ("moco_v1", "moco_v2", "cifar", "fashion_mnist")
@@ -102,6 +103,20 @@ def test_train_resume_continues_a_reference_run(data: UserData, here: Path) -> N
     records = [json.loads(line) for line in log]
     assert [r["epoch"] for r in records if r.get("event") == "epoch"] == [2]
     _key_encoder_close_to_the_reference(here / "run", data)
+
+
+def test_resuming_a_v1_reference_run_without_its_preset_names_the_flag(
+    data: UserData, here: Path
+) -> None:
+    encoder = reference_encoder("resnet18", mlp=False, dim=16, width=8)  # MoCo v1: one fc
+    torch.save(reference_checkpoint(encoder, K=64) | {"epoch": 1}, here / "v1.pth.tar")
+    flags = list(FLAGS)
+    flags[flags.index("--queue-size") + 1] = "64"
+    flags[flags.index("--epochs") + 1] = "2"
+    words = ["mocohub", "train", str(data.labels_csv), "--resume", "v1.pth.tar", *flags]
+    refused = mocohub([*words, "--out", "run"])  # the default preset is moco_v2 (MLP head)
+    assert refused.code != 0 and "add --preset moco_v1 or --no-mlp" in refused.err
+    ok(mocohub([*words, "--out", "run_v1", "--no-mlp"]))
 
 
 @pytest.fixture(scope="module")

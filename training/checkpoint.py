@@ -313,9 +313,15 @@ def _load(what: str, target: Any, state: Any) -> None:
     try:
         target.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
+        head, expected = "", target.state_dict() if isinstance(target, nn.Module) else {}
+        v1, v2 = "encoder_q.fc.weight", "encoder_q.fc.0.weight"
+        if isinstance(state, dict) and v1 in state and v2 in expected:
+            head = " (its head is one linear layer, MoCo v1's: add --preset moco_v1 or --no-mlp)"
+        elif isinstance(state, dict) and v2 in state and v1 in expected:
+            head = " (its head is MoCo v2's MLP: add --mlp, or --preset moco_v2)"
         raise ConfigError(
             f"The checkpoint's {what} state does not fit this {what} ({error_summary(e)}); "
-            "build it with the settings of the run that wrote the checkpoint."
+            f"build it with the settings of the run that wrote the checkpoint{head}."
         ) from e
 
 
