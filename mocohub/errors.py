@@ -20,9 +20,13 @@ __all__ = [
 
 
 class MocohubError(Exception):
-    """Base class of the errors mocohub raises on purpose."""
+    """Base class of the errors mocohub raises on purpose.
+
+    The command line prints ``prefix`` and the message, and exits with ``exit_code``.
+    """
 
     exit_code = 1
+    prefix = "Error: "
 
 
 class ConfigError(MocohubError, ValueError):

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -313,6 +314,35 @@ def test_lincls_and_knn_commands(
     assert code == 0, err
     assert out.startswith("k-NN (k=20, t=0.1): top-1 ")
     assert json.loads((tmp_path / "k.json").read_text())["val_samples"] == 300
+
+
+def test_ctrl_c_says_what_lincls_kept_and_the_rerun_resumes(
+    run_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mocohub.training import eval_cli
+
+    def press_ctrl_c_after_epoch_2(line: str) -> None:
+        print(line, file=sys.stderr)
+        if line.startswith("epoch 2/"):  # its state is saved before its line is printed
+            raise KeyboardInterrupt
+
+    out = tmp_path / "lin"
+    args = ["lincls", SAMPLES, "--model", run_dir, "--out", out, "--epochs", 3, "--lr", 0.5]
+    args += ["--preset", "small", "--cached-features", "--batch-size", 100, "--workers", 0]
+    monkeypatch.setattr(eval_cli, "_echo_err", press_ctrl_c_after_epoch_2)
+    code, _, err = run_cli([*args, "--restart"], capsys)
+    assert code == 130 and "Traceback" not in err
+    state = out / "lincls_state.pt"
+    assert f"Interrupted: the classifier after epoch 2 is kept in {state}; rerun the same " in err
+    assert "without --restart to resume." in err  # --restart again would start over
+
+    monkeypatch.undo()
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "after epoch 2" in err and "epoch 3/3" in err and "epoch 1/3" not in err
 
 
 @pytest.mark.parametrize(

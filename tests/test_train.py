@@ -164,8 +164,15 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "Stopped by SIGTERM" in err and "--resume auto" in err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "Error" not in err  # a stop that was asked for
     state = final_state(run)
+    # The message counts epochs as people do and names the file that holds the state.
+    latest = ckpt.find_latest_checkpoint(run)
+    if state["step"]:
+        said = f"in epoch {state['epoch'] + 1} at step {state['step']}; checkpoint {latest} "
+    else:
+        said = f"after epoch {state['epoch']}; checkpoint {latest}."
+    assert said in " ".join(err.split()), err
     assert state["epoch"] * 9 + state["step"] >= 1
     resumed = _mocohub(
         "train",

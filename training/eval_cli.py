@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -220,6 +221,8 @@ def lincls_command(
     State is saved in --out after every epoch; rerunning an interrupted command resumes
     it.
     """
+    from mocohub.cli import hint_on_interrupt
+
     from .eval_data import default_workers
     from .lincls import linear_eval
     from .lincls_config import protocol_config
@@ -232,16 +235,18 @@ def lincls_command(
         image_size=image_size,
         **settings,
     )
-    result = linear_eval(
-        model,
-        data,
-        out,
-        config,
-        val=val_data,
-        log=None if quiet else _echo_err,
-        progress=not quiet and sys.stderr.isatty(),
-        resume=not restart,
-    )
+    started = time.time()
+    with hint_on_interrupt(lambda: _lincls_kept(out, restart, started)):
+        result = linear_eval(
+            model,
+            data,
+            out,
+            config,
+            val=val_data,
+            log=None if quiet else _echo_err,
+            progress=not quiet and sys.stderr.isatty(),
+            resume=not restart,
+        )
     if not _is_main():
         return
     if result["val_is_train"]:
@@ -256,3 +261,22 @@ def lincls_command(
         f"top-1 {100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}% "
         f"({_count(result['val_samples'], 'image')}); wrote {out / 'lincls.json'}"
     )
+
+
+def _lincls_kept(out: Path, restart: bool, started: float) -> str | None:
+    """What an interrupted ``mocohub lincls`` kept in ``out``, for the Ctrl-C line."""
+    import torch
+
+    from .lincls_config import STATE_NAME
+
+    path = out / STATE_NAME
+    if not _is_main() or not path.is_file():
+        return None
+    if restart and path.stat().st_mtime < started:
+        return None  # an earlier evaluation's, which --restart is replacing
+    try:
+        epoch = torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+    except Exception:  # unreadable (cut short while written?): nothing to promise
+        return None
+    again = "the same command without --restart" if restart else "the same command"
+    return f"the classifier after epoch {epoch} is kept in {path}; rerun {again} to resume."

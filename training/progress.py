@@ -68,7 +68,13 @@ class TrainingDivergedError(MocohubError):
 
 
 class TrainingInterrupted(MocohubError):
-    """SIGTERM/SIGINT stopped the run after saving a checkpoint."""
+    """SIGTERM/SIGINT stopped the run after saving a checkpoint.
+
+    A stop that was asked for, not a failure: the command line prints its
+    message without "Error:", and exits with 128 + the signal's number.
+    """
+
+    prefix = ""
 
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)

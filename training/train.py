@@ -389,8 +389,14 @@ def train(
 
 def _interrupted(signum: int, epoch: int, step: int, path: Path | None) -> TrainingInterrupted:
     name = signal.Signals(signum or signal.SIGTERM).name
-    where = f"after epoch {epoch}" if step == 0 else f"in epoch {epoch + 1} at step {step}"
-    saved = f"checkpoint {path}" if path is not None else "rank 0 saved a checkpoint"
+    # Checkpoint names count finished epochs (checkpoint_0021_00000120.pt: 21 epochs
+    # and 120 steps), while people count the epoch they are in (epoch 22): say both.
+    if step == 0:
+        where, done = f"after epoch {epoch}", ""
+    else:
+        epochs = f"{epoch} epoch" + ("" if epoch == 1 else "s")
+        where, done = f"in epoch {epoch + 1} at step {step}", f" (after {epochs} and {step} steps)"
+    saved = f"checkpoint {path}{done}" if path is not None else "rank 0 saved a checkpoint"
     return TrainingInterrupted(
         f"Stopped by {name} {where}; {saved}. Continue with --resume auto.", signum or 15
     )

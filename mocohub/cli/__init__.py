@@ -15,8 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -113,6 +115,24 @@ def _leave_process_group(*_: Any, **__: Any) -> None:
         leave_process_group()
 
 
+@contextlib.contextmanager
+def hint_on_interrupt(hint: Callable[[], str | None]) -> Iterator[None]:
+    """On Ctrl-C, say what a long command kept and how to go on: ``hint()``'s line,
+    when it returns one (it is asked only then, so it can look at what is on disk).
+
+    Example:
+        >>> with hint_on_interrupt(lambda: "the parts are kept in P; rerun to resume."):
+        ...     embed_everything()
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        line = hint()
+        if line:
+            click.echo(f"Interrupted: {line}", err=True)
+        raise
+
+
 def _one_line_warning(
     message: Warning | str,
     category: type[Warning],
@@ -144,7 +164,7 @@ def main(argv: list[str] | None = None) -> Any:
         error.show()
         sys.exit(error.exit_code)
     except MocohubError as error:
-        click.echo(f"Error: {error}", err=True)
+        click.echo(f"{error.prefix}{error}", err=True)
         sys.exit(error.exit_code)
     finally:
         warnings.formatwarning = previous

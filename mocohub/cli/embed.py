@@ -7,15 +7,13 @@ asks for it.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import click
 
 from mocohub.backends import BACKENDS, open_backend
+from mocohub.cli import hint_on_interrupt
 from mocohub.errors import ConfigError, InputError, MocohubError
 from mocohub.launch import inside_launcher, launch_options, launch_workers, worker_args
 from mocohub.precision import PRECISIONS
@@ -294,7 +292,9 @@ def embed_command(
     if ray_options is None:  # Ray decodes in its own tasks
         options["workers"] = default(run_device) if workers is None else workers
     before = _record(out)
-    with _resume_hint(output_files(out)["parts"]):
+    parts = output_files(out)["parts"]
+    kept = f"the finished parts are kept in {parts}; rerun the same command to resume."
+    with hint_on_interrupt(lambda: kept if parts.is_dir() else None):
         if ray_options is not None:
             from mocohub.embed_ray import embed_files_ray
 
@@ -346,21 +346,6 @@ def _record(out: str) -> dict[str, Any] | None:
         return read_meta(out)
     except InputError:
         return None
-
-
-@contextlib.contextmanager
-def _resume_hint(parts: Path) -> Iterator[None]:
-    """On Ctrl-C, say where the finished work is and how to resume it."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        if parts.is_dir():
-            click.echo(
-                f"Interrupted: the finished parts are kept in {parts}; "
-                "rerun the same command to resume.",
-                err=True,
-            )
-        raise
 
 
 @click.command("embed-merge")
