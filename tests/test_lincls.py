@@ -302,7 +302,9 @@ def test_lincls_and_knn_commands(
     args += ["--lr", 0.5, "--lr-steps", "1", "--batch-size", 100, "--workers", 0]
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
-    assert "linear evaluation (reference protocol, 2 epochs): top-1" in out
+    # the settings that depart from the protocol are named beside its name
+    changed = "changed: --batch-size 100 --lr 0.5 --lr-steps 1"
+    assert f"linear evaluation (reference protocol, 2 epochs, {changed}): top-1" in out
     assert "epoch 2/2" in err and "no separate validation split" in err
     saved = json.loads((tmp_path / "lin" / "lincls.json").read_text())
     assert saved["config"]["lr_steps"] == [1] and saved["epochs"][1]["lr"] == pytest.approx(0.05)
@@ -483,12 +485,18 @@ def test_lincls_records_and_prints_the_protocol_it_followed(
 ) -> None:
     base = ["lincls", few_samples, "--model", run_dir, "--lr", 0.5, "--workers", 0]
     runs = {
-        "small": (["--preset", "small", "--epochs", 1], "(small protocol, 1 epoch)"),
+        "small": (
+            ["--preset", "small", "--epochs", 1],
+            "(small protocol, 1 epoch, changed: --lr 0.5)",
+        ),
         "small+cached-features": (
             ["--preset", "small", "--epochs", 2, "--cached-features"],
-            "(small protocol, cached features, 2 epochs)",
+            "(small protocol, cached features, 2 epochs, changed: --lr 0.5)",
         ),
-        "reference": (["--epochs", 1, "--image-size", 24], "(reference protocol, 1 epoch)"),
+        "reference": (
+            ["--epochs", 1, "--image-size", 24],
+            "(reference protocol, 1 epoch, changed: --lr 0.5)",
+        ),
     }
     for protocol, (options, printed) in runs.items():
         out_dir = tmp_path / protocol

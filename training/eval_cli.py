@@ -225,7 +225,7 @@ def lincls_command(
 
     from .eval_data import default_workers
     from .lincls import linear_eval
-    from .lincls_config import protocol_config
+    from .lincls_config import protocol_changes, protocol_config
 
     config = protocol_config(
         protocol,
@@ -256,8 +256,12 @@ def lincls_command(
         described += f", {protocol} settings"
     if config.cached_features:
         described += ", cached features"
+    described += f", {_count(config.epochs, 'epoch')}"
+    changes = protocol_changes(protocol, config)
+    if changes:
+        described += ", changed: " + " ".join(changes)
     click.echo(
-        f"linear evaluation ({described}, {_count(config.epochs, 'epoch')}): "
+        f"linear evaluation ({described}): "
         f"top-1 {100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}% "
         f"({_count(result['val_samples'], 'image')}); wrote {out / 'lincls.json'}"
     )

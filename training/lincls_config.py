@@ -37,6 +37,7 @@ __all__ = [
     "LinclsConfig",
     "epoch_line",
     "lr_at",
+    "protocol_changes",
     "protocol_config",
     "protocol_name",
     "resumable_state",
@@ -159,6 +160,34 @@ def protocol_name(config: LinclsConfig) -> str:
         'small+cached-features'
     """
     return config.preset + ("+cached-features" if config.cached_features else "")
+
+
+def protocol_changes(protocol: str, config: LinclsConfig) -> list[str]:
+    """The optimisation settings in which ``config`` departs from ``protocol``'s, as
+    options (``--epochs`` apart, which a summary names anyway), so that a result
+    is not reported as the protocol's when it is not.
+
+    Example:
+        >>> protocol_changes("moco", protocol_config("moco", lr=1.0, epochs=10))
+        ['--lr 1']
+        >>> protocol_changes("moco_v3", protocol_config("moco_v3", batch_size=256))
+        ['--batch-size 256']
+    """
+    # moco_v3 scales the lr with the batch size: that is its rule, not a change of lr.
+    base = protocol_config(protocol, batch_size=config.batch_size)
+    wanted = {**PROTOCOLS[protocol], "lr": base.lr}
+    changes = []
+    for key, value in config.to_dict().items():
+        if key == "epochs" or key not in wanted or value == wanted[key]:
+            continue
+        if key == "lr_steps" and config.schedule != "steps":
+            continue
+        if isinstance(value, tuple | list):
+            shown = ",".join(map(str, value))
+        else:
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+        changes.append(f"--{key.replace('_', '-')} {shown}")
+    return changes
 
 
 def lr_at(config: LinclsConfig, epoch: int) -> float:
