@@ -90,6 +90,8 @@ def knn_command(
     out: Path | None,
 ) -> None:
     """Weighted k-NN accuracy of MODEL's features: --train images vote for --val images."""
+    from mocohub.fileio import atomic_write_text
+
     from .knn_eval import knn_evaluate
 
     result = knn_evaluate(
@@ -124,7 +126,7 @@ def knn_command(
     if out is not None:
         path = out if out.suffix == ".json" else out / "knn.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
         click.echo(f"wrote {path}")
 
 
