@@ -16,6 +16,7 @@ __all__ = [
     "MissingHeadError",
     "MocohubError",
     "error_summary",
+    "original_message",
 ]
 
 
@@ -69,3 +70,33 @@ def error_summary(error: BaseException) -> str:
     line = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
     line = line.split(". ")[0].rstrip(".")  # its first sentence
     return line if len(line) <= 160 else line[:157] + "..."
+
+
+def original_message(error: BaseException) -> str:
+    r"""``error``'s own message, without what a DataLoader worker wrapped around it.
+
+    PyTorch raises an error from a worker process again in the main process, as
+    the same type, with the message "Caught X in DataLoader worker process N."
+    followed by the worker's whole traceback; the user needs only the last line's
+    message. Other errors' messages are returned as they are.
+
+    Example:
+        >>> wrapped = InputError(
+        ...     "Caught InputError in DataLoader worker process 0.\n"
+        ...     "Original Traceback (most recent call last):\n"
+        ...     '  File "worker.py", line 1, in <module>\n'
+        ...     "mocohub.errors.InputError: a.png is not an image; delete it.\n"
+        ... )
+        >>> original_message(wrapped)
+        'a.png is not an image; delete it.'
+    """
+    text = str(error)
+    name = type(error).__name__
+    if not (text.startswith(f"Caught {name} in DataLoader worker") and "\nOriginal " in text):
+        return text
+    lines = text.rstrip().splitlines()
+    for at in range(len(lines) - 1, 0, -1):  # the last "module.Name: message" line
+        head, sep, rest = lines[at].partition(": ")
+        if sep and head.rsplit(".", 1)[-1] == name:
+            return " ".join([rest.strip(), *(line.strip() for line in lines[at + 1 :])]).strip()
+    return lines[0]

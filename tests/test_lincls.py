@@ -565,3 +565,19 @@ def test_two_processes_train_what_one_trains(
     head_one = torch.load(tmp_path / "one" / "linear_head.pt", weights_only=True)["fc"]
     for key, value in head.items():
         torch.testing.assert_close(value, head_one[key], atol=1e-5, rtol=1e-4)
+
+
+def test_a_corrupt_image_read_by_a_loader_worker_is_one_line(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PyTorch raises a worker's error again with the worker's whole traceback in
+    its message; the command line shows only the error's own message."""
+    from train_helpers import image_folder
+
+    photos = image_folder(tmp_path / "photos", per_class=3)
+    (photos / "ankle-boot" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    args = ["knn", "--model", run_dir, "--train", photos, "--workers", 1, "--batch-size", 4]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("Error: ") and "corrupt.png" in err and "Traceback" not in err

@@ -21,7 +21,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -86,12 +88,30 @@ def ignore_stop_signals(worker_id: int) -> None:
 
     ``timeout``, Slurm and Kubernetes signal the whole process group. A worker
     killed by that SIGTERM makes the main process raise at its next batch
-    (PyTorch reports a worker's death), before it can save its checkpoint.
-    Ignoring it, the worker serves batches until the main process stops and
-    shuts it down, as after the last epoch.
+    (PyTorch reports a worker's death), before it can save its checkpoint. So
+    the worker ignores SIGINT, and a SIGTERM from anyone but the main process:
+    it serves batches until the main process stops and shuts it down, as after
+    the last epoch. A SIGTERM from the main process itself still ends it: that
+    is how multiprocessing stops a worker that outlives its DataLoader (after an
+    error, or at exit), and a worker deaf to it hangs the exit for ever.
+
+    Where Python cannot tell who sent a signal (no ``signal.sigwaitinfo``, as
+    on macOS), SIGTERM keeps its default action.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    main_process = os.getppid()
+    # Blocked in this thread before the watcher starts, so in every thread the
+    # worker will have: a SIGTERM then waits for the watcher, which learns its sender.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def watch() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == main_process:
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="mocohub-sigterm", daemon=True).start()
 
 
 class StopSignal:

@@ -24,7 +24,7 @@ from typing import Any
 import click
 
 from mocohub import __version__
-from mocohub.errors import MocohubError
+from mocohub.errors import MocohubError, original_message
 
 # name -> (module:attribute of the click command, one-line help for --help).
 # The help is repeated here so that listing commands imports nothing.
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> Any:
         error.show()
         sys.exit(error.exit_code)
     except MocohubError as error:
-        click.echo(f"{error.prefix}{error}", err=True)
+        click.echo(f"{error.prefix}{original_message(error)}", err=True)
         sys.exit(error.exit_code)
     finally:
         warnings.formatwarning = previous
