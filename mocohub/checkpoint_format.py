@@ -40,12 +40,11 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mocohub.errors import InputError
+from mocohub.errors import InputError, error_summary
 
 __all__ = [
     "FORMAT",
@@ -141,10 +140,11 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> str | None:
         if "not a zip file" in str(e):
             return "it is truncated: its zip archive has no end record"
         return f"its zip archive is damaged ({e})"
-    except (EOFError, zlib.error) as e:
-        return f"its zip archive is damaged ({type(e).__name__}: {e})"
     except OSError as e:
         return f"it cannot be read ({e.strerror or e})"
+    except Exception as e:
+        # EOFError, zlib.error, UnicodeDecodeError (a name), struct.error, ValueError...
+        return f"its zip archive is damaged ({type(e).__name__}: {error_summary(e)})"
     if bad is not None:
         return f"the entry {bad} fails its CRC check, so bytes inside it are damaged"
     return None

@@ -102,6 +102,19 @@ def test_verify_names_the_damaged_entry_and_truncation(tmp_path: Path) -> None:
     assert ckpt.verify_checkpoint(path) is None  # the legacy format has no checksums
 
 
+def test_damage_in_an_entry_name_is_damage_not_a_crash(tmp_path: Path) -> None:
+    """A checkpoint has hundreds of small entries: bytes lost in a name make zipfile
+    raise UnicodeDecodeError (not BadZipFile), which must read as damage too."""
+    path = tmp_path / "state.pt"
+    ckpt.atomic_save({"w": torch.arange(8192, dtype=torch.float32)}, path)
+    data = bytearray(path.read_bytes())
+    entry = data.rfind(b"PK\x01\x02")  # the last central-directory entry; its name at +46
+    data[entry + 46 : entry + 48] = b"\xff\xfe"
+    path.write_bytes(bytes(data))
+    problem = ckpt.verify_checkpoint(path)
+    assert problem is not None and "damaged (UnicodeDecodeError" in problem
+
+
 def damaged_run(tmp_path: Path, damage: Any) -> tuple[Path, Path]:
     """A finished run whose newest checkpoint is then damaged; (run folder, that file)."""
     run_dir = tmp_path / "run"
