@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -231,6 +232,7 @@ def launch_workers(
         >>> launch_workers(["embed", "photos/", "--out", "f.npy", "-m", "m"], 1, 2, 0,
         ...                "127.0.0.1", 29500, 0)
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -255,6 +257,14 @@ def launch_workers(
                 *args,
             ]
         )
+    except SignalException as stopped:
+        # torchrun has passed the signal on to the workers and waited for them:
+        # each has said what it saved. Exit as a process stopped by it does.
+        name = signal.Signals(stopped.sigval).name
+        error = MocohubError(f"Stopped by {name}: the workers were stopped (see above).")
+        error.prefix = ""  # a stop that was asked for, not a failure
+        error.exit_code = 128 + int(stopped.sigval)
+        raise error from None
     except ChildFailedError as failed:
         # Each worker has printed its own one-line error; exit as the first did.
         rank, failure = failed.get_first_failure()

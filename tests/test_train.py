@@ -156,6 +156,26 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_saves_and_stops(
     assert state["epoch"] > 0 or state["step"] > 0
 
 
+def test_sigterm_to_the_launcher_stops_its_workers_as_one_process_stops(
+    tmp_path: Path, free_port: int
+) -> None:
+    """`mocohub train --nproc-per-node 2`, and SIGTERM to the launcher alone: the
+    workers save and stop, and the launcher exits 143 without a traceback."""
+    run = tmp_path / "run"
+    process = _mocohub(
+        "train", str(SAMPLES), "--out", str(run), "--epochs", "50", *TINY_FLAGS,
+        "--nproc-per-node", "2", "--master-port", str(free_port), "--checkpoint-every", "2",
+    )  # fmt: skip
+    _wait_for_progress(process, run)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "Error" not in err, err
+    assert "Stopped by SIGTERM" in err and "--resume auto" in err
+    state = final_state(run)
+    assert state["epoch"] * 9 + state["step"] >= 1
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     process = _mocohub("train", str(SAMPLES), "--out", str(run), "--epochs", "50", *TINY_FLAGS)
