@@ -513,6 +513,39 @@ def test_ctrl_c_on_the_command_line_says_how_to_resume(
     assert out.is_file() and "embedded in this run, the rest resumed from its parts" in said
 
 
+def test_ctrl_c_before_a_part_is_finished_promises_nothing(
+    tmp_path: Path, dataset, model_dir: Path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(self: TorchEmbedder, images):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TorchEmbedder, "embed_batch", interrupted)
+    out = tmp_path / "feats.npy"
+    argv = ["embed", str(dataset[0]), "--out", str(out), "--model", str(model_dir), "-q"]
+    with pytest.raises(SystemExit) as stopped:
+        main([*argv, "--device", "cpu", "--workers", "0"])
+    assert stopped.value.code == 130
+    assert "Interrupted" not in capsys.readouterr().err  # no part was finished to resume
+
+
+def test_two_shares_of_one_embed_are_refused_the_same_out(
+    tmp_path: Path, dataset, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "feats.npy"
+    argv = ["embed", str(dataset[0]), "--out", str(out), "--model", str(model_dir), "-q"]
+    argv += ["--device", "cpu", "--workers", "0"]
+    main([*argv, "--shard", "0/2"])
+    first = out.read_bytes()
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, "--shard", "1/2"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds share 0/2 of an embed, and this is share 1/2" in err and "embed-merge" in err
+    assert out.read_bytes() == first  # share 0's work is kept
+    main([*argv, "--shard", "1/2", "--restart"])
+    assert out.read_bytes() != first
+
+
 def test_an_output_is_replaced_only_when_mocohub_wrote_it_and_never_silently(
     tmp_path: Path, dataset, model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

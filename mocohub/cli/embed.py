@@ -292,9 +292,16 @@ def embed_command(
     if ray_options is None:  # Ray decodes in its own tasks
         options["workers"] = default(run_device) if workers is None else workers
     before = _record(out)
+    earlier_shard = tuple(before.get("shard") or (0, 1)) if before else (0, 1)
+    if not restart and earlier_shard[1] > 1 and earlier_shard != shard_index:
+        raise InputError(
+            f"{out} holds share {earlier_shard[0]}/{earlier_shard[1]} of an embed, and this is "
+            f"share {shard_index[0]}/{shard_index[1]}: give each share its own --out (then "
+            "mocohub embed-merge them), or pass --restart to replace it."
+        )
     parts = output_files(out)["parts"]
     kept = f"the finished parts are kept in {parts}; rerun the same command to resume."
-    with hint_on_interrupt(lambda: kept if parts.is_dir() else None):
+    with hint_on_interrupt(lambda: kept if any(parts.glob("[0-9]*.json")) else None):
         if ray_options is not None:
             from mocohub.embed_ray import embed_files_ray
 
