@@ -44,9 +44,16 @@ def _weights_entry(name: str, lead: str = "") -> Callable[..., Any]:
 def _backbone_entry(arch: str) -> Callable[..., Any]:
     """The entry point that builds a randomly initialised ``arch`` backbone."""
 
-    def entry(**kwargs: Any) -> Any:
+    def entry(pretrained: bool = False, **kwargs: Any) -> Any:
         from mocohub.backbones import build_backbone
+        from mocohub.errors import ConfigError
 
+        if pretrained:  # as torchvision's entry points take it
+            raise ConfigError(
+                f"{arch} builds a randomly initialised backbone; for pre-trained MoCo weights "
+                "load a named model (moco_r50, moco_v3_r50, moco_r18_fashion_mnist, ...: "
+                "`mocohub list`)."
+            )
         return build_backbone(arch, **kwargs)
 
     entry.__doc__ = f"{arch} backbone, random weights; options as ``mocohub.backbones.ResNet``."

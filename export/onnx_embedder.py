@@ -257,6 +257,15 @@ class OnnxEmbedder:
         the crop ``mocohub embed`` and :class:`~mocohub.features.FeatureExtractor`
         use, so every path sees the same pixels.
         """
+        if isinstance(images, Image.Image):
+            images = [images]
+        for image in images:
+            if not isinstance(image, Image.Image):
+                raise InputError(
+                    f"embed_images takes PIL images (or pixels()' array), got a "
+                    f"{type(image).__name__}; for file paths, use "
+                    "mocohub.FeatureExtractor(embedder)(paths), which decodes them."
+                )
         crops = [self._crop(im).permute(1, 2, 0).numpy() for im in images]
         size, channels = self.preprocessing.image_size, self.preprocessing.channels
         return np.stack(crops) if crops else np.zeros((0, size, size, channels), np.uint8)

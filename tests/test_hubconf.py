@@ -21,7 +21,7 @@ import torch
 from hub_helpers import backbone_features, reference_checkpoint, reference_encoder
 from torch import nn
 
-from mocohub.errors import InputError
+from mocohub.errors import ConfigError, InputError
 from mocohub.registry import WeightsFile, get_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +109,10 @@ def test_entry_points_state_their_weights(hubconf: ModuleType) -> None:
         assert get_weights(name).meta["imagenet_linear_top1"] == float(top1)
     for entry in ("resnet18", "resnet34", "resnet50"):
         assert callable(getattr(hubconf, entry))
+    # pretrained=True, as torchvision's entry points take it: one clear refusal
+    with pytest.raises(ConfigError, match=r"randomly initialised backbone.*mocohub list"):
+        hubconf.resnet18(pretrained=True)
+    assert hubconf.resnet18(pretrained=False, width=8).fc is not None
 
 
 def test_entry_points_pass_keywords_to_mocohub_load(

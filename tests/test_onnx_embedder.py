@@ -109,6 +109,20 @@ def test_embed_images_equals_transform_plus_model_for_both_graphs(rgb: dict) -> 
         np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
 
 
+def test_file_paths_are_refused_by_embed_images_and_taken_by_feature_extractor(
+    rgb: dict, tmp_path: Path
+) -> None:
+    from mocohub import FeatureExtractor
+
+    image = _colour_images(1, (32, 32))[0]
+    image.save(tmp_path / "a.png")
+    embedder = OnnxEmbedder(rgb["out"] / "model.onnx", "cpu", threads=1)
+    with pytest.raises(InputError, match=r"embed_images takes PIL images .* got a str"):
+        embedder.embed_images([str(tmp_path / "a.png")])
+    from_path = FeatureExtractor(embedder)([tmp_path / "a.png"])  # what the message says
+    np.testing.assert_allclose(from_path, embedder.embed_images([image]), atol=1e-6)
+
+
 def test_rgb_preprocessing_graph_equals_batch_preprocessing(rgb: dict) -> None:
     model = rgb["model"]
     pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
