@@ -195,9 +195,27 @@ def test_bad_input_is_one_line_and_exit_2(
 def test_missing_repository_samples_say_to_pass_a_source(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from mocohub.training import data
+
     monkeypatch.setattr(synthetic, "_SAMPLES", tmp_path / "gone")
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "no-debian-package")
     with pytest.raises(InputError, match=r"not in this installation .* pass --source"):
         generate(tmp_path / "set", images=1)
+
+
+def test_an_installed_package_falls_back_to_debians_fashion_mnist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No samples/ outside a clone; /usr/share/datasets/fashion-mnist serves instead."""
+    from readme_helpers import idx_folder
+
+    from mocohub.training import data
+
+    monkeypatch.setattr(synthetic, "_SAMPLES", tmp_path / "gone")
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", idx_folder(tmp_path / "debian", val=20))
+    generate(tmp_path / "set", images=2, val_images=1)
+    record = json.loads((tmp_path / "set" / "annotations" / "instances_train.json").read_text())
+    assert len(record["images"]) == 2
 
 
 def test_a_full_disk_leaves_no_folder_and_no_leftovers(

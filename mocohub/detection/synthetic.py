@@ -84,17 +84,21 @@ def load_items(source: str | os.PathLike[str] | None = None) -> Items:
     """
     # The readers live in mocohub.training (IDX, labels.csv); importing them only here
     # keeps `import mocohub.detection` free of training code, as the CLI does.
-    from mocohub.training.data import FASHION_MNIST_CLASSES
+    from mocohub.training.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
     from mocohub.training.readers import load_idx_folder, load_labelled_folder
 
-    if source is None:
-        if not (_SAMPLES / "labels.csv").is_file():
-            raise InputError(
-                f"The Fashion-MNIST samples ({_SAMPLES}) are not in this installation (they "
-                "come with the repository); pass --source with a folder of Fashion-MNIST IDX "
-                "files (t10k-images-idx3-ubyte.gz ...) or of PNGs with labels.csv."
-            )
+    if source is None and (_SAMPLES / "labels.csv").is_file():
         folder, description = _SAMPLES, "samples/fashion-mnist (in the mocohub repository)"
+    elif source is None and any(FASHION_MNIST_DIR.glob("t10k-images*")):
+        # an installed package has no samples/: Debian's dataset-fashion-mnist instead
+        folder, description = FASHION_MNIST_DIR, str(FASHION_MNIST_DIR)
+    elif source is None:
+        raise InputError(
+            f"The Fashion-MNIST samples ({_SAMPLES}) are not in this installation (they "
+            f"come with the repository), nor is {FASHION_MNIST_DIR} (apt-get install "
+            "dataset-fashion-mnist); pass --source with a folder of Fashion-MNIST IDX "
+            "files (t10k-images-idx3-ubyte.gz ...) or of PNGs with labels.csv."
+        )
     else:
         folder, description = Path(source), str(source)
     if not folder.is_dir():
