@@ -176,6 +176,23 @@ def test_sigterm_to_the_launcher_stops_its_workers_as_one_process_stops(
     assert state["epoch"] * 9 + state["step"] >= 1
 
 
+def test_a_corrupt_image_under_two_processes_is_one_error_and_no_traceback(
+    tmp_path: Path, free_port: int
+) -> None:
+    """The rank that reads it says what is wrong; the other's broken collective is
+    one line too, not gloo's traceback."""
+    photos = image_folder(tmp_path / "photos", per_class=4)
+    (photos / "ankle-boot" / "zz_corrupt.png").write_bytes(b"not an image")
+    process = _mocohub(
+        "train", str(photos), "--out", str(tmp_path / "run"), "--epochs", "2", *TINY_FLAGS,
+        "--batch-size", "8", "--nproc-per-node", "2", "--master-port", str(free_port),
+    )  # fmt: skip
+    _, err = process.communicate(timeout=180)
+    assert process.returncode == 2, err
+    assert "zz_corrupt.png cannot be used as an image" in err
+    assert "Traceback" not in err, err
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     process = _mocohub("train", str(SAMPLES), "--out", str(run), "--epochs", "50", *TINY_FLAGS)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -145,6 +146,29 @@ def _one_line_warning(
     return f"Warning{kind}: {str(message).removeprefix('mocohub: ')}\n"
 
 
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _peer_lost(error: RuntimeError) -> str | None:
+    """One line for a process of a multi-process run whose peer stopped first, else None.
+
+    When one process stops on an error of its own (printed by that process), the
+    others fail in their next collective with gloo's or NCCL's error and a long
+    traceback that says nothing new.
+    """
+    if "torch.distributed" not in sys.modules or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    import torch.distributed as dist
+
+    if not (isinstance(error, dist.DistError) or any(s in str(error) for s in _PEER_GONE)):
+        return None
+    rank = os.environ.get("RANK", "?")
+    return (
+        f"rank {rank} lost contact with another process of the run, which stopped first "
+        "(its own message is above)."
+    )
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point of the ``mocohub`` script and ``python -m mocohub``.
 
@@ -166,5 +190,11 @@ def main(argv: list[str] | None = None) -> Any:
     except MocohubError as error:
         click.echo(f"{error.prefix}{original_message(error)}", err=True)
         sys.exit(error.exit_code)
+    except RuntimeError as error:
+        lost = _peer_lost(error)
+        if lost is None:
+            raise
+        click.echo(f"Error: {lost}", err=True)
+        sys.exit(1)
     finally:
         warnings.formatwarning = previous
