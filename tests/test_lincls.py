@@ -6,7 +6,10 @@ import functools
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -565,6 +568,32 @@ def test_two_processes_train_what_one_trains(
     head_one = torch.load(tmp_path / "one" / "linear_head.pt", weights_only=True)["fc"]
     for key, value in head.items():
         torch.testing.assert_close(value, head_one[key], atol=1e-5, rtol=1e-4)
+
+
+def test_sigterm_says_what_lincls_kept_and_exits_143(run_dir: Path, tmp_path: Path) -> None:
+    """As `timeout` or Slurm stop it: the same line as Ctrl-C, and the usual exit code."""
+    out = tmp_path / "lin"
+    args = ["lincls", SAMPLES, "--model", run_dir, "--out", out, "--epochs", 100000]
+    args += ["--lr", 0.5, "--preset", "small", "--cached-features", "--workers", 0, "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mocohub", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "lincls_state.pt").is_file():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no epoch finished within 2 minutes"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    said = "Stopped by SIGTERM: the classifier after epoch "
+    assert said in err and f"is kept in {out / 'lincls_state.pt'}; rerun the same" in err
 
 
 def test_a_corrupt_image_read_by_a_loader_worker_is_one_line(

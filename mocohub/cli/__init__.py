@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any
 
 import click
@@ -118,20 +120,40 @@ def _leave_process_group(*_: Any, **__: Any) -> None:
 
 @contextlib.contextmanager
 def hint_on_interrupt(hint: Callable[[], str | None]) -> Iterator[None]:
-    """On Ctrl-C, say what a long command kept and how to go on: ``hint()``'s line,
-    when it returns one (it is asked only then, so it can look at what is on disk).
+    """On Ctrl-C or SIGTERM, say what a long command kept and how to go on: ``hint()``'s
+    line, when it returns one (it is asked only then, so it can look at what is on disk).
+
+    Ctrl-C goes on as ``KeyboardInterrupt`` (exit 130); SIGTERM (``timeout``, Slurm,
+    Kubernetes) ends the command with exit code 143, as it would have without the
+    line.
 
     Example:
         >>> with hint_on_interrupt(lambda: "the parts are kept in P; rerun to resume."):
         ...     embed_everything()
     """
+
+    def terminated(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: leave SIGTERM alone
+        previous = signal.signal(signal.SIGTERM, terminated)
     try:
         yield
-    except KeyboardInterrupt:
-        line = hint()
+    except (KeyboardInterrupt, _Terminated) as stop:
+        line, by_sigterm = hint(), isinstance(stop, _Terminated)
         if line:
-            click.echo(f"Interrupted: {line}", err=True)
+            click.echo(f"{'Stopped by SIGTERM' if by_sigterm else 'Interrupted'}: {line}", err=True)
+        if by_sigterm:
+            raise SystemExit(128 + signal.SIGTERM) from None
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM inside :func:`hint_on_interrupt` (a BaseException, as KeyboardInterrupt)."""
 
 
 def _one_line_warning(
