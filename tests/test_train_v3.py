@@ -399,7 +399,8 @@ def test_train_and_lincls_v3_from_the_command_line(
         [*lincls, "--protocol", "moco_v3", "--epochs", "1", "--batch-size", "32"], capsys
     )
     assert code == 0, err
-    assert "(reference protocol, moco_v3 settings, 1 epoch)" in out
+    # the lr scaled to the batch is the protocol's rule, not a change
+    assert "(reference protocol, moco_v3 settings, 1 epoch, changed: --batch-size 32)" in out
     result = json.loads((tmp_path / "lin" / "lincls.json").read_text())
     assert result["config"]["lr"] == pytest.approx(0.1 * 32 / 256)
     assert result["config"]["schedule"] == "cosine"

@@ -49,7 +49,7 @@ from .det_eval import (
     write_eval,
 )
 from .distributed import DistributedEnv, init_from_env, wrap_ddp
-from .progress import StopSignal, TrainingProgress, ignore_stop_signals
+from .progress import StopSignal, TrainingProgress, ignore_stop_signals, interrupted
 from .run_folder import (
     FailedStartCleanup,
     claim_run_folder,
@@ -59,7 +59,6 @@ from .run_folder import (
     prune_checkpoints,
     tensor_bytes,
 )
-from .train import _interrupted
 from .views import epoch_batches, step_seed
 
 __all__ = ["finetune_detector"]
@@ -291,7 +290,7 @@ def finetune_detector(
                 if (checkpoint_now or stop_now) and step + 1 < last_step:
                     path = save(epoch, step + 1)
                     if stop_now:
-                        raise _interrupted(stop.signum, epoch, step + 1, path)
+                        raise interrupted(stop.signum, epoch, step + 1, path)
             done_steps = tracker.epoch_steps
             metrics = tracker.end_epoch()
             metrics.update({k: float(v) / max(done_steps, 1) for k, v in losses.items()})
@@ -313,6 +312,6 @@ def finetune_detector(
                     {**where, "annotations": str(val_data.annotation_file), **scores},
                 )
             if stop.signum and not final:
-                raise _interrupted(stop.signum, *finished, path)
+                raise interrupted(stop.signum, *finished, path)
             start_step, resumed = 0, None
     return metrics

@@ -83,6 +83,25 @@ class TrainingInterrupted(MocohubError):
         self.exit_code = 128 + signum
 
 
+def interrupted(signum: int, epoch: int, step: int, path: Path | None) -> TrainingInterrupted:
+    """The error that ends a run stopped by ``signum`` after saving ``path``.
+
+    ``step`` 0: after ``epoch`` epochs; else in (0-based) ``epoch`` at ``step``.
+    """
+    name = signal.Signals(signum or signal.SIGTERM).name
+    # Checkpoint names count finished epochs (checkpoint_0021_00000120.pt: 21 epochs
+    # and 120 steps), while people count the epoch they are in (epoch 22): say both.
+    if step == 0:
+        where, done = f"after epoch {epoch}", ""
+    else:
+        epochs = f"{epoch} epoch" + ("" if epoch == 1 else "s")
+        where, done = f"in epoch {epoch + 1} at step {step}", f" (after {epochs} and {step} steps)"
+    saved = f"checkpoint {path}{done}" if path is not None else "rank 0 saved a checkpoint"
+    return TrainingInterrupted(
+        f"Stopped by {name} {where}; {saved}. Continue with --resume auto.", signum or 15
+    )
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """A DataLoader ``worker_init_fn``: leave SIGTERM and SIGINT to the main process.
 

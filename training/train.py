@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,13 @@ from .distributed import init_from_env, wrap_ddp
 from .moco import MoCo
 from .monitor import KnnMonitor
 from .optim import build_optimizer, use_fastest_sgd_kernel
-from .progress import StopSignal, TrainingDivergedError, TrainingInterrupted, TrainingProgress
+from .progress import (
+    StopSignal,
+    TrainingDivergedError,
+    TrainingInterrupted,
+    TrainingProgress,
+    interrupted,
+)
 from .run_folder import (
     FailedStartCleanup,
     claim_run_folder,
@@ -370,7 +375,7 @@ def train(
                 if checkpoint_now or stop_now:
                     path = save(epoch, step + 1)
                     if stop_now:
-                        raise _interrupted(stop.signum, epoch, step + 1, path)
+                        raise interrupted(stop.signum, epoch, step + 1, path)
             metrics = tracker.end_epoch()
             start_step, resumed_epoch = 0, None
             last_epoch = epoch + 1 == config.epochs
@@ -383,20 +388,5 @@ def train(
             log.write({"event": "epoch", **metrics})
             path = save(epoch + 1, 0)
             if stop.signum and not last_epoch:
-                raise _interrupted(stop.signum, epoch + 1, 0, path)
+                raise interrupted(stop.signum, epoch + 1, 0, path)
     return metrics
-
-
-def _interrupted(signum: int, epoch: int, step: int, path: Path | None) -> TrainingInterrupted:
-    name = signal.Signals(signum or signal.SIGTERM).name
-    # Checkpoint names count finished epochs (checkpoint_0021_00000120.pt: 21 epochs
-    # and 120 steps), while people count the epoch they are in (epoch 22): say both.
-    if step == 0:
-        where, done = f"after epoch {epoch}", ""
-    else:
-        epochs = f"{epoch} epoch" + ("" if epoch == 1 else "s")
-        where, done = f"in epoch {epoch + 1} at step {step}", f" (after {epochs} and {step} steps)"
-    saved = f"checkpoint {path}{done}" if path is not None else "rank 0 saved a checkpoint"
-    return TrainingInterrupted(
-        f"Stopped by {name} {where}; {saved}. Continue with --resume auto.", signum or 15
-    )
