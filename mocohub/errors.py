@@ -15,6 +15,7 @@ __all__ = [
     "InputError",
     "MissingHeadError",
     "MocohubError",
+    "Stopped",
     "error_summary",
     "original_message",
 ]
@@ -28,6 +29,20 @@ class MocohubError(Exception):
 
     exit_code = 1
     prefix = "Error: "
+
+
+class Stopped(MocohubError):
+    """A command stopped by a signal it was sent (SIGTERM, Ctrl-C), after keeping its work.
+
+    A stop that was asked for, not a failure: the command line prints the
+    message without "Error:", and exits with 128 + the signal's number.
+    """
+
+    prefix = ""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 class ConfigError(MocohubError, ValueError):

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 
-from mocohub.errors import DistributedError, MocohubError
+from mocohub.errors import DistributedError, MocohubError, Stopped
 
 __all__ = [
     "LAUNCH_PARAMS",
@@ -261,10 +261,8 @@ def launch_workers(
         # torchrun has passed the signal on to the workers and waited for them:
         # each has said what it saved. Exit as a process stopped by it does.
         name = signal.Signals(stopped.sigval).name
-        error = MocohubError(f"Stopped by {name}: the workers were stopped (see above).")
-        error.prefix = ""  # a stop that was asked for, not a failure
-        error.exit_code = 128 + int(stopped.sigval)
-        raise error from None
+        message = f"Stopped by {name}: the workers were stopped (see above)."
+        raise Stopped(message, int(stopped.sigval)) from None
     except ChildFailedError as failed:
         # Each worker has printed its own one-line error; exit as the first did.
         rank, failure = failed.get_first_failure()

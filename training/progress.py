@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from mocohub.errors import MocohubError
+from mocohub.errors import MocohubError, Stopped
 
 from .distributed import DistributedEnv
 from .monitor import MetricsLog
@@ -69,18 +69,8 @@ class TrainingDivergedError(MocohubError):
     """The loss became NaN or infinite."""
 
 
-class TrainingInterrupted(MocohubError):
-    """SIGTERM/SIGINT stopped the run after saving a checkpoint.
-
-    A stop that was asked for, not a failure: the command line prints its
-    message without "Error:", and exits with 128 + the signal's number.
-    """
-
-    prefix = ""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.exit_code = 128 + signum
+class TrainingInterrupted(Stopped):
+    """SIGTERM/SIGINT stopped the run after saving a checkpoint."""
 
 
 def interrupted(signum: int, epoch: int, step: int, path: Path | None) -> TrainingInterrupted:

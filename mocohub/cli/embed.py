@@ -292,7 +292,7 @@ def embed_command(
     if ray_options is None:  # Ray decodes in its own tasks
         options["workers"] = default(run_device) if workers is None else workers
     before = _record(out)
-    earlier_shard = tuple(before.get("shard") or (0, 1)) if before else (0, 1)
+    earlier_shard = tuple((before or {}).get("shard") or (0, 1))
     if not restart and earlier_shard[1] > 1 and earlier_shard != shard_index:
         raise InputError(
             f"{out} holds share {earlier_shard[0]}/{earlier_shard[1]} of an embed, and this is "
