@@ -45,6 +45,7 @@ from mocohub.training.moco import MoCo
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "fashion-mnist"
+EPOCHS = "lincls_epochs.jsonl"
 # A short run that learns with the tiny random backbone's (badly conditioned)
 # features: the reference lr of 30 is for real MoCo features.
 SHORT = {"epochs": 8, "lr": 0.5, "lr_steps": (6,), "batch_size": 64, "workers": 0}
@@ -78,6 +79,8 @@ def test_lincls_learns_and_writes_its_results(run_dir: Path, tmp_path: Path) -> 
     assert (result["num_classes"], result["val_samples"]) == (10, 300)
     assert [r["lr"] for r in result["epochs"]] == [0.5] * 6 + [pytest.approx(0.05)] * 2
     assert len(lines) == 8 and lines[-1].startswith("epoch 8/8")
+    # no val split: the accuracy each epoch is on the training images, and says so
+    assert "eval on train images: top-1 " in lines[-1] and "val top-1" not in lines[-1]
 
     saved = json.loads((tmp_path / "lincls.json").read_text())
     assert saved["top1"] == result["top1"] and saved["config"]["preset"] == "small"
@@ -118,7 +121,7 @@ def _without_times(records: list[dict[str, object]]) -> list[dict[str, object]]:
 
 
 def test_an_interrupted_evaluation_resumes_to_the_same_result(
-    run_dir: Path, tmp_path: Path
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = LinclsConfig(preset="small", **{**SHORT, "epochs": 3, "lr_steps": (2,)})
     whole = linear_eval(run_dir, SAMPLES, tmp_path / "whole", config)
@@ -143,6 +146,17 @@ def test_an_interrupted_evaluation_resumes_to_the_same_result(
         linear_eval(run_dir, SAMPLES, tmp_path / "cut", other)
     fresh = linear_eval(run_dir, SAMPLES, tmp_path / "cut", other, resume=False, log=lines.append)
     assert len(fresh["epochs"]) == 3 and not lines[-3].startswith("resuming")
+
+    # A fresh start that fails in its first epoch leaves the finished run's files as they were.
+    kept = {name: (tmp_path / "cut" / name).read_text() for name in ("lincls.json", EPOCHS)}
+
+    def fail(*args: object) -> None:
+        raise _Stop
+
+    monkeypatch.setattr(lincls, "_train_step", fail)
+    with pytest.raises(_Stop):
+        linear_eval(run_dir, SAMPLES, tmp_path / "cut", other, resume=False)
+    assert {name: (tmp_path / "cut" / name).read_text() for name in kept} == kept
 
 
 def test_reference_schedule() -> None:

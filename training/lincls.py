@@ -337,6 +337,7 @@ def linear_eval(
     train_set, train_info = resolve_dataset(data, "train")
     val_set, val_info = resolve_dataset(data if val is None else val, "val")
     num_classes = _check_labels(train_info, val_info, _largest_label(val_set))
+    val_is_train = val is None and same_images(train_set, train_info, val_set, val_info)
     dtype = autocast_dtype(config.precision)
 
     backbone = freeze_backbone(place_backbone(backbone, env.device))
@@ -363,18 +364,18 @@ def linear_eval(
     out = Path(out_dir) if out_dir is not None and env.is_main else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        done = [] if resumed is None else resumed["records"]
-        atomic_write_text(out / EPOCHS_NAME, "".join(json.dumps(r) + "\n" for r in done))
         if resumed is not None and log is not None:
             log(f"resuming from {out / STATE_NAME} after epoch {resumed['epoch']}")
 
     def epoch_done(record: dict[str, Any], state: dict[str, Any]) -> None:
         if out is not None:
             atomic_save({**state, "model": described, "config": config.to_dict()}, out / STATE_NAME)
-            with open(out / EPOCHS_NAME, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            # Rewritten whole each epoch (at most a few hundred short lines): a run that
+            # fails before its first epoch leaves the previous run's file as it was.
+            lines = "".join(json.dumps(r) + "\n" for r in state["records"])
+            atomic_write_text(out / EPOCHS_NAME, lines)
         if log is not None and env.is_main:
-            log(epoch_line(record, config.epochs))
+            log(epoch_line(record, config.epochs, val_is_train=val_is_train))
 
     records = _train_head(head, features, backbone, config, env, epoch_done, progress, resumed)
     check_backbone_unchanged(backbone, before)
@@ -391,7 +392,7 @@ def linear_eval(
         "model_config": model_record(model_config),
         "data": str(train_info),
         "val_data": str(val_info),
-        "val_is_train": val is None and same_images(train_set, train_info, val_set, val_info),
+        "val_is_train": val_is_train,
         "train_samples": train_info.num_samples,
         "val_samples": val_info.num_samples,
         "num_classes": num_classes,

@@ -247,8 +247,11 @@ def resumable_state(
     return state
 
 
-def epoch_line(record: dict[str, Any], epochs: int) -> str:
+def epoch_line(record: dict[str, Any], epochs: int, *, val_is_train: bool = False) -> str:
     """One epoch's record as the line ``mocohub lincls`` prints.
+
+    Without a separate validation split the accuracy is measured on the (unaugmented)
+    training images, and the line says so instead of calling it "val".
 
     Example:
         >>> epoch_line({"epoch": 1, "lr": 30.0, "loss": 2.3, "train_top1": 0.1,
@@ -260,7 +263,6 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
         f"train top-1 {100 * record['train_top1']:.2f}%"
     )
     if "val_top1" in record:
-        line += (
-            f"  val top-1 {100 * record['val_top1']:.2f}%  top-5 {100 * record['val_top5']:.2f}%"
-        )
+        measured = "  eval on train images: top-1" if val_is_train else "  val top-1"
+        line += f"{measured} {100 * record['val_top1']:.2f}%  top-5 {100 * record['val_top5']:.2f}%"
     return line + f"  ({record['seconds']:.1f} s)"
