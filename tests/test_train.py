@@ -172,8 +172,11 @@ def test_sigterm_to_the_launcher_stops_its_workers_as_one_process_stops(
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err and "Error" not in err, err
     assert "Stopped by SIGTERM" in err and "--resume auto" in err
+    # one line from the workers (rank 0's, naming its checkpoint), then the launcher's
+    assert err.count("Continue with --resume auto") == 1, err
     state = final_state(run)
     assert state["epoch"] * 9 + state["step"] >= 1
+    assert f"checkpoint {run}" in err
 
 
 def test_a_corrupt_image_under_two_processes_is_one_error_and_no_traceback(

@@ -27,7 +27,7 @@ from typing import Any
 import click
 
 from mocohub import __version__
-from mocohub.errors import MocohubError, original_message
+from mocohub.errors import MocohubError, Stopped, original_message
 
 # name -> (module:attribute of the click command, one-line help for --help).
 # The help is repeated here so that listing commands imports nothing.
@@ -191,6 +191,17 @@ def _peer_lost(error: RuntimeError) -> str | None:
     )
 
 
+def _not_first_on_this_machine() -> bool:
+    """Whether another process of this run on this machine (local rank 0) speaks for it.
+
+    Every process of a stopped run stops at the same step with the same line; one
+    line per machine says it (rank 0's names the checkpoint it saved).
+    """
+    from mocohub.launch import process_place
+
+    return process_place().local_rank > 0
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point of the ``mocohub`` script and ``python -m mocohub``.
 
@@ -210,7 +221,8 @@ def main(argv: list[str] | None = None) -> Any:
         error.show()
         sys.exit(error.exit_code)
     except MocohubError as error:
-        click.echo(f"{error.prefix}{original_message(error)}", err=True)
+        if not (isinstance(error, Stopped) and _not_first_on_this_machine()):
+            click.echo(f"{error.prefix}{original_message(error)}", err=True)
         sys.exit(error.exit_code)
     except RuntimeError as error:
         lost = _peer_lost(error)
