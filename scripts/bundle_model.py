@@ -1,7 +1,8 @@
 """Turn a Fashion-MNIST pre-training run into the weight set shipped inside mocohub.
 
 Reads the run's newest checkpoint and its measured figures (the k-NN monitor in
-``metrics.jsonl`` and, if given, ``bench/quality_fmnist.py``'s JSON), and writes
+``metrics.jsonl`` and, if given, the linear probe's result: ``mocohub lincls``'s
+``lincls.json`` or ``bench/quality_fmnist.py``'s JSON), and writes
 ``mocohub/weights/<name>/`` (``model.safetensors``, ``config.json`` and a model
 card with the metrics and the training command). Prints the registry row's
 hash. ``--half`` stores float16 weights (half the size; loaded back as float32).
@@ -12,8 +13,8 @@ CLI resolves to Debian's ``dataset-fashion-mnist``; any other path outside the
 current folder (``../...`` or absolute) is refused, since no user has it.
 
 Example:
-    python scripts/bundle_model.py runs/w16_e12 --quality bench/results/quality_w16.json \\
-        --command "python -m mocohub train ../data/fashion-mnist ..."
+    python scripts/bundle_model.py runs/w16_e12 --quality runs/w16_e12/lincls/lincls.json \\
+        --command "python -m mocohub train ../data/fashion-mnist ..." --trained-on "one H200 GPU"
 """
 
 from __future__ import annotations
@@ -76,14 +77,50 @@ def portable_command(command: str) -> str:
     return shlex.join(words)
 
 
-def main() -> None:
+def linear_result(path: Path) -> tuple[float, str]:
+    """The linear probe's top-1 (a fraction) and its protocol, as the model card words it,
+    from ``mocohub lincls``'s ``lincls.json`` or ``bench/quality_fmnist.py``'s JSON.
+
+    A probe measured on its own training images (``lincls.json`` with
+    ``val_is_train``: the data had no test split) is refused: the card's
+    figures are on the 10,000 test images.
+    """
+    quality = json.loads(path.read_text())
+    if "linear_top1" in quality:  # bench/quality_fmnist.py
+        return quality["linear_top1"], quality["linear_protocol"]
+    if "top1" in quality and "protocol" in quality:  # mocohub lincls
+        if quality.get("val_is_train"):
+            raise SystemExit(
+                f"{path}: this probe was evaluated on its training images (the data had no "
+                "test split); run mocohub lincls on the Fashion-MNIST folder with its t10k files."
+            )
+        protocol = quality["protocol"]
+        words = "cached features" if protocol.endswith("+cached-features") else protocol
+        return quality["top1"], words
+    raise SystemExit(
+        f"{path} holds no linear-probe result: give mocohub lincls's lincls.json or "
+        "bench/quality_fmnist.py's JSON."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="the mocohub run folder")
     parser.add_argument("--name", default="moco_r18_fashion_mnist")
-    parser.add_argument("--quality", type=Path, help="bench/quality_fmnist.py's JSON")
+    parser.add_argument(
+        "--quality",
+        type=Path,
+        help="the linear probe's result: mocohub lincls's lincls.json or "
+        "bench/quality_fmnist.py's JSON",
+    )
+    parser.add_argument(
+        "--trained-on",
+        default="a 2-core CPU",
+        help="the hardware the run trained on, for the card (default: %(default)s)",
+    )
     parser.add_argument("--command", required=True, help="the command that trained the run")
     parser.add_argument("--half", action="store_true", help="store float16 weights")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     model = mocohub.load(args.run)
     config = get_config(model)
@@ -96,7 +133,7 @@ def main() -> None:
         "description": (
             f"MoCo ResNet-18 (small stem, width {config.width}) pre-trained by mocohub "
             f"without labels on the 60,000 Fashion-MNIST training images, {last['epoch']} "
-            "epochs on a 2-core CPU. Small enough to ship inside the package; loads offline."
+            f"epochs on {args.trained_on}. Small enough to ship inside the package; loads offline."
         ),
         "source": "https://github.com/org/mocohub (this repository)",
         "format": "mocohub",
@@ -117,11 +154,9 @@ def main() -> None:
         "license_note": "weights trained by mocohub (MIT) on Fashion-MNIST (MIT)",
     }
     if args.quality is not None:
-        quality = json.loads(args.quality.read_text())
-        meta["linear_top1"] = round(100 * quality["linear_top1"], 2)
-        meta["metrics_protocol"] += (
-            f"; a linear classifier on the frozen features ({quality['linear_protocol']})"
-        )
+        top1, protocol = linear_result(args.quality)
+        meta["linear_top1"] = round(100 * top1, 2)
+        meta["metrics_protocol"] += f"; a linear classifier on the frozen features ({protocol})"
     config = dataclasses.replace(config, meta=meta)
     if args.half:
         model = model.half()
