@@ -34,12 +34,12 @@ SCRIPT = textwrap.dedent(
 
     loader = DataLoader(Images(), batch_size=2, num_workers=2, worker_init_fn=ignore_stop_signals)
     batches = iter(loader)
-    next(batches)
+    next(batches), next(batches)  # one batch from each worker: both have run their init
     print(" ".join(str(w.pid) for w in batches._workers), flush=True)
-    if sys.argv[1] == "fail":
-        for batch in batches:  # raises in the main process, as a bad image does
-            pass
-    time.sleep(3)
+    if sys.argv[1] == "serve":
+        sys.stdin.readline()  # until the test has signalled the workers
+    served = sum(1 for _ in batches)  # raises in the main process, as a bad image does
+    print(f"served {served} more batches", flush=True)
     """
 )
 
@@ -47,6 +47,7 @@ SCRIPT = textwrap.dedent(
 def _start(mode: str) -> tuple[subprocess.Popen[str], list[int]]:
     process = subprocess.Popen(
         [sys.executable, "-c", SCRIPT, mode],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -77,5 +78,6 @@ def test_a_sigterm_from_another_process_leaves_the_workers_serving() -> None:
     time.sleep(1)
     for pid in workers:
         os.kill(pid, 0)  # still alive: raises ProcessLookupError otherwise
-    _, err = process.communicate(timeout=60)
+    out, err = process.communicate("go\n", timeout=60)  # the main process reads the rest
     assert process.returncode == 0, err
+    assert out.strip() == "served 30 more batches"
