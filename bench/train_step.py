@@ -107,7 +107,7 @@ from mocohub.backbones import build_backbone
 from mocohub.sysinfo import cpu_flags, cpu_model, package_version
 from mocohub.training.config import TrainConfig, preset
 from mocohub.training.optim import sgd_kernel
-from mocohub.training.train import build_moco, choose_precision, lr_at
+from mocohub.training.train import build_moco, choose_channels_last, choose_precision, lr_at
 from mocohub.training.views import step_seed
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "train_step.json"
@@ -178,11 +178,7 @@ class Row:
 
 def loop_settings(config: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """The autocast dtype and channels_last that ``training/train.py``'s ``train`` picks."""
-    dtype = choose_precision(config, device)
-    channels_last = config.channels_last == "on" or (
-        config.channels_last == "auto" and (device.type == "cuda" or dtype is not None)
-    )
-    return dtype, channels_last
+    return choose_precision(config, device), choose_channels_last(config, device)
 
 
 def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -511,6 +507,7 @@ def build_rows(
     bf16_config = dataclasses.replace(config, precision="bf16", channels_last="on")
     fp32_config = dataclasses.replace(config, precision="fp32", channels_last="off")
     plain_config = dataclasses.replace(fp32_config, bn_splits=1)
+    fp32_cl_config = dataclasses.replace(fp32_config, channels_last="on")
     bf16_plain_config = dataclasses.replace(bf16_config, bn_splits=1)
     auto_label = "ours: the loop's auto settings"
     rows = [
@@ -533,6 +530,7 @@ def build_rows(
         ),
         Row("ours: fp32 NCHW (forced)", "ours", None, False, config.bn_splits),
         Row("ours: fp32 NCHW, plain BN", "ours", None, False, 1),
+        Row("ours: fp32 + channels_last (forced)", "ours", None, True, config.bn_splits),
         Row("(a) reference transcription", "reference", None, False, 1),
         Row("(b) lightly MoCo recipe", "lightly", None, False, 1),
         Row("(c) supervised: auto settings", "supervised", auto_dtype, auto_cl, 1),
@@ -552,8 +550,9 @@ def build_rows(
         rows[2].label: lambda: make_ours(bf16_plain_config, in_channels, state, batches),
         rows[3].label: lambda: make_ours(fp32_config, in_channels, state, batches),
         rows[4].label: lambda: make_ours(plain_config, in_channels, state, batches),
-        rows[5].label: lambda: make_reference(config, in_channels, state, batches),
-        rows[6].label: lambda: make_lightly(config, in_channels, state, batches),
+        rows[5].label: lambda: make_ours(fp32_cl_config, in_channels, state, batches),
+        rows[6].label: lambda: make_reference(config, in_channels, state, batches),
+        rows[7].label: lambda: make_lightly(config, in_channels, state, batches),
     }
     supervised = [row for row in rows if row.kind == "supervised"]
     for row in supervised:

@@ -108,7 +108,12 @@ __all__ = ["train_command", "worker_args"]
 @click.option(
     "--compile/--no-compile", "compile_", default=None, help="torch.compile the encoders."
 )
-@click.option("--channels-last", type=click.Choice(["auto", "on", "off"]))
+@click.option(
+    "--channels-last",
+    type=click.Choice(["auto", "on", "off"]),
+    help="Memory format of the encoders (auto: channels_last on CPUs and GPUs, in every "
+    "precision).",
+)
 @click.option(
     "--checkpoint-every",
     metavar="N|Nm",

@@ -96,7 +96,7 @@ class TrainConfig:
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
-    channels_last: Literal["auto", "on", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for CPUs and GPUs
     knn_every: int = 0  # epochs between k-NN checks (0: only at the end)
     knn_k: int = 200
     knn_t: float = 0.1
