@@ -169,20 +169,8 @@ def choose_precision(config: TrainConfig, device: torch.device) -> torch.dtype |
 
 
 def choose_channels_last(config: TrainConfig, device: torch.device) -> bool:
-    """Whether the loop runs the encoders in channels_last memory format.
-
-    ``"auto"`` takes it on GPUs and CPUs, in every precision: oneDNN runs the
-    convolutions faster in it on CPUs too, fp32 included (the whole MoCo step
-    1.22-1.24x over NCHW on a 2-core AVX2-only EPYC, BENCHMARKS.md); split BN
-    keeps it without copies. Other devices keep NCHW unless ``"on"``.
-
-    Example:
-        >>> from mocohub.training.config import preset
-        >>> choose_channels_last(preset("fashion_mnist", precision="fp32"), torch.device("cpu"))
-        True
-        >>> choose_channels_last(preset("fashion_mnist", channels_last="off"), torch.device("cpu"))
-        False
-    """
+    """Whether the loop runs the encoders in channels_last: ``"auto"`` takes it on CPUs and
+    GPUs in every precision (oneDNN's fp32 convolutions are faster in it too: BENCHMARKS.md)."""
     if config.channels_last == "auto":
         return device.type in ("cpu", "cuda")
     return config.channels_last == "on"
