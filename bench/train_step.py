@@ -19,8 +19,8 @@ Rows:
   the CPU), autocast dtype from ``choose_precision`` and channels_last chosen
   by the loop's rule, the per-step ``set_shuffle_seed``. Shown with the loop's
   automatic settings, with forced bf16 autocast + channels_last (split BN as the
-  preset, and plain BN: ``bn_splits=1``), and with forced fp32 NCHW; plus fp32
-  NCHW with plain BN, the same maths as the reference.
+  preset, and plain BN: ``bn_splits=1``), with forced fp32 NCHW and with forced
+  fp32 channels_last; plus fp32 NCHW with plain BN, the same maths as the reference.
 - ``(a) reference``: a transcription of facebookresearch/moco ``builder.py``
   and ``main_moco.py``'s step in one process (no shuffle, no gather):
   per-tensor momentum loop, ``queue.clone().detach()``, ``int(queue_ptr)``
