@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 
 SCRIPT = textwrap.dedent(
     """
-    import os, sys, time
+    import sys
     import torch
     from torch.utils.data import DataLoader, Dataset
     from mocohub.training.progress import ignore_stop_signals
