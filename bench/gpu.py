@@ -663,6 +663,17 @@ def part_guard(
     print(f"[{name}] done in {result['part_seconds']:.0f} s", flush=True)
 
 
+def write_report(report: dict[str, Any], out: Path) -> str:
+    """Write ``gpu.json`` and ``gpu.md`` in ``out`` (atomically); return the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(report)
+    for name, text in (("gpu.json", json.dumps(report, indent=2) + "\n"), ("gpu.md", table)):
+        partial = out / f".{name}.partial"
+        partial.write_text(text)
+        partial.replace(out / name)
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="every part, tiny, on the CPU")
@@ -727,11 +738,9 @@ def main(argv: list[str] | None = None) -> int:
                     slot["result"] = bench_embed(device, sizes, folder)
                 else:
                     slot["result"] = bench_fmnist(device, sizes, folder, budget, args.fmnist_data)
-        report["elapsed_s"] = round(budget.seconds - budget.left(), 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (args.out / "gpu.md").write_text(table)
+            # After every part: a call cut short by its machine's limit keeps what ran.
+            report["elapsed_s"] = round(budget.seconds - budget.left(), 1)
+            table = write_report(report, args.out)
     print("\n" + table)
     print(f"wrote {args.out / 'gpu.json'} and {args.out / 'gpu.md'}")
     failed = [n for n, r in report["parts"].items() if "error" in r]

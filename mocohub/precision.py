@@ -38,12 +38,35 @@ from mocohub.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BF16_CPU_FLAGS", "PRECISIONS", "autocast_dtype", "resolve_precision"]
+__all__ = [
+    "BF16_CPU_FLAGS",
+    "PRECISIONS",
+    "autocast_dtype",
+    "prefers_channels_last",
+    "resolve_precision",
+]
 
 #: What ``--precision`` accepts, in the order help texts list it.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: CPU flags of bf16 matrix units (Intel AMX, AVX512-BF16 on Intel and AMD).
 BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def prefers_channels_last(device: str | torch.device) -> bool:
+    """Whether convolutions on ``device`` run in channels_last, in every precision.
+
+    The one layout rule of training (``--channels-last auto``), ``knn`` and ``lincls``:
+    yes on CUDA (tensor cores) and on the CPU, where oneDNN is faster in channels_last
+    in fp32 too (AVX2-only EPYC, 2 threads: a training step 1.22-1.31x, a ``knn``
+    evaluation 1.40x; BENCHMARKS.md); no elsewhere (MPS, XLA: unmeasured).
+
+    Example:
+        >>> [prefers_channels_last(device) for device in ("cpu", "cuda:1", "mps")]
+        [True, True, False]
+    """
+    import torch
+
+    return torch.device(device).type in ("cpu", "cuda")
 
 
 def resolve_precision(

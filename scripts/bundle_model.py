@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--command", required=True, help="the command that trained the run")
     parser.add_argument("--half", action="store_true", help="store float16 weights")
+    parser.add_argument(
+        "--out", type=Path, help="write the weight set here (default: mocohub/weights/NAME)"
+    )
     args = parser.parse_args(argv)
 
     model = mocohub.load(args.run)
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.half:
         model = model.half()
     num_params = sum(p.numel() for p in model.parameters())
-    out = WEIGHTS_DIR / args.name
+    out = args.out or WEIGHTS_DIR / args.name
     save_pretrained(
         model,
         out,

@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +16,21 @@ from types import ModuleType, SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
+import torch
 from readme_helpers import idx_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _bench_export() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_export", ROOT / "bench" / "export.py")
+    return _bench_module("export")
+
+
+def _bench_module(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -117,6 +125,60 @@ def test_the_dry_run_runs_every_part_and_measures_each_against_its_baseline(
     fmnist = report["parts"]["fmnist"]
     assert fmnist["epochs"] == 2 and len(fmnist["knn_top1_per_epoch"]) == 2
     assert all(0.0 <= v <= 1.0 for v in fmnist["knn_top1_per_epoch"])
+
+
+def test_a_call_cut_short_keeps_the_parts_that_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU machine's limit ends a call without warning: gpu.json and gpu.md are written
+    after every part, so a part that never returns costs only its own figures."""
+    gpu = _bench_module("gpu")
+    tests = {"passed": 3, "failed": 0, "skipped": 1, "exit_code": 0, "files": [], "rows": []}
+    monkeypatch.setattr(gpu, "run_gpu_tests", lambda folder, limit_s: dict(tests))
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit("killed")  # not an Exception: part_guard cannot record it
+
+    monkeypatch.setattr(gpu, "bench_fmnist", killed)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="killed"):
+        gpu.main(["--dry-run", "--parts", "tests", "fmnist", "--out", str(out)])
+    report = json.loads((out / "gpu.json").read_text())
+    assert list(report["parts"]) == ["tests"] and report["parts"]["tests"]["passed"] == 3
+    assert "3 passed, 0 failed, 1 skipped" in (out / "gpu.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.json", "gpu.md"]  # no partial files
+
+
+@pytest.mark.slow
+def test_the_fmnist_sweep_trains_probes_and_bundles_a_recipe(tmp_path: Path) -> None:
+    """bench/fmnist_sweep.sh, rehearsed on the CPU: one recipe (ONLY), shrunk (EXTRA),
+    goes through mocohub train, mocohub lincls and bundle_model.py into a loadable model."""
+    import tarfile
+
+    import mocohub
+
+    data = idx_folder(tmp_path / "fm", train=64, val=20)
+    out = tmp_path / "out"
+    env = {**os.environ, "ONLY": "w48_c085_e20", "HARDWARE": "a test's CPU",
+           "EXTRA": "--epochs 1 --width 8 --batch-size 32 --queue-size 64"}  # fmt: skip
+    command = ["bash", "bench/fmnist_sweep.sh", str(out), "200", str(data)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.tar.gz", "w48_c085_e20.safetensors"]
+    with tarfile.open(out / "sweep.tar.gz") as tar:
+        tar.extractall(tmp_path / "runs", filter="data")
+    run = tmp_path / "runs" / "w48_c085_e20"
+    assert "exit 0" in (run / "log.txt").read_text()
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epochs if r.get("event") == "epoch"] == [1]
+    assert json.loads((run / "lin" / "lincls.json").read_text())["val_is_train"] is False
+    assert "a test's CPU" in (run / "README.md").read_text()
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.copy(run / "config.json", bundle / "config.json")
+    shutil.copy(out / "w48_c085_e20.safetensors", bundle / "model.safetensors")
+    model = mocohub.load(bundle)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 64)  # width 8: 8 * 8 features
 
 
 def test_the_fmnist_part_trains_on_the_idx_folder_it_is_given(tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from mocohub.artifact import ModelConfig, get_config
 from mocohub.errors import ConfigError, InputError
+from mocohub.precision import prefers_channels_last
 from mocohub.sysinfo import usable_cpus
 
 from .data import DatasetInfo, TensorImageDataset
@@ -132,9 +133,10 @@ def freeze_backbone(backbone: nn.Module) -> nn.Module:
 
 
 def place_backbone(backbone: nn.Module, device: torch.device) -> nn.Module:
-    """``backbone`` on ``device``, in channels_last memory format on GPUs (faster convolutions)."""
+    """``backbone`` on ``device``, in channels_last where convolutions are faster in it (CPUs
+    and GPUs: :func:`mocohub.precision.prefers_channels_last`)."""
     backbone = backbone.to(device)
-    if device.type == "cuda":
+    if prefers_channels_last(device):
         backbone = backbone.to(memory_format=torch.channels_last)
     return backbone
 
@@ -304,7 +306,7 @@ def backbone_features(
     backbone: nn.Module, images: torch.Tensor, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """Pooled float32 features of a frozen backbone (no gradient; autocast when ``dtype``)."""
-    if images.device.type == "cuda":
+    if prefers_channels_last(images.device):
         images = images.contiguous(memory_format=torch.channels_last)
     with (
         torch.no_grad(),

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from mocohub.backbones import build_backbone
 from mocohub.errors import ConfigError, InputError, error_summary
+from mocohub.precision import prefers_channels_last
 
 from . import v3_training
 from .config import TrainConfig
@@ -169,10 +170,10 @@ def choose_precision(config: TrainConfig, device: torch.device) -> torch.dtype |
 
 
 def choose_channels_last(config: TrainConfig, device: torch.device) -> bool:
-    """Whether the loop runs the encoders in channels_last: ``"auto"`` takes it on CPUs and
-    GPUs in every precision (oneDNN's fp32 convolutions are faster in it too: BENCHMARKS.md)."""
+    """Whether the loop runs the encoders in channels_last (``"auto"``: the one layout rule,
+    :func:`mocohub.precision.prefers_channels_last`)."""
     if config.channels_last == "auto":
-        return device.type in ("cpu", "cuda")
+        return prefers_channels_last(device)
     return config.channels_last == "on"
 
 
