@@ -25,7 +25,8 @@ from mocohub.errors import InputError
 from mocohub.training import lincls
 from mocohub.training.checkpoint import save_checkpoint, training_state
 from mocohub.training.config import preset
-from mocohub.training.data import TensorImageDataset, load_labelled_folder
+from mocohub.training.data import TensorImageDataset, load_labelled_folder, resolve_dataset
+from mocohub.training.datasets import align_classes
 from mocohub.training.distributed import init_from_env
 from mocohub.training.eval_transforms import (
     BatchEvalTransform,
@@ -285,6 +286,77 @@ def test_image_folders_use_per_image_transforms(run_dir: Path, tmp_path: Path) -
     )
 
 
+def _split_tree(root: Path, train_labels: set[int], val_labels: set[int]) -> Path:
+    """root/train and root/val ImageFolder trees of the sample images of these classes."""
+    table = [line.split(",") for line in (SAMPLES / "labels.csv").read_text().splitlines()[1:]]
+    for split, rows, wanted in (("train", slice(0, 200), train_labels),
+                                ("val", slice(200, 300), val_labels)):  # fmt: skip
+        for name, label, class_name, _ in table[rows]:
+            if int(label) in wanted:
+                (root / split / class_name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(SAMPLES / name, root / split / class_name / name)
+    return root
+
+
+def test_a_val_folder_without_some_training_classes_is_scored_by_class_name(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torchvision numbers each split's own sorted class folders: a val/ without sandal/
+    (index 1 in train/) numbered sneaker/ 1 too, so k-NN scored sneakers against sandals and
+    gave a wrong figure without a word, and lincls refused the splits with two identical-
+    looking class lists. Val labels now follow the training split's class names."""
+    # train: bag 0, sandal 1, sneaker 2, trouser 3; val holds bags and sneakers only.
+    tree = _split_tree(tmp_path / "tree", {1, 5, 7, 8}, {7, 8})
+    val, val_info = resolve_dataset(tree, "val")
+    train, train_info = resolve_dataset(tree, "train")
+    val, val_info = align_classes(train_info, val, val_info, task="k-NN")
+    assert [train.classes[t] for t in val.targets] == [Path(p).parent.name for p, _ in val.samples]
+    assert {train.classes[t] for t in val.targets} == {"bag", "sneaker"}
+
+    # End to end, the folders score what the same images in memory, rightly labelled, score.
+    knn = knn_evaluate(run_dir, tree, k=5, workers=0)
+    data = load_labelled_folder(SAMPLES)
+    index = {1: 3, 5: 1, 7: 2, 8: 0}  # Fashion-MNIST label -> the train/ folder's index
+    first = torch.arange(300) < 200
+    splits = [first & sum(data.labels == c for c in index).bool(),  # type: ignore[union-attr]
+              ~first & ((data.labels == 7) | (data.labels == 8))]  # fmt: skip
+    memory = [
+        TensorImageDataset(data.images[s], torch.tensor([index[int(v)] for v in data.labels[s]]))
+        for s in splits
+    ]
+    assert knn["top1"] == knn_evaluate(run_dir, *memory, k=5)["top1"]
+    assert (knn["train_samples"], knn["val_samples"]) == tuple(int(s.sum()) for s in splits)
+    config = LinclsConfig(**{**SHORT, "epochs": 1, "batch_size": 16})
+    result = linear_eval(run_dir, tree, tmp_path / "out", config)
+    assert result["classes"] == ["bag", "sandal", "sneaker", "trouser"]
+
+    # A val class with no training images is refused, by name, with a way out.
+    (tree / "val" / "shirt").mkdir()
+    shutil.copy(SAMPLES / "00007_shirt.png", tree / "val" / "shirt")
+    code, _, err = run_cli(["knn", "--model", run_dir, "--train", tree, "--k", 5], capsys)
+    assert code != 0 and "1 class(es) that the training images" in err and "shirt" in err
+    assert "leave them out of the validation split" in err
+
+
+def test_class_folders_named_by_numbers_are_matched_by_name_too(tmp_path: Path) -> None:
+    """An MNIST-style tree (folders 0-3) whose val/ lacks 0/: folder "1" is val's index 0;
+    that its names look like indices must not make them be taken for indices."""
+    sample = SAMPLES / "00000_ankle-boot.png"
+    for split, names in (("train", "0123"), ("val", "123")):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            shutil.copy(sample, tmp_path / split / name / "a.png")
+    train_info = resolve_dataset(tmp_path, "train")[1]
+    val, val_info = align_classes(train_info, *resolve_dataset(tmp_path, "val"), task="k-NN")
+    assert val.targets == [1, 2, 3] and val_info.classes == ("0", "1", "2", "3")
+    # Labels without names (tensors) keep their indices, whatever the other split's names.
+    images = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
+    unnamed = TensorImageDataset(images, torch.tensor([0, 1, 1]))
+    unnamed_info = resolve_dataset(unnamed, "val")[1]
+    same, _ = align_classes(train_info, unnamed, unnamed_info, task="k-NN")
+    assert same.labels.tolist() == [0, 1, 1]  # type: ignore[union-attr]
+
+
 def test_knn_evaluate_on_held_out_images(run_dir: Path) -> None:
     data = load_labelled_folder(SAMPLES)
     train = TensorImageDataset(data.images[:200], data.labels[:200])
@@ -343,7 +415,7 @@ def test_unlabelled_or_mismatched_data_is_refused(run_dir: Path) -> None:
     with pytest.raises(InputError, match="validation needs labelled images"):
         linear_eval(run_dir, data, None, config, val=unlabelled)
     renamed = TensorImageDataset(data.images, data.labels, classes=[f"c{i}" for i in range(10)])
-    with pytest.raises(InputError, match="do not match the training classes"):
+    with pytest.raises(InputError, match=r"hold 10 class\(es\) that the training images"):
         linear_eval(run_dir, data, None, config, val=renamed)
 
 

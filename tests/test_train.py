@@ -325,6 +325,33 @@ def test_a_short_run_learns_features_that_beat_initialisation(tmp_path: Path) ->
     assert records[-1]["event"] == "epoch" and "knn_top1" in records[-1]
 
 
+def test_the_knn_monitor_labels_queries_by_the_banks_class_names(tmp_path: Path) -> None:
+    """A query folder without some of the bank's classes numbers the rest differently
+    (torchvision indexes each tree's own folders): the monitor relabels queries by class
+    name, and refuses a class that the bank lacks before training starts."""
+    import shutil
+
+    from mocohub.training.data import resolve_dataset
+    from mocohub.training.distributed import init_from_env
+    from mocohub.training.monitor import KnnMonitor
+
+    bank = image_folder(tmp_path / "bank", per_class=2)  # 10 classes
+    queries = image_folder(tmp_path / "queries", per_class=1)
+    for name in ("ankle-boot", "bag"):  # the first two: every later index would shift by 2
+        shutil.rmtree(queries / name)
+    config = tiny_config(knn_k=3, batch_size=8, K=16)
+    monitor = KnnMonitor((bank, queries), config, resolve_dataset(bank)[1], init_from_env())
+    labels = torch.cat([labels for _, labels in monitor.batches[1]]).tolist()
+    classes = sorted(p.name for p in bank.iterdir())
+    assert [classes[i] for i in labels] == [p.parent.name for p in sorted(queries.glob("*/*"))]
+
+    (queries / "zebra").mkdir()
+    shutil.copy(next(queries.glob("coat/*")), queries / "zebra" / "z.png")
+    with pytest.raises(InputError, match="lack: zebra"):
+        train(config, bank, tmp_path / "run", knn_data=(bank, queries), progress=False)
+    assert not list((tmp_path / "run").glob("checkpoint_*.pt"))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_image_folder_path_with_workers_resumes_identically(tmp_path: Path, workers: int) -> None:
     """Per-image augmentation in DataLoader workers: decoded PNGs, two views each."""

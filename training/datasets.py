@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 
 from mocohub.errors import InputError
 
-__all__ = ["DatasetInfo", "Kind", "Split", "TensorImageDataset", "Transform"]
+__all__ = ["DatasetInfo", "Kind", "Split", "TensorImageDataset", "Transform", "align_classes"]
 
 Split = Literal["train", "val"]
 Transform = Callable[[Any], Any]
@@ -167,3 +168,61 @@ class DatasetInfo:
             f"{self.kind} {self.source}{split}: {self.num_samples} images, {shape}, "
             f"{self.num_classes} classes, {where}"
         )
+
+
+def _named(info: DatasetInfo) -> bool:
+    """Whether ``info``'s classes have names: an image folder's always do (its folders);
+    other data sets' do unless they are the "0", "1", ... that labels alone are given."""
+    numbers = tuple(str(i) for i in range(len(info.classes)))
+    return info.kind == "image-folder" or info.classes != numbers
+
+
+def align_classes(
+    train_info: DatasetInfo, val: Any, val_info: DatasetInfo, *, task: str
+) -> tuple[Any, DatasetInfo]:
+    """``val`` (a :class:`TensorImageDataset` or an ImageFolder) labelled with the training
+    split's class indices, or an :class:`InputError` where it cannot be.
+
+    Each split numbers its own classes: an ImageFolder ``val/`` without one of
+    ``train/``'s class folders numbers the rest differently (torchvision indexes each
+    split's sorted folder names), so a label would name another class in each split and
+    every score would be silently wrong. Where both splits name their classes, ``val``
+    is relabelled by name; a validation class the training split lacks is refused, since
+    nothing trained or voting on ``train`` can predict it. ``task`` names the caller in
+    that message.
+
+    Example:
+        >>> train = DatasetInfo("tensor", "t", "train", 4, ("bag", "coat", "shirt"), 1, None, True)
+        >>> val = TensorImageDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), [0, 1],
+        ...                          classes=("bag", "shirt"))
+        >>> val_info = DatasetInfo("tensor", "v", "val", 2, val.classes, 1, None, True)
+        >>> align_classes(train, val, val_info, task="k-NN")[0].labels.tolist()
+        [0, 2]
+    """
+    train_classes, val_classes = train_info.classes, val_info.classes
+    if val_classes == train_classes:
+        return val, val_info
+    if _named(train_info) and _named(val_info):
+        index = {name: i for i, name in enumerate(train_classes)}
+        unknown = [name for name in val_classes if name not in index]
+    else:  # labels without names: the indices are all there is to go by
+        index = {name: i for i, name in enumerate(val_classes)}
+        unknown = list(val_classes[len(train_classes) :])
+    if unknown:
+        listed = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise InputError(
+            f"The validation images ({val_info.source}) hold {len(unknown)} class(es) that "
+            f"the training images ({train_info.source}) lack: {listed}. {task} can only "
+            "predict classes it has training images of; add those classes to the training "
+            "split, or leave them out of the validation split."
+        )
+    mapping = [index[name] for name in val_classes]
+    if isinstance(val, TensorImageDataset):
+        labels = None if val.labels is None else torch.tensor(mapping)[val.labels]
+        val = TensorImageDataset(val.images, labels, classes=train_classes, transform=val.transform)
+    else:  # a torchvision ImageFolder
+        val.samples = [(path, mapping[label]) for path, label in val.samples]
+        val.imgs, val.targets = val.samples, [label for _, label in val.samples]
+        val.classes = list(train_classes)
+        val.class_to_idx = {name: i for i, name in enumerate(train_classes)}
+    return val, dataclasses.replace(val_info, classes=train_classes)

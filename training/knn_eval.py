@@ -26,6 +26,7 @@ from mocohub.errors import InputError
 from mocohub.knn import knn_accuracy
 
 from .data import resolve_dataset
+from .datasets import align_classes
 from .distributed import init_from_env
 from .eval_data import (
     EvalBatches,
@@ -91,6 +92,7 @@ def knn_evaluate(
     for data_info in (train_info, val_info):
         if data_info.num_classes == 0:
             raise InputError(f"{data_info.source} has no labels; k-NN needs labelled images.")
+    val_set, val_info = align_classes(train_info, val_set, val_info, task="k-NN")
     backbone = freeze_backbone(place_backbone(backbone, env.device))
     workers = default_workers() if workers is None else workers
     # No held-out split: each training image is classified by the others (leave-one-out),
@@ -110,7 +112,7 @@ def knn_evaluate(
         )
         features.append(extract_features(backbone, batches, env, dtype=dtype))
     (train_x, train_y), (val_x, val_y) = features[0], features[-1]
-    num_classes = max(train_info.num_classes, val_info.num_classes)
+    num_classes = train_info.num_classes
     used = min(k, len(train_x) - int(val_is_train))  # knn_accuracy caps k the same way
     accuracy = knn_accuracy(
         train_x,

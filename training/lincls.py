@@ -55,6 +55,7 @@ from mocohub.fileio import atomic_write_text
 
 from .checkpoint import atomic_save
 from .data import DatasetInfo, resolve_dataset
+from .datasets import align_classes
 from .distributed import DistributedEnv, all_gather_no_grad, init_from_env, is_distributed
 from .eval_data import (
     AugmentedFeatures,
@@ -157,13 +158,6 @@ def _check_labels(train_info: DatasetInfo, val_info: DatasetInfo, val_labels_max
         )
     if val_labels_max < 0:
         raise InputError(f"{val_info.source} has no labels; validation needs labelled images.")
-    shared = min(len(val_info.classes), num_classes)
-    if val_labels_max >= num_classes or val_info.classes[:shared] != train_info.classes[:shared]:
-        raise InputError(
-            f"The validation classes ({', '.join(val_info.classes[:4])}, ...) do not match "
-            f"the training classes ({', '.join(train_info.classes[:4])}, ...); "
-            "use splits of one data set."
-        )
     return num_classes
 
 
@@ -337,6 +331,7 @@ def linear_eval(
     train_set, train_info = resolve_dataset(data, "train")
     val_set, val_info = resolve_dataset(data if val is None else val, "val")
     num_classes = _check_labels(train_info, val_info, _largest_label(val_set))
+    val_set, val_info = align_classes(train_info, val_set, val_info, task="A linear classifier")
     val_is_train = val is None and same_images(train_set, train_info, val_set, val_info)
     dtype = autocast_dtype(config.precision)
 

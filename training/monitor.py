@@ -217,6 +217,7 @@ class KnnMonitor:
         from mocohub.preprocessing import Preprocessing, eval_resize_size
 
         from .data import resolve_dataset
+        from .datasets import align_classes
         from .eval_data import EvalBatches
         from .views import channel_stats
 
@@ -224,12 +225,13 @@ class KnnMonitor:
         size = config.image_size
         mean, std = channel_stats(config, info.channels)
         prep = Preprocessing(size, eval_resize_size(size), mean, std, channels=info.channels)
-        self.batches = []
-        for source, split in zip(data, ("train", "val"), strict=True):
-            dataset, data_info = resolve_dataset(source, split)
-            self.batches.append(
-                EvalBatches(dataset, data_info, prep, "auto", env, workers=config.workers)
-            )
+        bank, bank_info = resolve_dataset(data[0], "train")
+        queries, queries_info = resolve_dataset(data[1], "val")
+        queries, queries_info = align_classes(bank_info, queries, queries_info, task="k-NN")
+        self.batches = [
+            EvalBatches(dataset, data_info, prep, "auto", env, workers=config.workers)
+            for dataset, data_info in ((bank, bank_info), (queries, queries_info))
+        ]
 
     def __call__(self, encoder: nn.Module) -> dict[str, float]:
         """k-NN top-1/top-5 of ``encoder``'s pooled features; every rank must call it.
