@@ -161,6 +161,9 @@ def same_images(train: Any, train_info: DatasetInfo, val: Any, val_info: Dataset
 
 
 def _loader(dataset: Any, env: DistributedEnv, batch_size: int, workers: int, **kw: Any) -> Any:
+    # More workers than usable CPUs only add contention (and PyTorch's warning, once per
+    # loader); no batch depends on their number.
+    workers = min(workers, usable_cpus())
     return DataLoader(
         dataset,
         batch_size=batch_size,
