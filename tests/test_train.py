@@ -352,6 +352,34 @@ def test_the_knn_monitor_labels_queries_by_the_banks_class_names(tmp_path: Path)
     assert not list((tmp_path / "run").glob("checkpoint_*.pt"))
 
 
+def test_the_knn_monitor_classifies_a_split_less_folder_leave_one_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--knn-val`` naming the training folder itself (no val split): each image voted for
+    itself, so the monitor logged 0.43 for a run whose ``mocohub knn`` figure (leave-one-
+    out) is 0.27, and k=1 scored 100%. It now leaves each image out, and says so."""
+    from mocohub.training.data import load_labelled_folder, resolve_dataset
+    from mocohub.training.distributed import init_from_env
+    from mocohub.training.monitor import KnnMonitor
+    from mocohub.training.train import build_moco
+
+    samples = Path(__file__).resolve().parent.parent / "samples" / "fashion-mnist"
+    config = tiny_config(knn_k=1, batch_size=8, K=16, workers=0)
+    info = resolve_dataset(samples)[1]
+    with caplog.at_level("WARNING"):
+        monitor = KnnMonitor((samples, samples), config, info, init_from_env())
+    assert monitor.leave_one_out and "leave-one-out" in caplog.text
+    torch.manual_seed(0)
+    top1 = monitor(build_moco(config, in_channels=1).encoder_q)["knn_top1"]
+    assert 0.2 < top1 < 0.9  # by itself, every image is its own nearest neighbour: 1.0
+
+    # Two different in-memory sets are two sets, though both are named "tensor".
+    data = load_labelled_folder(samples)
+    bank, held_out = (data.images[:200], data.labels[:200]), (data.images[200:], data.labels[200:])
+    assert not KnnMonitor((bank, held_out), config, info, init_from_env()).leave_one_out
+    assert KnnMonitor((bank, bank), config, info, init_from_env()).leave_one_out
+
+
 def test_the_knn_monitor_starts_no_more_loader_workers_than_usable_cpus(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

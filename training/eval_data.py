@@ -150,10 +150,15 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 def same_images(train: Any, train_info: DatasetInfo, val: Any, val_info: DatasetInfo) -> bool:
     """True when the train and val splits resolved to the same images (no val split exists)."""
+    if train_info.kind != val_info.kind:
+        return False
     if train_info.kind == "image-folder":
         return bool(getattr(train, "root", None) == getattr(val, "root", 1))
-    if train_info.kind in ("labels-csv", "tensor"):
-        return train_info.source == val_info.source and train_info.kind == val_info.kind
+    if train_info.kind == "tensor":  # every tensor's source is "tensor": compare the storage
+        a, b = train.images, val.images
+        return bool(a.data_ptr() == b.data_ptr() and a.shape == b.shape)
+    if train_info.kind == "labels-csv":
+        return train_info.source == val_info.source
     return False
 
 

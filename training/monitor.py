@@ -218,7 +218,7 @@ class KnnMonitor:
 
         from .data import resolve_dataset
         from .datasets import align_classes
-        from .eval_data import EvalBatches
+        from .eval_data import EvalBatches, same_images
         from .views import channel_stats
 
         self.config, self.env = config, env
@@ -228,9 +228,19 @@ class KnnMonitor:
         bank, bank_info = resolve_dataset(data[0], "train")
         queries, queries_info = resolve_dataset(data[1], "val")
         queries, queries_info = align_classes(bank_info, queries, queries_info, task="k-NN")
+        # The same images on both sides (a folder without a val split): each is classified
+        # by the others, never by itself, which would score about 100% at k=1.
+        self.leave_one_out = same_images(bank, bank_info, queries, queries_info)
+        if self.leave_one_out and env.is_main:
+            logger.warning(
+                "mocohub: the k-NN monitor's data (%s) has no separate validation split; "
+                "each image is classified by the others (leave-one-out).",
+                queries_info.source,
+            )
+        sides = [(bank, bank_info)] + ([] if self.leave_one_out else [(queries, queries_info)])
         self.batches = [
             EvalBatches(dataset, data_info, prep, "auto", env, workers=config.workers)
-            for dataset, data_info in ((bank, bank_info), (queries, queries_info))
+            for dataset, data_info in sides
         ]
 
     def __call__(self, encoder: nn.Module) -> dict[str, float]:
@@ -248,6 +258,8 @@ class KnnMonitor:
 
         broadcast_buffers_from_rank0(encoder)
         with pooled_features(encoder) as backbone:
-            bank, queries = (extract_features(backbone, b, self.env) for b in self.batches)
-        result = knn_accuracy(*bank, *queries, k=self.config.knn_k, t=self.config.knn_t)
+            features = [extract_features(backbone, b, self.env) for b in self.batches]
+        bank, queries = features[0], features[-1]
+        result = knn_accuracy(*bank, *queries, k=self.config.knn_k, t=self.config.knn_t,
+                              leave_one_out=self.leave_one_out)  # fmt: skip
         return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
