@@ -133,6 +133,7 @@ def test_a_call_cut_short_keeps_the_parts_that_ran(
     """The GPU machine's limit ends a call without warning: gpu.json and gpu.md are written
     after every part, so a part that never returns costs only its own figures."""
     gpu = _bench_module("gpu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # main() sets it: undone after this test
     tests = {"passed": 3, "failed": 0, "skipped": 1, "exit_code": 0, "files": [], "rows": []}
     monkeypatch.setattr(gpu, "run_gpu_tests", lambda folder, limit_s: dict(tests))
 
