@@ -124,7 +124,11 @@ __all__ = ["train_command", "worker_args"]
 )
 @click.option("--knn-every", type=int, help="Epochs between k-NN checks (0: at the end only).")
 @click.option("--knn-train", help="Labelled data for the k-NN memory bank (default: DATA).")
-@click.option("--knn-val", help="Labelled data to classify with k-NN (enables the monitor).")
+@click.option(
+    "--knn-val",
+    help="Labelled data to classify with k-NN (enables the monitor): its val split, or, "
+    "where it has none, each image by the others (leave-one-out).",
+)
 @click.option(
     "--resume",
     help="'auto' (the newest intact checkpoint in --out; damaged ones are skipped) "

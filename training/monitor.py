@@ -206,9 +206,11 @@ class KnnMonitor:
 
     ``data`` is ``(bank, queries)``: the bank's train split is the memory bank,
     and the queries' val split is classified (for a folder with train/ and
-    val/, or IDX files, pass the same source twice). Images are preprocessed
-    as for evaluation: normalised, and resized and centre-cropped only when
-    they are not already at the training crop size.
+    val/, or IDX files, pass the same source twice; a source without a val split
+    is classified leave-one-out, each image by the others). Query labels follow
+    the bank's class names (:func:`~mocohub.training.datasets.align_classes`).
+    Images are preprocessed as for evaluation: normalised, and resized and
+    centre-cropped only when they are not already at the training crop size.
     """
 
     def __init__(
