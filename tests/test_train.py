@@ -392,8 +392,9 @@ def test_the_knn_monitor_starts_no_more_loader_workers_than_usable_cpus(
 
     monkeypatch.setattr(eval_data, "usable_cpus", lambda: 1)
     bank = image_folder(tmp_path / "bank", per_class=1)
+    queries = image_folder(tmp_path / "queries", per_class=1)
     config = tiny_config(workers=4, batch_size=8, K=16)
-    monitor = KnnMonitor((bank, bank), config, resolve_dataset(bank)[1], init_from_env())
+    monitor = KnnMonitor((bank, queries), config, resolve_dataset(bank)[1], init_from_env())
     assert [batches.loader.num_workers for batches in monitor.batches] == [1, 1]
 
 
