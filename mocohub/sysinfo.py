@@ -27,6 +27,7 @@ __all__ = [
     "collect",
     "cpu_flags",
     "cpu_model",
+    "loader_workers",
     "onnxruntime_distributions",
     "package_version",
     "usable_cpus",
@@ -55,6 +56,20 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0)) or 1
     return os.cpu_count() or 1
+
+
+def loader_workers(asked: int) -> int:
+    """DataLoader worker processes to start when ``asked`` for: at most :func:`usable_cpus`.
+
+    More only add contention (and PyTorch's warning, once per loader). No batch of
+    mocohub's training, evaluation or detection loaders depends on the number of
+    workers (samples are seeded or read in order), so the cap changes no result.
+
+    Example:
+        >>> loader_workers(0), loader_workers(10_000) == usable_cpus()
+        (0, True)
+    """
+    return min(asked, usable_cpus())
 
 
 def physical_cores() -> int:

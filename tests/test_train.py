@@ -384,18 +384,21 @@ def test_the_knn_monitor_starts_no_more_loader_workers_than_usable_cpus(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The preset's 4 workers on a 2-CPU machine made PyTorch warn once per monitor loader
-    (``mocohub train tree/ --knn-val tree/``); the training loader was already capped."""
-    from mocohub.training import eval_data
+    (``mocohub train tree/ --knn-val tree/``); the training loader was already capped.
+    One rule caps every loader of training, evaluation and detection:
+    ``mocohub.sysinfo.loader_workers``."""
+    from mocohub import sysinfo
     from mocohub.training.data import resolve_dataset
     from mocohub.training.distributed import init_from_env
     from mocohub.training.monitor import KnnMonitor
 
-    monkeypatch.setattr(eval_data, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(sysinfo, "usable_cpus", lambda: 1)
     bank = image_folder(tmp_path / "bank", per_class=1)
     queries = image_folder(tmp_path / "queries", per_class=1)
     config = tiny_config(workers=4, batch_size=8, K=16)
     monitor = KnnMonitor((bank, queries), config, resolve_dataset(bank)[1], init_from_env())
     assert [batches.loader.num_workers for batches in monitor.batches] == [1, 1]
+    assert sysinfo.loader_workers(0) == 0 and sysinfo.loader_workers(4) == 1
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from mocohub.detection.coco import CocoDetection, coco_split, collate_detection
 from mocohub.errors import ConfigError, InputError
+from mocohub.sysinfo import loader_workers
 
 from .det_config import DetConfig
 from .distributed import DistributedEnv, broadcast_buffers_from_rank0, init_from_env
@@ -103,7 +104,7 @@ def evaluate_detector(
         torch.utils.data.Subset(data, mine),
         batch_size=batch_size,
         collate_fn=collate_detection,
-        num_workers=workers,
+        num_workers=loader_workers(workers),
         generator=torch.Generator(),
     )
     results = predict(model, loader, data.category_ids, device=env.device, dtype=dtype)

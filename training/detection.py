@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from mocohub.detection.coco import CocoDetection, coco_split, collate_detection
 from mocohub.errors import ConfigError, InputError
 from mocohub.precision import autocast_dtype
+from mocohub.sysinfo import loader_workers
 
 from .det_config import DetConfig
 from .det_eval import (
@@ -92,7 +93,7 @@ def _epoch_loader(
         data,
         batch_sampler=keys,
         collate_fn=collate_detection,
-        num_workers=config.workers,
+        num_workers=loader_workers(config.workers),
         worker_init_fn=ignore_stop_signals,  # the main process stops them
         # Its own generator: worker seeds never draw from the global RNG the run restores.
         generator=torch.Generator().manual_seed(config.seed),

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from mocohub.artifact import ModelConfig, get_config
 from mocohub.errors import ConfigError, InputError
 from mocohub.precision import prefers_channels_last
-from mocohub.sysinfo import usable_cpus
+from mocohub.sysinfo import loader_workers, usable_cpus
 
 from .data import DatasetInfo, TensorImageDataset
 from .distributed import DistributedEnv, all_gather_no_grad
@@ -166,9 +166,7 @@ def same_images(train: Any, train_info: DatasetInfo, val: Any, val_info: Dataset
 
 
 def _loader(dataset: Any, env: DistributedEnv, batch_size: int, workers: int, **kw: Any) -> Any:
-    # More workers than usable CPUs only add contention (and PyTorch's warning, once per
-    # loader); no batch depends on their number.
-    workers = min(workers, usable_cpus())
+    workers = loader_workers(workers)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -32,7 +32,7 @@ from torchvision.transforms.v2.functional import to_pil_image
 
 from mocohub.errors import ConfigError, InputError
 from mocohub.preprocessing import per_channel
-from mocohub.sysinfo import usable_cpus
+from mocohub.sysinfo import loader_workers
 
 from .config import TrainConfig
 from .data import TensorImageDataset
@@ -244,9 +244,7 @@ class ViewPipeline:
         else:
             self.plan = _Plan()
             cuda = env.device.type == "cuda"
-            # More workers than usable CPUs only adds contention (and PyTorch's warning);
-            # the views do not depend on the number of workers (each sample is seeded).
-            workers = min(config.workers, usable_cpus())
+            workers = loader_workers(config.workers)  # the views are seeded per sample
             self.loader = DataLoader(
                 _SeededTwoViews(dataset, per_sample_transforms(config, info.channels), config.seed),
                 batch_sampler=self.plan,
