@@ -252,16 +252,21 @@ def test_batched_transforms() -> None:
     assert reference.shape == (6, 1, 28, 28) and reference.dtype == torch.float32
 
 
+def _split_tree(root: Path, train_labels: set[int], val_labels: set[int]) -> Path:
+    """root/train and root/val ImageFolder trees of the sample images of these classes."""
+    table = [line.split(",") for line in (SAMPLES / "labels.csv").read_text().splitlines()[1:]]
+    for split, rows, wanted in (("train", slice(0, 200), train_labels),
+                                ("val", slice(200, 300), val_labels)):  # fmt: skip
+        for name, label, class_name, _ in table[rows]:
+            if int(label) in wanted:
+                (root / split / class_name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(SAMPLES / name, root / split / class_name / name)
+    return root
+
+
 def _image_folder(root: Path) -> Path:
     """train/ and val/ ImageFolder trees of two classes of the sample images."""
-    table = [line.split(",") for line in (SAMPLES / "labels.csv").read_text().splitlines()[1:]]
-    for split, rows in (("train", slice(0, 200)), ("val", slice(200, 300))):
-        for name, label, class_name, _ in table[rows]:
-            if int(label) in (1, 8):  # trouser, bag
-                folder = root / split / class_name
-                folder.mkdir(parents=True, exist_ok=True)
-                shutil.copy(SAMPLES / name, folder / name)
-    return root
+    return _split_tree(root, {1, 8}, {1, 8})  # trouser, bag
 
 
 def test_image_folders_use_per_image_transforms(run_dir: Path, tmp_path: Path) -> None:
@@ -284,18 +289,6 @@ def test_image_folders_use_per_image_transforms(run_dir: Path, tmp_path: Path) -
         result["train_samples"],
         result["val_samples"],
     )
-
-
-def _split_tree(root: Path, train_labels: set[int], val_labels: set[int]) -> Path:
-    """root/train and root/val ImageFolder trees of the sample images of these classes."""
-    table = [line.split(",") for line in (SAMPLES / "labels.csv").read_text().splitlines()[1:]]
-    for split, rows, wanted in (("train", slice(0, 200), train_labels),
-                                ("val", slice(200, 300), val_labels)):  # fmt: skip
-        for name, label, class_name, _ in table[rows]:
-            if int(label) in wanted:
-                (root / split / class_name).mkdir(parents=True, exist_ok=True)
-                shutil.copy(SAMPLES / name, root / split / class_name / name)
-    return root
 
 
 def test_a_val_folder_without_some_training_classes_is_scored_by_class_name(

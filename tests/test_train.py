@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,11 +16,15 @@ import torch
 from cli_helpers import TINY_TRAIN
 from train_helpers import image_folder
 
+from mocohub import sysinfo
 from mocohub.errors import InputError
 from mocohub.training import checkpoint as ckpt
 from mocohub.training import train as train_module
 from mocohub.training.config import preset
-from mocohub.training.train import TrainingDivergedError, TrainingInterrupted, train
+from mocohub.training.data import load_labelled_folder, resolve_dataset
+from mocohub.training.distributed import init_from_env
+from mocohub.training.monitor import KnnMonitor
+from mocohub.training.train import TrainingDivergedError, TrainingInterrupted, build_moco, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "fashion-mnist"
@@ -280,11 +285,6 @@ def test_a_short_run_learns_features_that_beat_initialisation(tmp_path: Path) ->
     put about +-0.05 of binomial noise on each figure. The test runs seed 0
     (+0.11 / +0.15) against +0.05 asked.
     """
-    from mocohub.training.data import resolve_dataset
-    from mocohub.training.distributed import init_from_env
-    from mocohub.training.monitor import KnnMonitor
-    from mocohub.training.train import build_moco
-
     dataset, info = resolve_dataset(SAMPLES)
     order = torch.randperm(300, generator=torch.Generator().manual_seed(0))
     bank = (dataset.images[order[:200]], dataset.labels[order[:200]])
@@ -329,12 +329,6 @@ def test_the_knn_monitor_labels_queries_by_the_banks_class_names(tmp_path: Path)
     """A query folder without some of the bank's classes numbers the rest differently
     (torchvision indexes each tree's own folders): the monitor relabels queries by class
     name, and refuses a class that the bank lacks before training starts."""
-    import shutil
-
-    from mocohub.training.data import resolve_dataset
-    from mocohub.training.distributed import init_from_env
-    from mocohub.training.monitor import KnnMonitor
-
     bank = image_folder(tmp_path / "bank", per_class=2)  # 10 classes
     queries = image_folder(tmp_path / "queries", per_class=1)
     for name in ("ankle-boot", "bag"):  # the first two: every later index would shift by 2
@@ -358,23 +352,17 @@ def test_the_knn_monitor_classifies_a_split_less_folder_leave_one_out(
     """``--knn-val`` naming the training folder itself (no val split): each image voted for
     itself, so the monitor logged 0.43 for a run whose ``mocohub knn`` figure (leave-one-
     out) is 0.27, and k=1 scored 100%. It now leaves each image out, and says so."""
-    from mocohub.training.data import load_labelled_folder, resolve_dataset
-    from mocohub.training.distributed import init_from_env
-    from mocohub.training.monitor import KnnMonitor
-    from mocohub.training.train import build_moco
-
-    samples = Path(__file__).resolve().parent.parent / "samples" / "fashion-mnist"
     config = tiny_config(knn_k=1, batch_size=8, K=16, workers=0)
-    info = resolve_dataset(samples)[1]
+    info = resolve_dataset(SAMPLES)[1]
     with caplog.at_level("WARNING"):
-        monitor = KnnMonitor((samples, samples), config, info, init_from_env())
+        monitor = KnnMonitor((SAMPLES, SAMPLES), config, info, init_from_env())
     assert monitor.leave_one_out and "leave-one-out" in caplog.text
     torch.manual_seed(0)
     top1 = monitor(build_moco(config, in_channels=1).encoder_q)["knn_top1"]
     assert 0.2 < top1 < 0.9  # by itself, every image is its own nearest neighbour: 1.0
 
     # Two different in-memory sets are two sets, though both are named "tensor".
-    data = load_labelled_folder(samples)
+    data = load_labelled_folder(SAMPLES)
     bank, held_out = (data.images[:200], data.labels[:200]), (data.images[200:], data.labels[200:])
     assert not KnnMonitor((bank, held_out), config, info, init_from_env()).leave_one_out
     assert KnnMonitor((bank, bank), config, info, init_from_env()).leave_one_out
@@ -387,11 +375,6 @@ def test_the_knn_monitor_starts_no_more_loader_workers_than_usable_cpus(
     (``mocohub train tree/ --knn-val tree/``); the training loader was already capped.
     One rule caps every loader of training, evaluation and detection:
     ``mocohub.sysinfo.loader_workers``."""
-    from mocohub import sysinfo
-    from mocohub.training.data import resolve_dataset
-    from mocohub.training.distributed import init_from_env
-    from mocohub.training.monitor import KnnMonitor
-
     monkeypatch.setattr(sysinfo, "usable_cpus", lambda: 1)
     bank = image_folder(tmp_path / "bank", per_class=1)
     queries = image_folder(tmp_path / "queries", per_class=1)

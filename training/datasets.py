@@ -202,11 +202,10 @@ def align_classes(
     train_classes, val_classes = train_info.classes, val_info.classes
     if val_classes == train_classes:
         return val, val_info
-    if _named(train_info) and _named(val_info):
-        index = {name: i for i, name in enumerate(train_classes)}
-        unknown = [name for name in val_classes if name not in index]
-    else:  # labels without names: the indices are all there is to go by
-        index = {name: i for i, name in enumerate(val_classes)}
+    by_name = _named(train_info) and _named(val_info)  # else the indices are all there is
+    if by_name:
+        unknown = [name for name in val_classes if name not in train_classes]
+    else:
         unknown = list(val_classes[len(train_classes) :])
     if unknown:
         listed = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
@@ -216,7 +215,11 @@ def align_classes(
             "predict classes it has training images of; add those classes to the training "
             "split, or leave them out of the validation split."
         )
-    mapping = [index[name] for name in val_classes]
+    mapping = (
+        [train_classes.index(name) for name in val_classes]
+        if by_name
+        else list(range(len(val_classes)))
+    )
     if isinstance(val, TensorImageDataset):
         labels = None if val.labels is None else torch.tensor(mapping)[val.labels]
         val = TensorImageDataset(val.images, labels, classes=train_classes, transform=val.transform)
