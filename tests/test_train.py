@@ -25,6 +25,7 @@ from mocohub.training.data import load_labelled_folder, resolve_dataset
 from mocohub.training.distributed import init_from_env
 from mocohub.training.monitor import KnnMonitor
 from mocohub.training.train import TrainingDivergedError, TrainingInterrupted, build_moco, train
+from mocohub.training.views import epoch_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "fashion-mnist"
@@ -397,6 +398,47 @@ def test_image_folder_path_with_workers_resumes_identically(tmp_path: Path, work
     a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
     assert a["model"]["encoder_q.conv1.weight"].shape[1] == 3  # decoded as RGB
     assert_same_state(a, b)
+
+
+@pytest.mark.parametrize(("workers", "mend"), [(0, "replace"), (1, "remove")])
+def test_a_damaged_image_mid_epoch_saves_the_steps_before_it_and_resume_is_exact(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, workers: int, mend: str
+) -> None:
+    """Found only when its batch is due: the steps before it are kept. Once the file
+    is replaced, --resume auto finishes the run as if nothing had happened; once it
+    is removed, the run finishes and says that the epoch's order changed."""
+    folder = image_folder(tmp_path / "images", per_class=8)  # 80 images: 5 steps of 16
+    config = tiny_config(epochs=1, workers=workers, batch_size=16, K=32, image_size=24)
+    train(config, folder, tmp_path / "a", progress=False)
+
+    dataset, _ = resolve_dataset(folder)
+    plan = epoch_batches(len(dataset), 0, config.seed, config.batch_size, init_from_env())
+    broken = Path(dataset.samples[int(plan[3][0])][0])  # in the fourth batch
+    good = broken.read_bytes()
+    broken.write_bytes(good[:60])
+    run = tmp_path / "b"
+    with pytest.raises(InputError) as raised:
+        train(config, folder, run, progress=False)
+    message = str(raised.value)
+    assert message.startswith(f"{broken} cannot be used as an image (truncated")
+    assert "due in epoch 1 at step 3" in message
+    assert "checkpoint_0000_00000003.pt (after 0 epochs and 3 steps)" in message
+    assert "--resume auto" in message
+    assert (final_state(run)["epoch"], final_state(run)["step"]) == (0, 3)
+
+    # Failing again at once: nothing new to save, the checkpoint is named as the way on.
+    with pytest.raises(InputError, match="at step 3, the point of the last checkpoint"):
+        train(config, folder, run, resume="auto", progress=False)
+    if mend == "replace":
+        broken.write_bytes(good)
+        train(config, folder, run, resume="auto", progress=False)
+        assert_same_state(final_state(tmp_path / "a"), final_state(run))
+        assert "the data set has" not in caplog.text
+    else:
+        broken.unlink()
+        train(config, folder, run, resume="auto", progress=False)
+        assert final_state(run)["epoch"] == 1
+        assert "the data set has 79 images, 80 when epoch 1 began" in caplog.text
 
 
 def test_launcher_passes_on_a_worker_error(tmp_path: Path, free_port: int) -> None:

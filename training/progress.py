@@ -79,17 +79,27 @@ def interrupted(signum: int, epoch: int, step: int, path: Path | None) -> Traini
     ``step`` 0: after ``epoch`` epochs; else in (0-based) ``epoch`` at ``step``.
     """
     name = signal.Signals(signum or signal.SIGTERM).name
+    where = f"after epoch {epoch}" if step == 0 else f"in epoch {epoch + 1} at step {step}"
+    return TrainingInterrupted(
+        f"Stopped by {name} {where}; {saved_phrase(epoch, step, path)}. "
+        "Continue with --resume auto.",
+        signum or 15,
+    )
+
+
+def saved_phrase(epoch: int, step: int, path: Path | None) -> str:
+    """What a stopping run saved: "checkpoint PATH (after E epochs and S steps)".
+
+    ``step`` 0: after ``epoch`` epochs; else in (0-based) ``epoch`` at ``step``.
+    ``path`` None (a rank other than 0): "rank 0 saved a checkpoint".
+    """
+    if path is None:
+        return "rank 0 saved a checkpoint"
     # Checkpoint names count finished epochs (checkpoint_0021_00000120.pt: 21 epochs
     # and 120 steps), while people count the epoch they are in (epoch 22): say both.
-    if step == 0:
-        where, done = f"after epoch {epoch}", ""
-    else:
-        epochs = f"{epoch} epoch" + ("" if epoch == 1 else "s")
-        where, done = f"in epoch {epoch + 1} at step {step}", f" (after {epochs} and {step} steps)"
-    saved = f"checkpoint {path}{done}" if path is not None else "rank 0 saved a checkpoint"
-    return TrainingInterrupted(
-        f"Stopped by {name} {where}; {saved}. Continue with --resume auto.", signum or 15
-    )
+    epochs = f"{epoch} epoch" + ("" if epoch == 1 else "s")
+    done = f" (after {epochs} and {step} steps)" if step else ""
+    return f"checkpoint {path}{done}"
 
 
 def ignore_stop_signals(worker_id: int) -> None:

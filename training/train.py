@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from .progress import (
     TrainingInterrupted,
     TrainingProgress,
     interrupted,
+    saved_phrase,
 )
 from .run_folder import (
     FailedStartCleanup,
@@ -55,7 +57,7 @@ from .run_folder import (
     tensor_bytes,
 )
 from .schedule import epoch_lr
-from .views import ViewPipeline, step_seed
+from .views import UnreadableSample, ViewPipeline, Views, step_seed
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +177,40 @@ def choose_channels_last(config: TrainConfig, device: torch.device) -> bool:
     if config.channels_last == "auto":
         return prefers_channels_last(device)
     return config.channels_last == "on"
+
+
+def _saving_before_bad_data(
+    batches: Iterator[tuple[int, Views]],
+    epoch: int,
+    start_step: int,
+    save: Callable[[int, int], Path | None],
+) -> Iterator[tuple[int, Views]]:
+    """``batches``; an image that cannot be decoded first saves the steps before it.
+
+    A damaged file shows only when its batch is due, maybe hours into a run.
+    The steps done since the last checkpoint are saved (at the step whose batch
+    failed: every rank's model and optimizer are still as that step found
+    them), and the error says how to go on once the file is replaced or removed.
+    """
+    due = start_step
+    try:
+        for step, views in batches:
+            yield step, views
+            due = step + 1  # the consumer is back: that step is done
+    except UnreadableSample as error:
+        where = f"Its batch was due in epoch {epoch + 1} at step {due}"
+        if due > start_step:
+            raise UnreadableSample(
+                f"{error} {where}; the steps before it are saved in "
+                f"{saved_phrase(epoch, due, save(epoch, due))}: once the file is replaced "
+                "or removed, run the same command with --resume auto to continue from there."
+            ) from None
+        if epoch > 0 or start_step > 0:  # that point has its checkpoint already
+            raise UnreadableSample(
+                f"{error} {where}, the point of the last checkpoint: once the file is "
+                "replaced or removed, run the same command with --resume auto to continue."
+            ) from None
+        raise
 
 
 def train(
@@ -298,6 +334,15 @@ def train(
     net: torch.nn.Module = wrap_ddp(model, env.device) if world > 1 else model
 
     pipeline = ViewPipeline(dataset, info, config, env)
+    began_with = (resumed_epoch or {}).get("samples", pipeline.num_samples)
+    if env.is_main and began_with != pipeline.num_samples:
+        logger.warning(
+            "mocohub: the data set has %d images, %d when epoch %d began: the rest of the "
+            "epoch follows a new order, so some images may come twice in it and others not.",
+            pipeline.num_samples,
+            began_with,
+            start_epoch + 1,
+        )
     knn = KnnMonitor(knn_data, config, info, env) if knn_data is not None else None
     with disk_errors(run_dir):
         if env.is_main:
@@ -324,7 +369,8 @@ def train(
         if env.is_main:
             run = config.to_dict()
             state = ckpt.training_state(model, optimizer, scaler, None, epoch, step, run)
-            state["loop"] = tracker.state_dict() if step else None
+            loop = {**tracker.state_dict(), "samples": pipeline.num_samples}
+            state["loop"] = loop if step else None
             with disk_errors(run_dir, needed=tensor_bytes(state)):
                 path = ckpt.save_checkpoint(run_dir, state, epoch=epoch, step=step, keep_last=None)
             prune_checkpoints(run_dir)
@@ -359,7 +405,10 @@ def train(
                 group["lr"] = lr
             net.train()
             tracker.begin_epoch(epoch, start_step, lr, resumed_epoch)
-            for step, (im_q, im_k) in pipeline.epoch(epoch, start_step):
+            batches = pipeline.epoch(epoch, start_step)
+            if env.is_main:
+                batches = _saving_before_bad_data(batches, epoch, start_step, save)
+            for step, (im_q, im_k) in batches:
                 if channels_last:
                     im_q = im_q.contiguous(memory_format=torch.channels_last)
                     im_k = im_k.contiguous(memory_format=torch.channels_last)

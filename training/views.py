@@ -41,6 +41,7 @@ from .progress import ignore_stop_signals
 from .recipes import AugmentRecipe, view_recipes
 
 __all__ = [
+    "UnreadableSample",
     "ViewPipeline",
     "batch_augment",
     "channel_stats",
@@ -52,6 +53,10 @@ __all__ = [
 ]
 
 Views = tuple[torch.Tensor, torch.Tensor]
+
+
+class UnreadableSample(InputError):
+    """A training image that could not be decoded, found when its batch was due."""
 
 
 def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
@@ -276,7 +281,7 @@ class ViewPipeline:
         self.plan.batches = _keys(epoch, plan[start_step:].tolist())
         for offset, batch in enumerate(self.loader):
             if isinstance(batch, str):
-                raise InputError(batch)
+                raise UnreadableSample(batch)
             view_q, view_k = batch
             yield (
                 start_step + offset,
