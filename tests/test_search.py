@@ -141,6 +141,22 @@ def test_a_grid_drawn_away_from_relative_paths_says_why_its_tiles_are_grey(
     assert (tmp_path / "away.png").is_file()  # still drawn: the search itself is right
 
 
+def test_a_grid_of_webdataset_keys_says_that_they_are_not_files(indexed, tmp_path: Path) -> None:
+    import webdataset as wds
+
+    root, model, _manifest = indexed
+    images = sorted((root / "images").iterdir())[:8]
+    with wds.TarWriter(str(tmp_path / "shard.tar")) as sink:
+        for i, image in enumerate(images):
+            sink.write({"__key__": f"sample{i:05d}", "png": image.read_bytes()})
+    feats = tmp_path / "feats.parquet"
+    main(["embed", str(tmp_path / "shard.tar"), "--out", str(feats), "--model", str(model), "-q"])
+    main(["index", str(feats), "--out", str(tmp_path / "index")])
+    argv = ["search", str(tmp_path / "index"), "--query", str(images[0]), "--k", "2"]
+    with pytest.warns(UserWarning, match=r"not files here \(first: sample00000\).*webdataset keys"):
+        main([*argv, "--grid", str(tmp_path / "grid.png")])
+
+
 def test_draw_grid_marks_unreadable_neighbours(tmp_path: Path) -> None:
     good = tmp_path / "good.png"
     Image.new("RGB", (50, 30), (10, 200, 10)).save(good)

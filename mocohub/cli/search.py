@@ -150,11 +150,18 @@ def search_command(
 
 def _warn_missing(shown: list[str]) -> None:
     """Warn when images the grid should show are not where the index says they are."""
+    from mocohub.imageio import IMAGE_EXTENSIONS
+
     missing = [path for path in shown if not os.path.isfile(path)]
     if not missing:
         return
     if all(path.isdigit() for path in missing):
         why = "the index names its rows by number (it was built without FEATURES.manifest.txt)"
+    elif not any(os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS for path in missing):
+        why = (
+            "the index names its rows by ids that are not image files (webdataset keys, or a "
+            "table's --id-column): the grid can show only images embedded from files"
+        )
     else:
         why = (
             "the index names images by the paths `mocohub embed` was given, relative to the "
