@@ -33,13 +33,14 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from mocohub.errors import ConfigError
+from mocohub.errors import ConfigError, InputError
 from mocohub.fileio import disk_error
 
-from .checkpoint import LAST_NAME, numbered_checkpoints
+from .checkpoint import LAST_NAME, find_latest_checkpoint, load_checkpoint, numbered_checkpoints
 from .distributed import DistributedEnv, all_gather_no_grad
 from .monitor import MetricsLog, truncate_metrics
 from .progress import RunSettings
@@ -51,6 +52,7 @@ __all__ = [
     "claim_run_folder",
     "discard_files",
     "disk_errors",
+    "load_weights",
     "open_run",
     "prune_checkpoints",
     "run_contents",
@@ -354,3 +356,22 @@ def disk_errors(run_dir: Path, needed: int | None = None) -> Iterator[None]:
         if clear is None:
             raise
         raise clear from error
+
+
+def load_weights(source: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checkpoint to fine-tune from: a checkpoint file (mocohub's or the reference
+    code's ``.pth.tar``) or a mocohub run folder (its newest checkpoint).
+
+    Example:
+        >>> load_encoders(model, load_weights("moco_v2_800ep_pretrain.pth.tar"))
+    """
+    path = Path(source)
+    if path.is_dir():
+        latest = find_latest_checkpoint(path)
+        if latest is None:
+            raise InputError(
+                f"{path} holds no checkpoint; pass a checkpoint file (a reference MoCo "
+                ".pth.tar or a mocohub checkpoint) or a mocohub run folder."
+            )
+        path = latest
+    return load_checkpoint(path)

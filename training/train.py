@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +44,19 @@ from .progress import (
     TrainingInterrupted,
     TrainingProgress,
     interrupted,
-    saved_phrase,
 )
 from .run_folder import (
     FailedStartCleanup,
     claim_run_folder,
     discard_files,
     disk_errors,
+    load_weights,
     open_run,
     prune_checkpoints,
     tensor_bytes,
 )
 from .schedule import epoch_lr
-from .views import UnreadableSample, ViewPipeline, Views, step_seed
+from .views import ViewPipeline, saving_before_bad_data, step_seed
 
 logger = logging.getLogger(__name__)
 
@@ -116,27 +115,6 @@ def load_encoders(model: MoCo, checkpoint: dict[str, Any]) -> None:
         )
 
 
-def load_weights(source: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checkpoint to fine-tune from: a checkpoint file (mocohub's or the reference
-    code's ``.pth.tar``) or a mocohub run folder (its newest checkpoint).
-
-    Example:
-        >>> load_encoders(model, load_weights("moco_v2_800ep_pretrain.pth.tar"))
-    """
-    from .checkpoint import find_latest_checkpoint, load_checkpoint
-
-    path = Path(source)
-    if path.is_dir():
-        latest = find_latest_checkpoint(path)
-        if latest is None:
-            raise InputError(
-                f"{path} holds no checkpoint; pass a checkpoint file (a reference MoCo "
-                ".pth.tar or a mocohub checkpoint) or a mocohub run folder."
-            )
-        path = latest
-    return load_checkpoint(path)
-
-
 def lr_at(config: TrainConfig, epoch: int) -> float:
     """The reference's per-epoch learning rate: cosine, or x0.1 at each milestone."""
     return epoch_lr(
@@ -177,40 +155,6 @@ def choose_channels_last(config: TrainConfig, device: torch.device) -> bool:
     if config.channels_last == "auto":
         return prefers_channels_last(device)
     return config.channels_last == "on"
-
-
-def _saving_before_bad_data(
-    batches: Iterator[tuple[int, Views]],
-    epoch: int,
-    start_step: int,
-    save: Callable[[int, int], Path | None],
-) -> Iterator[tuple[int, Views]]:
-    """``batches``; an image that cannot be decoded first saves the steps before it.
-
-    A damaged file shows only when its batch is due, maybe hours into a run.
-    The steps done since the last checkpoint are saved (at the step whose batch
-    failed: every rank's model and optimizer are still as that step found
-    them), and the error says how to go on once the file is replaced or removed.
-    """
-    due = start_step
-    try:
-        for step, views in batches:
-            yield step, views
-            due = step + 1  # the consumer is back: that step is done
-    except UnreadableSample as error:
-        where = f"Its batch was due in epoch {epoch + 1} at step {due}"
-        if due > start_step:
-            raise UnreadableSample(
-                f"{error} {where}; the steps before it are saved in "
-                f"{saved_phrase(epoch, due, save(epoch, due))}: once the file is replaced "
-                "or removed, run the same command with --resume auto to continue from there."
-            ) from None
-        if epoch > 0 or start_step > 0:  # that point has its checkpoint already
-            raise UnreadableSample(
-                f"{error} {where}, the point of the last checkpoint: once the file is "
-                "replaced or removed, run the same command with --resume auto to continue."
-            ) from None
-        raise
 
 
 def train(
@@ -334,15 +278,8 @@ def train(
     net: torch.nn.Module = wrap_ddp(model, env.device) if world > 1 else model
 
     pipeline = ViewPipeline(dataset, info, config, env)
-    began_with = (resumed_epoch or {}).get("samples", pipeline.num_samples)
-    if env.is_main and began_with != pipeline.num_samples:
-        logger.warning(
-            "mocohub: the data set has %d images, %d when epoch %d began: the rest of the "
-            "epoch follows a new order, so some images may come twice in it and others not.",
-            pipeline.num_samples,
-            began_with,
-            start_epoch + 1,
-        )
+    if env.is_main:
+        pipeline.warn_if_resized(resumed_epoch, start_epoch)
     knn = KnnMonitor(knn_data, config, info, env) if knn_data is not None else None
     with disk_errors(run_dir):
         if env.is_main:
@@ -407,7 +344,7 @@ def train(
             tracker.begin_epoch(epoch, start_step, lr, resumed_epoch)
             batches = pipeline.epoch(epoch, start_step)
             if env.is_main:
-                batches = _saving_before_bad_data(batches, epoch, start_step, save)
+                batches = saving_before_bad_data(batches, epoch, start_step, save)
             for step, (im_q, im_k) in batches:
                 if channels_last:
                     im_q = im_q.contiguous(memory_format=torch.channels_last)

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +39,7 @@ from mocohub.sysinfo import loader_workers
 from .config import TrainConfig
 from .data import TensorImageDataset
 from .distributed import DistributedEnv
-from .progress import ignore_stop_signals
+from .progress import ignore_stop_signals, saved_phrase
 from .recipes import AugmentRecipe, view_recipes
 
 __all__ = [
@@ -48,9 +50,12 @@ __all__ = [
     "epoch_batches",
     "per_sample_transform",
     "per_sample_transforms",
+    "saving_before_bad_data",
     "step_seed",
     "train_recipes",
 ]
+
+logger = logging.getLogger(__name__)
 
 Views = tuple[torch.Tensor, torch.Tensor]
 
@@ -264,6 +269,20 @@ class ViewPipeline:
                 generator=torch.Generator(),
             )
 
+    def warn_if_resized(self, loop: dict[str, Any] | None, epoch: int) -> None:
+        """Warn when a mid-epoch checkpoint's ``loop`` state began ``epoch`` on a
+        data set of another size: the rest of the epoch draws a new order."""
+        began_with = (loop or {}).get("samples", self.num_samples)
+        if began_with != self.num_samples:
+            logger.warning(
+                "mocohub: the data set has %d images, %d when epoch %d began: the rest of "
+                "the epoch follows a new order, so some images may come twice in it and "
+                "others not.",
+                self.num_samples,
+                began_with,
+                epoch + 1,
+            )
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, Views]]:
         """The views of each step of ``epoch``, from ``start_step`` on."""
         seed, env = self.config.seed, self.env
@@ -301,3 +320,37 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _keys(epoch: int, rows: Sequence[Sequence[int]]) -> list[list[tuple[int, int]]]:
     return [[(epoch, index) for index in row] for row in rows]
+
+
+def saving_before_bad_data(
+    batches: Iterator[tuple[int, Views]],
+    epoch: int,
+    start_step: int,
+    save: Callable[[int, int], Path | None],
+) -> Iterator[tuple[int, Views]]:
+    """``batches``; an image that cannot be decoded first saves the steps before it.
+
+    A damaged file shows only when its batch is due, maybe hours into a run.
+    The steps done since the last checkpoint are saved (at the step whose batch
+    failed: every rank's model and optimizer are still as that step found
+    them), and the error says how to go on once the file is replaced or removed.
+    """
+    due = start_step
+    try:
+        for step, views in batches:
+            yield step, views
+            due = step + 1  # the consumer is back: that step is done
+    except UnreadableSample as error:
+        where = f"Its batch was due in epoch {epoch + 1} at step {due}"
+        if due > start_step:
+            raise UnreadableSample(
+                f"{error} {where}; the steps before it are saved in "
+                f"{saved_phrase(epoch, due, save(epoch, due))}: once the file is replaced "
+                "or removed, run the same command with --resume auto to continue from there."
+            ) from None
+        if epoch > 0 or start_step > 0:  # that point has its checkpoint already
+            raise UnreadableSample(
+                f"{error} {where}, the point of the last checkpoint: once the file is "
+                "replaced or removed, run the same command with --resume auto to continue."
+            ) from None
+        raise
