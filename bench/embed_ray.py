@@ -193,7 +193,7 @@ def main() -> None:
             for who in engines
         }
     report = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
         "cpu_flags": flags,
         "usable_cpus": usable_cpus(),

@@ -33,6 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from mocohub.download import file_hash
 from mocohub.fileio import atomic_write_text, fsync_dir, temporary_name
 
 __all__ = ["HashingWriter", "Publication", "check_files", "file_sha256"]
@@ -148,8 +149,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         >>> file_sha256("feats.npy")[:8]
         '3f2a9c1e'
     """
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return file_hash(path, "sha256")
 
 
 def check_files(record: Mapping[str, Any], paths: Mapping[str, Path]) -> str | None:

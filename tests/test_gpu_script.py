@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from project_helpers import pyproject
 from readme_helpers import idx_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,8 +42,7 @@ def test_the_bare_source_tree_imports_as_the_installed_package(tmp_path: Path) -
     path for torch, and every package pyproject maps must import from the tree."""
     import site
 
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapping = pyproject()["tool"]["setuptools"]
     packages = sorted(mapping["package-dir"])
     code = (
         f"import sys; sys.path[:0] = [{str(ROOT)!r}]; sys.path += {site.getsitepackages()!r}\n"

@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from project_helpers import pyproject
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -77,10 +79,9 @@ def test_wheel_contents(tmp_path: Path) -> None:
 
 def test_exactly_one_onnxruntime_build_per_platform() -> None:
     """The two onnxruntime requirements' markers split every platform in two."""
-    import tomllib
     from packaging.requirements import Requirement
 
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = pyproject()["project"]["dependencies"]
     builds = [Requirement(d) for d in deps if d.startswith("onnxruntime")]
     assert sorted(r.name for r in builds) == ["onnxruntime", "onnxruntime-gpu"]
     platforms = [

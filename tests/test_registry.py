@@ -15,6 +15,7 @@ import torch
 from cli_helpers import run_cli
 from hub_helpers import tiny_fmnist_model
 from PIL import Image
+from project_helpers import pyproject
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -197,9 +198,7 @@ def test_shipped_rows_match_their_folders(weights: Weights) -> None:
 
 
 def test_package_data_ships_the_weights_folder() -> None:
-    import tomllib
-
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = pyproject()
     assert "weights/**/*" in project["tool"]["setuptools"]["package-data"]["mocohub"]
     assert registry.WEIGHTS_DIR == ROOT / "mocohub" / "weights"
 
