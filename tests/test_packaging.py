@@ -101,3 +101,19 @@ def test_exactly_one_onnxruntime_build_per_platform() -> None:
         chosen[sys_platform, machine] = picked[0]
     assert chosen["linux", "x86_64"] == chosen["win32", "AMD64"] == "onnxruntime-gpu"
     assert chosen["darwin", "arm64"] == chosen["linux", "aarch64"] == "onnxruntime"
+
+
+def test_the_readme_states_the_declared_minimum_python_and_pytorch() -> None:
+    """README's "Requires Python X+ and PyTorch Y+" is what pip enforces."""
+    import re
+
+    from packaging.requirements import Requirement
+
+    project = pyproject()["project"]
+    torch = next(Requirement(d) for d in project["dependencies"] if d.startswith("torch>"))
+    found = re.search(
+        r"Requires Python (\S+)\+ and PyTorch (\S+)\+", (ROOT / "README.md").read_text()
+    )
+    assert found is not None
+    assert project["requires-python"] == f">={found[1]}"
+    assert str(torch.specifier) == f">={found[2]}"
