@@ -665,12 +665,12 @@ def part_guard(
 
 def write_report(report: dict[str, Any], out: Path) -> str:
     """Write ``gpu.json`` and ``gpu.md`` in ``out`` (atomically); return the table."""
+    from mocohub.fileio import atomic_write_text
+
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(report)
-    for name, text in (("gpu.json", json.dumps(report, indent=2) + "\n"), ("gpu.md", table)):
-        partial = out / f".{name}.partial"
-        partial.write_text(text)
-        partial.replace(out / name)
+    atomic_write_text(out / "gpu.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "gpu.md", table)
     return table
 
 

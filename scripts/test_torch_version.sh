@@ -2,7 +2,7 @@
 # Run the test suite under another PyTorch release, in a fresh virtual environment.
 #
 #   bash scripts/test_torch_version.sh TORCH TORCHVISION [VENV] [PYTEST ARGS...]
-#   bash scripts/test_torch_version.sh 2.5.1 0.20.1          # the oldest release we support
+#   bash scripts/test_torch_version.sh 2.11.0 0.26.0         # the oldest release we support
 #
 # Installs torch==TORCH and torchvision==TORCHVISION from PyPI into VENV (default
 # /tmp/mocohub-torch-TORCH; reused when it exists), then this checkout with its
