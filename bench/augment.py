@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mocohub.sysinfo import cpu_flags, cpu_model
+from mocohub.sysinfo import cpu_model, speed_flags
 from mocohub.training.batch_augment import BatchAugment
 from mocohub.training.recipes import recipe
 
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
+    flags = speed_flags()
     print(f"{cpu_model()}, {' '.join(flags)}; {torch.get_num_threads()} torch thread(s)")
     print(f"{'recipe':<8} {'batch':<22} {'ms/call':>9} {'images/s':>10}")
     results: dict[str, dict[str, float | str]] = {}

@@ -47,7 +47,7 @@ import torch
 from mocohub.artifact import ModelConfig, build_model, save_pretrained
 from mocohub.embed_outputs import output_files
 from mocohub.preprocessing import Preprocessing
-from mocohub.sysinfo import cpu_flags, cpu_model, usable_cpus
+from mocohub.sysinfo import cpu_model, speed_flags, usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "fashion-mnist"
@@ -129,7 +129,7 @@ def main() -> None:
     pipe_ratio = statistics.median(
         r["two"]["pipeline_images_per_s"] / r["one"]["pipeline_images_per_s"] for r in rounds
     )
-    flags = sorted(f for f in cpu_flags() if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+    flags = speed_flags()
     figures = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),

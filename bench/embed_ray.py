@@ -51,7 +51,7 @@ import torch
 from mocohub.artifact import ModelConfig, build_model, save_pretrained
 from mocohub.embed_outputs import output_files
 from mocohub.preprocessing import Preprocessing
-from mocohub.sysinfo import cpu_flags, cpu_model, usable_cpus
+from mocohub.sysinfo import cpu_model, speed_flags, usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "fashion-mnist"
@@ -182,7 +182,7 @@ def main() -> None:
 
     import ray as ray_module
 
-    flags = sorted(f for f in cpu_flags() if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+    flags = speed_flags()
     slope = None
     if len(sizes) >= 2:
         low, high = min(sizes), max(sizes)

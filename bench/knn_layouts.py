@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mocohub.sysinfo import cpu_flags, cpu_model
+from mocohub.sysinfo import cpu_model, speed_flags
 from mocohub.training import eval_data
 from mocohub.training.knn_eval import knn_evaluate
 
@@ -57,7 +57,7 @@ def main() -> None:
             )
     eval_data.prefers_channels_last = rule  # type: ignore[assignment]
     ratio = statistics.median(seconds["NCHW"]) / statistics.median(seconds["channels_last"])
-    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_tile"})
+    flags = speed_flags()
     machine = f"{cpu_model()}, {torch.get_num_threads()} threads, flags: {' '.join(flags)}"
     print(
         f"\nchannels_last / NCHW speed: {ratio:.2f}x (medians of {args.rounds} runs each); "

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mocohub.sysinfo import cpu_flags, cpu_model
+from mocohub.sysinfo import cpu_model, speed_flags
 from mocohub.training.config import preset
 from mocohub.training.knn_eval import knn_evaluate
 from mocohub.training.lincls import LinclsConfig, linear_eval
@@ -130,7 +130,7 @@ def main() -> None:
         ),
     )
     epochs = epoch_records(args.out)
-    flags = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16", "avx512f", "avx2", "amx_int8"})
+    flags = speed_flags()
     result = {
         "config": config.to_dict(),
         "epochs_trained": epochs[-1]["epoch"] if epochs else 0,

@@ -52,7 +52,7 @@ from typing import Any
 import aiohttp
 from PIL import Image
 
-from mocohub.sysinfo import cpu_flags, cpu_model
+from mocohub.sysinfo import cpu_model, speed_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((ROOT / "samples" / "fashion-mnist").glob("*.png"))
@@ -389,8 +389,7 @@ def main() -> None:
                 server.process.kill()
     tracebacks = sum("Traceback" in line for line in server.log)
 
-    kinds = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile"}
-    flags = sorted(f for f in cpu_flags() if f in kinds)
+    flags = speed_flags()
     result = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "cpu": cpu_model(),

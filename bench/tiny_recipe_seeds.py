@@ -197,7 +197,7 @@ def main() -> None:
     if args.set and args.recipe != "test":
         parser.error("--set applies to the test recipe only")
 
-    from mocohub.sysinfo import cpu_flags, cpu_model
+    from mocohub.sysinfo import cpu_model, speed_flags
 
     runs = [(cap, seed) for cap in args.capabilities for seed in args.seeds]
     print(f"recipe {args.recipe}, settings {dict(args.set) or 'as written'}, on {cpu_model()}")
@@ -219,7 +219,7 @@ def main() -> None:
             print(f"| {r['seed']} | {r['before']:.2f} | {r['after']:.2f} | {r['gain']:+.2f} |")
         print(f"mean gain {statistics.mean(gains):+.3f}, smallest {min(gains):+.2f}")
 
-    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"})
+    flags = speed_flags()
     record = {
         "recipe": args.recipe,
         "overrides": dict(args.set),

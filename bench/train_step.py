@@ -104,7 +104,7 @@ from torch import nn
 
 import mocohub
 from mocohub.backbones import build_backbone
-from mocohub.sysinfo import cpu_flags, cpu_model, package_version
+from mocohub.sysinfo import INT8_CPU_FLAGS, SPEED_FLAGS, cpu_flags, cpu_model, package_version
 from mocohub.training.config import TrainConfig, preset
 from mocohub.training.optim import sgd_kernel
 from mocohub.training.train import build_moco, choose_channels_last, choose_precision, lr_at
@@ -113,20 +113,6 @@ from mocohub.training.views import step_seed
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "train_step.json"
 CPU = torch.device("cpu")
 SUPERVISED_CLASSES = 10
-# CPU flags that decide bf16 / int8 speed (reported, present or not).
-RELEVANT_FLAGS = (
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-    "avx512_bf16",
-    "avx512_fp16",
-    "avx512_vnni",
-    "avx_vnni",
-    "amx_tile",
-    "amx_bf16",
-    "amx_int8",
-)
 CONFIGS: dict[str, dict[str, Any]] = {
     "small": {"preset": "cifar", "arch": None, "size": None, "batch": 32},
     "large": {"preset": "moco_v2", "arch": "resnet50", "size": 224, "batch": 32},
@@ -432,9 +418,9 @@ def machine_info(threads: int) -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable,
-        "cpu_flags_relevant": {flag: flag in flags for flag in RELEVANT_FLAGS},
+        "cpu_flags_relevant": {flag: flag in flags for flag in SPEED_FLAGS},
         "bf16_matrix_units": sorted(flags & {"amx_bf16", "avx512_bf16"}),
-        "int8_matrix_units": sorted(flags & {"amx_int8", "avx512_vnni", "avx_vnni"}),
+        "int8_matrix_units": sorted(flags & INT8_CPU_FLAGS),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkldnn": torch.backends.mkldnn.is_available(),
         "emulation": {

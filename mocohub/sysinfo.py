@@ -116,6 +116,36 @@ def cpu_flags() -> frozenset[str]:
     return _kernel_cpu_flags()
 
 
+#: The CPU flags that decide mocohub's speed: vector width, fp16 conversion, and bf16
+#: and int8 units. Benchmarks name the ones present beside every figure.
+SPEED_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx512_vnni",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+#: Flags of int8 dot-product or matrix units (VNNI, AMX-INT8).
+INT8_CPU_FLAGS = frozenset({"amx_int8", "avx512_vnni", "avx_vnni"})
+
+
+def speed_flags() -> list[str]:
+    """Which of :data:`SPEED_FLAGS` this CPU has (:func:`cpu_flags`), in that order.
+
+    Example:
+        >>> speed_flags()  # an AVX2-only AMD EPYC
+        ['avx2', 'fma', 'f16c']
+    """
+    flags = cpu_flags()
+    return [flag for flag in SPEED_FLAGS if flag in flags]
+
+
 @cache
 def _kernel_cpu_flags() -> frozenset[str]:
     try:
@@ -167,7 +197,7 @@ def collect() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_matrix_units": sorted(flags & BF16_CPU_FLAGS),
-        "int8_matrix_units": sorted(flags & {"amx_int8", "avx512_vnni", "avx_vnni"}),
+        "int8_matrix_units": sorted(flags & INT8_CPU_FLAGS),
         "precision_auto": resolve_precision("auto", "cpu"),
     }
     if CPU_FLAGS_ENV in os.environ:
