@@ -136,3 +136,39 @@ def test_the_cpu_flags_option_reaches_the_library(request: pytest.FixtureRequest
         pytest.skip("run with --cpu-flags=... to check the option")
     assert sysinfo.cpu_flags() == frozenset(forced.replace(",", " ").split())
     assert os.environ[sysinfo.CPU_FLAGS_ENV] == forced
+
+
+@pytest.mark.parametrize(
+    ("flags", "speed", "int8"),
+    [
+        (AVX2_ONLY, ["avx2", "fma", "f16c"], []),
+        (
+            AVX512_BF16,
+            ["avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni"],
+            ["avx512_vnni"],
+        ),
+        (
+            AMX,
+            [
+                "avx2",
+                "fma",
+                "f16c",
+                "avx512f",
+                "avx512_bf16",
+                "avx512_vnni",
+                "amx_tile",
+                "amx_bf16",
+                "amx_int8",
+            ],
+            ["amx_int8", "avx512_vnni"],
+        ),
+        ("", [], []),
+    ],
+    ids=["avx2-only", "avx512_bf16", "amx", "no-flags"],
+)
+def test_the_speed_flags_benchmarks_name_are_the_present_ones_in_one_order(
+    monkeypatch: pytest.MonkeyPatch, flags: str, speed: list[str], int8: list[str]
+) -> None:
+    monkeypatch.setenv(sysinfo.CPU_FLAGS_ENV, flags)
+    assert sysinfo.speed_flags() == speed  # sse4_2, avx, avx512bw: not among them
+    assert sysinfo.collect()["cpu"]["int8_matrix_units"] == int8  # what `mocohub env` says
