@@ -97,8 +97,8 @@ class VerifyReport:
             "cos min",
             "cos mean",
             "max abs err",
-            "top-10",
-            "bound",
+            "top-10 (info)",
+            "cos bound",
             "ok",
         )
         rows = [

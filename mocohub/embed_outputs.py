@@ -43,6 +43,7 @@ from mocohub.publish import Publication, check_files
 
 __all__ = [
     "FORMAT",
+    "check_side_files_free",
     "complete_output",
     "load_features",
     "output_files",
@@ -183,6 +184,36 @@ def load_features(path: str | os.PathLike[str]) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
 
 
+def check_side_files_free(files: dict[str, Path]) -> None:
+    """Refuse an output whose manifest, errors file and record belong to another output.
+
+    ``feats.npy`` and ``feats.parquet`` share ``feats.manifest.txt``,
+    ``feats.errors.jsonl`` and ``feats.meta.json``: writing one beside the
+    other would leave the other without the map from its rows to files. So
+    when the other is an intact embed output, this raises :class:`InputError`.
+
+    Example:
+        >>> check_side_files_free(output_files("feats.parquet"))  # feats.npy embedded before
+        Traceback (most recent call last):
+        mocohub.errors.InputError: feats.npy is an embed output, and ...
+    """
+    out = files["features"]
+    other = out.with_suffix(".npy" if out.suffix == ".parquet" else ".parquet")
+    if not other.is_file() or not files["meta"].is_file():
+        return
+    try:
+        meta = read_meta(other)
+    except InputError:
+        return
+    if check_files(meta, {"features": other}) is None:
+        raise InputError(
+            f"{other} is an embed output, and {out.name} would take over its "
+            f"{files['manifest'].name}, {files['errors'].name} and {files['meta'].name} "
+            f"(a .npy and a .parquet of one name share them): choose another --out name, "
+            f"or delete {other} first."
+        )
+
+
 def write_outputs(
     files: dict[str, Path],
     arrays: Sequence[Path],
@@ -205,6 +236,7 @@ def write_outputs(
     unwritable disk is one :class:`InputError`; the earlier output is then left
     as it was. Returns the record.
     """
+    check_side_files_free(files)
     header = _npy_header(len(rows), dim, dtype)
     array_bytes = len(header) + len(rows) * dim * np.dtype(dtype).itemsize
     manifest = "".join(p + "\n" for p in rows).encode("utf-8", "surrogateescape")

@@ -288,7 +288,10 @@ class FeatureExtractor:
     tensor of shape (N, C, H, W) or (C, H, W), or a list that mixes paths, PIL
     images and (C, H, W) tensors returns a NumPy array with one row per image, in
     order: ``(N, dim)``, or ``(N, C, h, w)`` for ``"spatial"``. A file that cannot
-    be decoded raises :class:`~mocohub.errors.InputError`.
+    be decoded raises :class:`~mocohub.errors.InputError`. Files are decoded as
+    ``mocohub embed`` decodes them (EXIF orientation applied); a PIL image is
+    taken as it is, as torchvision takes it: pass
+    ``PIL.ImageOps.exif_transpose(image)`` to apply its EXIF orientation.
 
     Example:
         >>> fx = FeatureExtractor("runs/fmnist/model", dtype=np.float16)

@@ -25,12 +25,14 @@ from embed_helpers import (
     copy_samples,
     make_model,
     png_header_claiming,
+    sample_files,
     write_broken_files,
 )
 from PIL import Image
 
 from mocohub.cli import main
 from mocohub.embed import EmbedSettings, embed_files, output_files, shard_work
+from mocohub.embed_outputs import verified_meta
 from mocohub.errors import ConfigError, InputError
 from mocohub.features import FeatureExtractor, TorchEmbedder, open_torch_embedder
 from mocohub.imageio import DEFAULT_MAX_PIXELS, DecodeError, decode_image, scan_inputs
@@ -58,6 +60,26 @@ def read_outputs(out: Path) -> tuple[np.ndarray, list[str], list[dict[str, str]]
 
 
 # --- decoding ---------------------------------------------------------------
+
+
+def test_a_path_gets_its_exif_orientation_and_a_pil_image_is_taken_as_it_is(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """As the README says: pass ``ImageOps.exif_transpose(image)`` for the path's rows."""
+    from PIL import ImageOps
+
+    picture = Image.open(sample_files(1)[0]).convert("L").resize((40, 24))
+    picture.paste(255, (0, 0, 12, 24))  # a white band on the left: rotation shows
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    path = tmp_path / "phone.jpg"
+    picture.save(path, exif=exif, quality=95)
+    extractor = FeatureExtractor(str(model_dir), device="cpu", precision="fp32")
+    by_path = extractor([str(path)])
+    as_is = extractor([Image.open(path)])
+    upright = extractor([ImageOps.exif_transpose(Image.open(path))])
+    np.testing.assert_allclose(upright, by_path, atol=1e-6)
+    assert float((as_is * by_path).sum()) < 0.999  # unit rows: the unrotated picture differs
 
 
 def test_decode_converts_modes_orientation_and_frames(tmp_path: Path) -> None:
@@ -510,7 +532,7 @@ def test_ctrl_c_on_the_command_line_says_how_to_resume(
     monkeypatch.setattr(TorchEmbedder, "embed_batch", real)
     main(argv)  # and the same command does, without embedding the finished parts again
     said = capsys.readouterr().out
-    assert out.is_file() and "embedded in this run, the rest resumed from its parts" in said
+    assert out.is_file() and "read in this run, the rest resumed from its parts" in said
 
 
 def test_ctrl_c_before_a_part_is_finished_promises_nothing(
@@ -561,11 +583,64 @@ def test_an_output_is_replaced_only_when_mocohub_wrote_it_and_never_silently(
 
     main([*argv, str(dataset[0]), "--restart"])
     assert "replacing" not in capsys.readouterr().out
-    rows = len(np.load(out))
+    rows, inputs = len(np.load(out)), verified_meta(out)["inputs"]  # 48 images, 8 broken
     some = sorted(p for p in dataset[0].rglob("*.png"))[:3]
     main([*argv, *map(str, some)])  # other inputs, the same --out
     said = capsys.readouterr().out
-    assert f"(replacing an output of other inputs or settings: {rows} rows)" in said
+    assert f"(replacing an output of other inputs ({inputs} files, now 3): {rows} rows)" in said
+    assert len(np.load(out)) == 3
+    main([*argv, *map(str, some), "--batch-size", "2"])  # the same inputs, other settings
+    assert "(replacing an output made with other settings: 3 rows)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("first", ["feats.npy", "feats.parquet"])
+def test_a_npy_and_a_parquet_of_one_name_never_take_over_each_others_files(
+    tmp_path: Path, dataset, model_dir: Path, capsys: pytest.CaptureFixture[str], first: str
+) -> None:
+    """They share feats.manifest.txt, .errors.jsonl and .meta.json: the second is refused."""
+    some = [str(p) for p in sorted(dataset[0].rglob("*.png"))[:4]]
+    argv = ["-m", str(model_dir), "-q", "--device", "cpu", "--workers", "0"]
+    earlier = tmp_path / first
+    main(["embed", *some, "--out", str(earlier), *argv])
+    files = output_files(earlier)
+    before = {role: files[role].read_bytes() for role in ("manifest", "errors", "meta")}
+    second = earlier.with_suffix(".parquet" if first.endswith(".npy") else ".npy")
+    for command in (["embed", *some[:2]], ["embed", *some[:2], "--restart"]):
+        with pytest.raises(SystemExit) as refused:
+            main([*command, "--out", str(second), *argv])
+        assert refused.value.code == 2
+        err = capsys.readouterr().err
+        assert f"{earlier} is an embed output, and {second.name} would take over" in err
+        assert "choose another --out name" in err
+        assert {role: files[role].read_bytes() for role in before} == before
+        assert not second.exists()
+    verified_meta(earlier)  # still whole: index and search take it
+    other = tmp_path / "val" / second.name  # another name (here: folder) is fine
+    main(["embed", *some[:2], "--out", str(other), *argv])
+    assert verified_meta(other)["rows"] == 2
+
+
+def test_a_run_that_embeds_nothing_fails_and_says_where_list_paths_are_looked_for(
+    tmp_path: Path, dataset, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = dataset[0]
+    names = [p.relative_to(root.parent) for p in sorted(root.rglob("*.png"))[:3]]
+    listed = tmp_path / "lists" / "some.txt"  # relative to the data's parent, not to the list
+    listed.parent.mkdir()
+    listed.write_text("".join(f"{n}\n" for n in names))
+    out = tmp_path / "feats.npy"
+    argv = ["embed", str(listed), "--out", str(out), "-m", str(model_dir), "--device", "cpu"]
+    with pytest.raises(SystemExit) as failed:
+        main([*argv, "-q"])
+    assert failed.value.code == 2
+    err = capsys.readouterr().err
+    assert f"None of the 3 inputs could be embedded; {output_files(out)['errors']}" in err
+    assert f"Relative paths in a list are taken from the list's folder ({listed.parent})" in err
+    reasons = [json.loads(line)["reason"] for line in output_files(out)["errors"].open()]
+    assert len(reasons) == 3 and all("not found" in r for r in reasons)
+    beside = root.parent / "some.txt"  # the same list where its paths start: all found
+    beside.write_text(listed.read_text())
+    main([*argv[:1], str(beside), *argv[2:], "-q"])
     assert len(np.load(out)) == 3
 
 

@@ -82,7 +82,7 @@ def test_torchrun_with_two_processes_writes_the_one_process_files(
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 1  # rank 0 reports, once
     assert "embedded 24 images, skipped 1" in done.stdout
-    assert "by 2 processes (25 embedded in this run)" in done.stdout
+    assert "by 2 processes (25 read in this run)" in done.stdout
     same_outputs(out, reference)
 
     again = cli(*args, *launch, env=worker_env())
@@ -135,7 +135,7 @@ def test_a_rerun_after_a_process_died_redoes_only_its_unfinished_parts(
         str(tree), "--out", str(out), "--model", str(model), *ARGS, *launch, env=worker_env()
     )
     assert done.returncode == 0, done.stderr
-    assert f"by 2 processes ({left} embedded in this run)" in done.stdout
+    assert f"by 2 processes ({left} read in this run)" in done.stdout
     same_outputs(out, reference)
 
 
@@ -181,7 +181,7 @@ def test_under_srun_a_process_that_dies_stops_the_others_and_a_rerun_redoes_its_
     assert [code for code, _, _ in results] == [0, 0], results
     (_, out0, _), (_, out1, _) = results
     owned = plan_parts(len(scan_inputs([tree])), 4, 4, (1, 2))[0]
-    assert f"by 2 processes ({len(owned)} embedded in this run)" in out0 and out1 == ""
+    assert f"by 2 processes ({len(owned)} read in this run)" in out0 and out1 == ""
     same_outputs(out, reference)
 
 

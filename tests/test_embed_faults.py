@@ -290,7 +290,7 @@ def test_a_file_replaced_under_its_name_is_embedded_again(
     capsys.readouterr()
     main(embed_args(folder, out, model_dir))
     said = capsys.readouterr().out
-    assert "up to date" not in said and "8 unchanged files kept" in said
+    assert "up to date" not in said and "(4 read in this run, 8 unchanged kept" in said
     assert embedded == [4]  # only the batch (and part) holding the changed file
     main(embed_args(folder, tmp_path / "fresh.npy", model_dir))
     assert np.array_equal(np.load(out), np.load(tmp_path / "fresh.npy"))
@@ -322,7 +322,7 @@ def test_verify_content_notices_a_change_that_keeps_size_and_time(
     assert target.stat().st_size == stat.st_size
     capsys.readouterr()
     main(argv)
-    assert "4 unchanged files kept" in capsys.readouterr().out
+    assert "(4 read in this run, 4 unchanged kept" in capsys.readouterr().out
     feats = np.load(out)
     manifest = output_files(out)["manifest"].read_text().splitlines()
     row = feats[manifest.index(str(target))]  # now the picture of 006.bmp, in another batch

@@ -171,20 +171,18 @@ def test_parquet_output_holds_ids_and_the_npy_rows(
     tmp_path: Path, model: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     keys = write_shards(tmp_path / "shards", images)
-    embed(str(tmp_path / "shards"), "--out", str(tmp_path / "f.npy"), "-m", str(model), *ARGS)
+    npy = tmp_path / "npy" / "f.npy"  # not beside f.parquet: they would share f.manifest.txt
+    embed(str(tmp_path / "shards"), "--out", str(npy), "-m", str(model), *ARGS)
     out = tmp_path / "f.parquet"
     embed(str(tmp_path / "shards"), "--out", str(out), "-m", str(model), *ARGS)
     table = pq.read_table(out)
     assert table.column_names == ["id", "embedding"]
     assert table.column("id").to_pylist() == keys[:10]
     embedding = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
-    array = read(tmp_path / "f.npy")[0]
+    array = read(npy)[0]
     assert embedding.dtype == np.float32 and np.array_equal(embedding, array)
     assert verified_meta(out)["rows"] == 10  # published and checked like the .npy
-    assert (
-        output_files(out)["errors"].read_text()
-        == output_files(tmp_path / "f.npy")["errors"].read_text()
-    )
+    assert output_files(out)["errors"].read_text() == output_files(npy)["errors"].read_text()
 
     capsys.readouterr()
     embed(str(tmp_path / "shards"), "--out", str(out), "-m", str(model), *ARGS)

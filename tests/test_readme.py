@@ -201,7 +201,7 @@ COMMANDS: dict[str, Line] = {
         "is running; no GPU, so 0 GPUs per worker) on a folder with unreadable files; the "
         "files equal the local engine's byte for byte",
     ),
-    "mocohub embed 'shards/{000000..000999}.tar' --out feats.parquet --model M": Line(
+    "mocohub embed 'shards/{000000..000999}.tar' --out shards.parquet --model M": Line(
         "tests/test_embed_sources.py::test_webdataset_shards_round_trip_their_keys",
         why="a brace pattern over tiny shards; parquet output: "
         "test_parquet_output_holds_ids_and_the_npy_rows",
@@ -272,6 +272,10 @@ COMMANDS: dict[str, Line] = {
         prelude='import mocohub\nmodel = "moco_r18_fashion_mnist"\n'
         'image = PIL.Image.open("shoe.jpg")\ntensor = torch.rand(3, 40, 40)\n',
         why="model: the bundled model's name (FeatureExtractor takes what mocohub.load takes)",
+    ),
+    "PIL.ImageOps.exif_transpose(image)": Line(
+        "tests/test_embed.py::test_a_path_gets_its_exif_orientation_and_a_pil_image_is_taken_as_it_is",
+        why="a JPEG whose EXIF says to rotate it: the transposed image's rows equal the path's",
     ),
     "mocohub.Index.build(feats, ids).search(queries, k=10)": Line(
         "test_python_index",

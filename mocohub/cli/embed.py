@@ -8,6 +8,8 @@ asks for it.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -196,14 +198,16 @@ def embed_command(
     """Embed images into OUT.npy (+ .manifest.txt, .errors.jsonl, .meta.json).
 
     INPUTS are folders (searched recursively for .jpg, .jpeg, .png, .bmp, .webp,
-    .tif, .tiff and .gif files; other files are passed over), image files, .txt
-    files listing paths, webdataset shards (a .tar file, a folder of them, or a
+    .tif, .tiff and .gif files; other files and hidden ones are passed over), image
+    files, .txt files listing paths (a relative one is taken from the list's
+    folder), webdataset shards (a .tar file, a folder of them, or a
     brace pattern such as 'shards/{000000..000999}.tar': each sample's key is
     its manifest entry), or Parquet/CSV tables of ids and paths. Unreadable images are
     skipped and listed in OUT.errors.jsonl. An interrupted run resumes when
     rerun with the same arguments. Each file is known by its path, size and
-    modification time (or its content, with --verify-content): a rerun embeds
-    again the files that changed, and only those parts of the work. The files of
+    modification time (or its content, with --verify-content): with the same
+    list of inputs, a rerun embeds again only the parts of the work whose files
+    changed; an added or removed input embeds everything again. The files of
     OUT are published together; `mocohub index` refuses ones that do not belong
     together.
 
@@ -216,13 +220,14 @@ def embed_command(
     Example: mocohub embed photos/ --out feats.npy --model runs/fmnist/model
     """
     from mocohub.embed import EmbedSettings, default_workers, embed_files, output_files
+    from mocohub.embed_outputs import check_side_files_free
     from mocohub.embed_sources import scan_sources
     from mocohub.imageio import DEFAULT_MAX_PIXELS
     from mocohub.launch import process_place
 
     shard_index = _parse_shard(shard)
     _output_format(out, output_format)
-    output_files(out)  # checks the name before any work
+    check_side_files_free(output_files(out))  # the name, and files of no other output
     if nodes < 1 or nproc_per_node < 1:
         raise ConfigError("--nodes and --nproc-per-node must be at least 1.")
     ray_options = None
@@ -323,17 +328,27 @@ def embed_command(
             "add --restart to embed again."
         )
     else:
-        kept = (
-            f" ({result.kept} unchanged files kept from the earlier output)" if result.kept else ""
-        )
+        done = result.embedded_now  # inputs read in this run, skipped ones included
+        kept = ""
+        if result.kept:
+            kept = (
+                f" ({done} read in this run, {result.kept} unchanged kept from the earlier output)"
+            )
         if place.world_size > 1:  # what the earlier, interrupted run had done is not redone
-            kept = f" by {place.world_size} processes ({result.embedded_now} embedded in this run)"
-        elif not result.kept and result.embedded_now < result.rows:
-            kept = f" ({result.embedded_now} embedded in this run, the rest resumed from its parts)"
+            kept = f" by {place.world_size} processes ({done} read in this run)"
+        elif not result.kept and done < result.rows + result.skipped:
+            kept = f" ({done} read in this run, the rest resumed from its parts)"
         after = _record(out)
         if before is not None and after is not None and before.get("key") != after.get("key"):
-            rows = before.get("rows")
-            kept += f" (replacing an output of other inputs or settings: {rows} rows)"
+            why = "made with other settings"
+            if before.get("inputs_sha256") != after.get("inputs_sha256"):
+                why = f"of other inputs ({before.get('inputs')} files, now {after.get('inputs')})"
+            kept += f" (replacing an output {why}: {before.get('rows')} rows)"
+        if result.rows == 0 and result.skipped:
+            raise InputError(
+                f"None of the {result.skipped} inputs could be embedded; {files['errors']} says "
+                f"why for each.{_list_hint(inputs)}"
+            )
         click.echo(
             f"embedded {result.rows} images{skipped}{kept} in {result.seconds:.1f} s "
             f"({result.images_per_s:.1f} images/s, precision {result.precision or 'n/a'}) "
@@ -343,6 +358,17 @@ def embed_command(
         raise InputError(
             f"{result.skipped} files were skipped (--strict); see {files['errors']} for why."
         )
+
+
+def _list_hint(inputs: Sequence[str]) -> str:
+    """Where relative paths in the input lists were looked for (a common surprise)."""
+    from mocohub.imageio import LIST_EXTENSIONS
+
+    lists = [Path(i) for i in inputs if Path(i).suffix.lower() in LIST_EXTENSIONS]
+    if not lists:
+        return ""
+    folders = ", ".join(sorted({str(p.parent.resolve()) for p in lists}))
+    return f" Relative paths in a list are taken from the list's folder ({folders})."
 
 
 def _record(out: str) -> dict[str, Any] | None:
