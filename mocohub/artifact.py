@@ -228,6 +228,20 @@ class ModelConfig:
     def without_head(self) -> ModelConfig:
         return replace(self, head=None)
 
+    def untrained(self) -> ModelConfig:
+        """The same network with random weights: ``meta`` keeps only what it is the
+        architecture of, never the trained weights' metrics, epochs or licence.
+
+        Example:
+            >>> mocohub.load("moco_r18_fashion_mnist", pretrained=False).mocohub_config.meta
+            {'name': 'moco_r18_fashion_mnist (random init)', 'random_init': True}
+        """
+        named = self.meta.get("name") or self.meta.get("hub_repo") or self.meta.get("source")
+        meta: dict[str, Any] = {"random_init": True}
+        if named:
+            meta = {"name": f"{named} (random init)", **meta}
+        return replace(self, meta=meta)
+
     def network(self) -> dict[str, Any]:
         """The fields that decide the network's modules and weights: all but preprocessing and meta
         (and, of the shape options, those of the architecture's family only).

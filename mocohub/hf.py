@@ -268,7 +268,8 @@ def from_pretrained(
         config = read_config(folder)
         if head and config.head is None:
             raise MissingHeadError(f"{where} holds no projection head; load it with head=False.")
-        return build_model(config if head else config.without_head())
+        config = replace(config, meta={**config.meta, "hub_repo": where})
+        return build_model((config if head else config.without_head()).untrained())
     model = load_pretrained(folder, head=head)
     config = model.mocohub_config
     if where.startswith(HF_PREFIX):

@@ -122,10 +122,10 @@ def load(
         except InputError:
             raise _unknown(text) from None
         if not pretrained:
-            return build_model(weights.config(head))
+            return build_model(weights.config(head).untrained())
         model = _load_registered(weights, head, progress, cache_dir)
     if not pretrained:
-        return build_model(model.mocohub_config)
+        return build_model(model.mocohub_config.untrained())
     return model
 
 

@@ -62,6 +62,11 @@ def test_its_features_classify_the_samples_far_better_than_initialisation(
     paths, labels = samples
     torch.manual_seed(0)
     untrained_model = mocohub.load(NAME, pretrained=False)
+    # random weights claim none of the trained ones' figures (nor would a card saved from them)
+    assert untrained_model.mocohub_config.meta == {
+        "name": f"{NAME} (random init)",
+        "random_init": True,
+    }
     untrained = FeatureExtractor(untrained_model, device="cpu", precision="fp32")(paths)
 
     def accuracy(feats: np.ndarray) -> float:

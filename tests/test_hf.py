@@ -112,6 +112,12 @@ def test_config_alone_is_enough_for_random_weights(tmp_path: Path, hf_cache: Pat
     fill_hf_cache(hf_cache, "org/tiny", tmp_path / "art", files=("config.json",))
     model = mocohub.load("hf-hub:org/tiny", pretrained=False)
     assert model.mocohub_config.arch == "resnet18" and model.conv1.in_channels == 1
+    meta = model.mocohub_config.meta
+    assert meta == {"name": "tiny-fmnist (random init)", "random_init": True}
+    hf.save_pretrained(model, tmp_path / "random")  # its card claims no trained figures
+    card = (tmp_path / "random" / "README.md").read_text()
+    assert "tiny-fmnist (random init)" in card and "k-NN top-1 (%): 80.8" not in card
+    assert "80.8" in (tmp_path / "art" / "README.md").read_text()  # as the trained one says
     with pytest.raises(NotAvailableError, match=r"model\.safetensors of hf-hub:org/tiny"):
         mocohub.load("hf-hub:org/tiny")
 

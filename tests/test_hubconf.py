@@ -72,7 +72,7 @@ def test_torch_hub_load_from_a_plain_checkout(tmp_path: Path) -> None:
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["shape"] == [1, 2048] and result["fc"] == "Identity"
     assert Path(result["mocohub"]).resolve().parent == ROOT / "mocohub"
-    assert result["name"] == "moco_v2_r50_800ep"
+    assert result["name"] == "moco_v2_r50_800ep (random init)"  # its architecture, not weights
 
 
 def test_torch_hub_lists_only_the_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,7 +123,7 @@ def test_entry_points_pass_keywords_to_mocohub_load(
     assert isinstance(v1.fc, nn.Linear) and v1.fc.out_features == 128
     v2 = hubconf.moco_v2_r50_200ep(pretrained=False, head=True)
     assert isinstance(v2.fc, nn.Sequential)
-    assert v2.mocohub_config.meta["name"] == "moco_v2_r50_200ep"
+    assert v2.mocohub_config.meta["name"] == "moco_v2_r50_200ep (random init)"
     with pytest.raises(TypeError):
         hubconf.moco_r50(pretrained=False, no_such_option=1)
 

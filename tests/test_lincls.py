@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -148,6 +149,20 @@ def test_an_interrupted_evaluation_resumes_to_the_same_result(
     fresh = linear_eval(run_dir, SAMPLES, tmp_path / "cut", other, resume=False, log=lines.append)
     assert len(fresh["epochs"]) == 3 and not lines[-3].startswith("resuming")
 
+    # The run folder holding other weights since (the run trained on) is another model.
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    linear_eval(moved, SAMPLES, tmp_path / "later", config)
+    from mocohub.training.checkpoint import find_latest_checkpoint, load_checkpoint
+
+    state = load_checkpoint(find_latest_checkpoint(moved))
+    name = next(k for k in state["model"] if k.startswith("encoder_q.conv1."))
+    state["model"][name] = state["model"][name] + 0.01
+    state["epoch"] += 1  # one epoch on, as a run trained on would save
+    save_checkpoint(moved, state, epoch=state["epoch"], step=0)
+    with pytest.raises(InputError, match=r"of other weights \(.*moved has changed since"):
+        linear_eval(moved, SAMPLES, tmp_path / "later", config)
+
     # A fresh start that fails in its first epoch leaves the finished run's files as they were.
     kept = {name: (tmp_path / "cut" / name).read_text() for name in ("lincls.json", EPOCHS)}
 
@@ -267,6 +282,27 @@ def _split_tree(root: Path, train_labels: set[int], val_labels: set[int]) -> Pat
 def _image_folder(root: Path) -> Path:
     """train/ and val/ ImageFolder trees of two classes of the sample images."""
     return _split_tree(root, {1, 8}, {1, 8})  # trouser, bag
+
+
+def test_an_evaluation_on_image_folders_resumes_exactly_with_any_number_of_workers(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """Per-image augmentations draw per (seed, epoch, sample): no history, no worker count."""
+    data = _image_folder(tmp_path / "data")
+    config = LinclsConfig(**{**SHORT, "epochs": 3, "lr_steps": (2,), "batch_size": 16})
+    whole = linear_eval(run_dir, data, tmp_path / "whole", config)
+    with pytest.raises(_Stop):  # interrupted after epoch 2's state was saved
+        linear_eval(run_dir, data, tmp_path / "cut", config, log=_stop_after(2))
+    torch.rand(7)  # a caller's use of the global generator changes nothing
+    resumed = linear_eval(run_dir, data, tmp_path / "cut", config)
+    two = linear_eval(run_dir, data, tmp_path / "two", dataclasses.replace(config, workers=2))
+    for other in (resumed, two):
+        assert _without_times(other["epochs"]) == _without_times(whole["epochs"])
+    heads = [
+        torch.load(tmp_path / d / "linear_head.pt", weights_only=True)
+        for d in ("whole", "cut", "two")
+    ]
+    assert all(torch.equal(heads[0]["fc"]["weight"], h["fc"]["weight"]) for h in heads[1:])
 
 
 def test_image_folders_use_per_image_transforms(run_dir: Path, tmp_path: Path) -> None:
@@ -590,14 +626,25 @@ def test_knn_says_when_k_is_capped_at_the_training_images(
     assert code == 0 and "note: --k" not in err and out.startswith("k-NN (k=59,")
 
 
-def test_knn_without_a_val_split_never_lets_an_image_vote_for_itself(
-    run_dir: Path, few_samples: Path
+def test_knn_on_the_training_images_never_lets_an_image_vote_for_itself(
+    run_dir: Path, few_samples: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Without a val split, and with the training images named as --val too (as the
+    training loop's k-NN monitor does): leave-one-out, never 100% by self-votes."""
     alone = knn_evaluate(run_dir, few_samples, k=1, workers=0)  # leave-one-out
-    itself = knn_evaluate(run_dir, few_samples, few_samples, k=1, workers=0)
-    assert alone["val_is_train"] and not itself["val_is_train"]
-    assert itself["top1"] == 1.0  # named as the val data too, each image finds itself
-    assert alone["top1"] < 1.0  # its nearest other image is not always of its class
+    named = knn_evaluate(run_dir, few_samples, few_samples, k=1, workers=0)
+    assert alone["val_is_train"] and named["val_is_train"]
+    assert alone["top1"] == named["top1"] < 1.0  # its nearest other image is not always its class
+    code, _, err = run_cli(
+        ["knn", "--model", run_dir, "--train", few_samples, "--val", few_samples, "--k", 1], capsys
+    )
+    assert code == 0 and "note: --val names the training images, so k-NN accuracy" in err
+    code, _, err = run_cli(
+        ["lincls", few_samples, "--val", few_samples, "--model", run_dir, "--preset", "small",
+         "--epochs", 1, "--cached-features", "--workers", 0, "--out", tmp_path], capsys
+    )  # fmt: skip
+    assert code == 0, err
+    assert "note: --val names the training images, so the accuracy" in err
 
 
 def test_lincls_records_and_prints_the_protocol_it_followed(
@@ -623,6 +670,9 @@ def test_lincls_records_and_prints_the_protocol_it_followed(
         code, out, err = run_cli([*base, "--out", out_dir, *options], capsys)
         assert code == 0, err
         assert f"linear evaluation {printed}: top-1 " in out and "(60 images)" in out
+        epochs = options[options.index("--epochs") + 1]
+        late = f"drop at epoch 60, 80, after the run's {epochs} epoch"  # the reference steps
+        assert late in " ".join(err.split())
         assert json.loads((out_dir / "lincls.json").read_text())["protocol"] == protocol
 
 

@@ -605,7 +605,7 @@ def test_command_line_basics(user: Path) -> None:
 def test_torch_hub_from_a_checkout() -> None:
     call = 'torch.hub.load(checkout, "moco_r50", source="local", pretrained=False)'
     model = run_inline(call, "model", ROOT=ROOT)["model"]
-    assert model.mocohub_config.meta["name"] == "moco_v2_r50_800ep"
+    assert model.mocohub_config.meta["name"] == "moco_v2_r50_800ep (random init)"
     assert model(torch.rand(1, 3, 64, 64)).shape == (1, 2048)
 
 

@@ -72,6 +72,65 @@ def test_stopping_and_resuming_gives_the_same_run(tmp_path: Path) -> None:
     assert [r["epoch"] for r in records if r.get("event") == "epoch"] == [1, 2]
 
 
+def test_resume_auto_needs_no_flag_again_and_refuses_other_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--resume auto` takes the run's settings from config.json (a bare command continues
+    exactly); a flag that would change what the run computes is refused before any write."""
+    from mocohub.cli import main
+
+    config = tiny_config(epochs=2)
+    train(config, SAMPLES, tmp_path / "straight", progress=False)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train(config, SAMPLES, run, progress=False, stop_after_steps=5)  # stops after epoch 1
+    saved = (run / "config.json").read_text()
+    files = sorted(p.name for p in run.iterdir())
+    for flags, said in (
+        (["--lr", "0.6"], f"--lr 0.6 (the run's: {config.lr})"),
+        (["--batch-size", "16", "--temperature", "0.5"], "--batch-size 16 (the run's: 32)"),
+        (["--preset", "fashion_mnist"], f"--width 64 (the run's: {config.width})"),
+    ):
+        with pytest.raises(SystemExit) as refused:
+            main(["train", str(SAMPLES), "--out", str(run), "--resume", "auto", *flags])
+        assert refused.value.code == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"Cannot resume {run / 'checkpoint_0001_00000000.pt'} with other settings" in err
+        assert said in err and "leave these flags (and --preset) out" in err
+        assert (run / "config.json").read_text() == saved
+        assert sorted(p.name for p in run.iterdir()) == files
+
+    main(["train", str(SAMPLES), "--out", str(run), "--resume", "auto", "--quiet"])
+    assert_same_state(final_state(tmp_path / "straight"), final_state(run))
+    assert (run / "config.json").read_text() == saved
+
+    # --epochs may change (to train longer), and the longer cosine schedule is named
+    main(["train", str(SAMPLES), "--out", str(run), "--resume", "auto", "--epochs", "3", "--quiet"])
+    said = " ".join(caplog.text.split())
+    assert "--epochs 3 (the run's: 2): the cosine learning-rate schedule now spans 3" in said
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+
+
+def test_weights_name_what_they_take_and_a_resume_says_it_does_not_use_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tiny_config(epochs=1)
+    with pytest.raises(
+        InputError, match="a registry name or an exported artifact holds a backbone"
+    ):
+        train(config, SAMPLES, tmp_path / "new", weights="moco_r18_fashion_mnist", progress=False)
+    first = tmp_path / "first"
+    train(config, SAMPLES, first, progress=False)
+    run = tmp_path / "run"  # started from first's encoders, then resumed with the same command
+    longer = tiny_config(epochs=2)
+    with pytest.raises(TrainingInterrupted):  # after epoch 1
+        train(longer, SAMPLES, run, weights=str(first), resume="auto", progress=False,
+              stop_after_steps=5)  # fmt: skip
+    assert "is not used" not in caplog.text
+    train(longer, SAMPLES, run, weights=str(first), resume="auto", progress=False)
+    assert f"--weights {first} is not used: the run continues from" in caplog.text
+
+
 def test_resume_mid_epoch_matches(tmp_path: Path) -> None:
     # 600 images (the samples twice) / 32 = 18 steps: a stop at step 10 is mid-epoch.
     from mocohub.training.data import resolve_dataset

@@ -69,8 +69,8 @@ def test_a_resnet_preset_trains_a_vit_on_an_rgb_image_folder_from_the_command_li
     assert code == 0 and "done: loss" in out, err
     knn: list[str | os.PathLike[str]] = ["knn", "--model", run, "--train", data,
                                          "--val", data / "train", "--workers", "0"]  # fmt: skip
-    code, out, err = run_cli(knn, capsys)
-    assert code == 0 and "k-NN (k=16" in out, err
+    code, out, err = run_cli(knn, capsys)  # --val names the 16 training images: leave-one-out
+    assert code == 0 and "k-NN (k=15" in out and "--val names the training images" in err, err
     model = mocohub.load(run)
     config = model.mocohub_config
     assert (config.arch, config.in_channels, config.image_size) == ("vit_nano", 3, 16)

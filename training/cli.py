@@ -26,7 +26,7 @@ from mocohub.launch import (
 )
 from mocohub.launch import worker_args as worker_args
 
-from .config import PRESETS
+from .config import PRESETS, TrainConfig
 
 #: mocohub.vit.VIT_ARCHITECTURES, named here so that the CLI does not import timm.
 VIT_ARCHES = ("vit_small", "vit_base", "vit_mini", "vit_nano")
@@ -189,11 +189,19 @@ def train_command(
     from .distributed import get_rank
     from .train import train
 
-    config = make_config(preset, compile=compile_, **overrides)
     if elastic_retry() and find_latest_checkpoint(run_dir) is not None:
         # torchrun restarted the workers (--max-restarts): continue this run where
         # it stopped, neither refusing its folder nor discarding it (--restart) again.
         resume, restart = "auto", False
+    if compile_ is not None:
+        overrides["compile"] = compile_
+    preset_given = ctx.get_parameter_source("preset") == click.core.ParameterSource.COMMANDLINE
+    saved = _run_settings(run_dir) if resume == "auto" and not preset_given else None
+    if saved is not None:  # the run's own settings, and the flags given now on top
+        given = {k: v for k, v in overrides.items() if v is not None}
+        config = TrainConfig.from_dict({**saved, **given}).validate()
+    else:
+        config = make_config(preset, **overrides)
     knn_data = (knn_train or data, knn_val) if knn_val else None
     metrics = train(
         config,
@@ -222,3 +230,18 @@ def train_command(
         return
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     click.echo(f"done: {summary}; run folder {run_dir}")
+
+
+def _run_settings(run_dir: Path) -> dict[str, Any] | None:
+    """The settings in ``run_dir/config.json`` (None: no such readable file of this mocohub's).
+
+    ``--resume auto`` builds on them, so a resumed run needs no flag again.
+    """
+    import json
+
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        TrainConfig.from_dict(saved)
+    except (OSError, ValueError, TypeError, ConfigError):
+        return None
+    return saved if isinstance(saved, dict) else None

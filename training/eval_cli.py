@@ -43,10 +43,15 @@ def _count(number: int, noun: str, plural: str | None = None) -> str:
     return f"{number} {noun if number == 1 else plural or noun + 's'}"
 
 
-def _same_data_note(what: str) -> str:
+def _same_data_note(what: str, val_given: bool) -> str:
+    why = (
+        "--val names the training images"
+        if val_given
+        else "the data has no separate validation split"
+    )
     return (
-        f"note: the data has no separate validation split, so {what} is measured on the "
-        "training images; pass --val for held-out images."
+        f"note: {why}, so {what} is measured on the training images; pass --val for "
+        "held-out images."
     )
 
 
@@ -108,9 +113,9 @@ def knn_command(
         return
     if result["val_is_train"]:
         _echo_err(
-            "note: the data has no separate validation split, so k-NN accuracy is measured "
-            "leave-one-out on the training images (each classified by the others); pass "
-            "--val for held-out images."
+            _same_data_note(
+                "k-NN accuracy (leave-one-out: each classified by the others)", val_data is not None
+            )
         )
     if result["k"] < k:
         voters = "every other training image" if result["val_is_train"] else "every training image"
@@ -237,6 +242,13 @@ def lincls_command(
         image_size=image_size,
         **settings,
     )
+    late = [s for s in config.lr_steps if s >= config.epochs]
+    if config.schedule == "steps" and late and _is_main():
+        steps = ", ".join(map(str, late))
+        _echo_err(
+            f"note: the learning rate would drop at epoch {steps}, after the run's "
+            f"{_count(config.epochs, 'epoch')}: it never does (set --lr-steps for a short run)."
+        )
     started = time.time()
     with hint_on_interrupt(lambda: _lincls_kept(out, restart, started)):
         result = linear_eval(
@@ -252,7 +264,7 @@ def lincls_command(
     if not _is_main():
         return
     if result["val_is_train"]:
-        _echo_err(_same_data_note("the accuracy"))
+        _echo_err(_same_data_note("the accuracy", val_data is not None))
     described = f"{config.preset} protocol"
     if protocol != "moco":
         described += f", {protocol} settings"

@@ -40,7 +40,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from mocohub.artifact import ModelConfig, get_config
 from mocohub.errors import ConfigError, InputError
@@ -57,6 +57,7 @@ from .eval_transforms import (
     batch_train_transform,
     per_image_transform,
 )
+from .views import step_seed
 
 __all__ = [
     "AugmentedFeatures",
@@ -177,6 +178,43 @@ def _loader(dataset: Any, env: DistributedEnv, batch_size: int, workers: int, **
     )
 
 
+class _SeededSamples(Dataset[Batch]):
+    """Items ``(epoch, index)``: sample ``index`` augmented from a random stream of its own.
+
+    torchvision's transforms draw from torch's default generator; seeding it per
+    (seed, epoch, sample), as the pre-training views do, makes an epoch's images
+    the same however many workers load them and wherever an interrupted
+    evaluation resumes. The caller's generator state is given back.
+    """
+
+    def __init__(self, dataset: Any, transform: Any, seed: int) -> None:
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Batch:
+        epoch, index = key
+        image, label = self.dataset[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(step_seed(self.seed, epoch, index, -3))
+            return self.transform(image), label
+
+
+class _EpochKeys(Sampler[tuple[int, int]]):
+    """``(epoch, index)`` for each index a :class:`DistributedSampler` deals in an epoch."""
+
+    def __init__(self, sampler: DistributedSampler[int]) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
+
+
 class TrainBatches:
     """Shuffled, augmented ``(images, labels)`` batches of this rank's share, per epoch.
 
@@ -226,8 +264,9 @@ class TrainBatches:
             self.generator = torch.Generator() if on_host else torch.Generator(env.device)
             self.augment = batch_train_transform(prep, recipe, self.generator)
         else:
-            dataset.transform = per_image_transform(prep, recipe, "reference")
-            self.loader = _loader(dataset, env, self.local_batch, workers, sampler=self.sampler)
+            seeded = _SeededSamples(dataset, per_image_transform(prep, recipe, "reference"), seed)
+            sampler = _EpochKeys(self.sampler)
+            self.loader = _loader(seeded, env, self.local_batch, workers, sampler=sampler)
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.local_batch)

@@ -97,7 +97,7 @@ def knn_evaluate(
     workers = default_workers() if workers is None else workers
     # No held-out split: each training image is classified by the others (leave-one-out),
     # never by itself, which would make k=1 score 100%.
-    val_is_train = val is None and same_images(train_set, train_info, val_set, val_info)
+    val_is_train = same_images(train_set, train_info, val_set, val_info)  # also a --val of them
     features = []
     sets = [(train_set, train_info)] + ([] if val_is_train else [(val_set, val_info)])
     for dataset, data_info in sets:

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -130,6 +131,16 @@ def check_backbone_unchanged(backbone: nn.Module, before: dict[str, torch.Tensor
 
 def _snapshot(backbone: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in backbone.state_dict().items()}
+
+
+def _weights_sha256(snapshot: dict[str, torch.Tensor]) -> str:
+    """A digest of a backbone's weights and buffers (names, values and dtypes)."""
+    digest = hashlib.sha256()
+    for name in sorted(snapshot):
+        tensor = snapshot[name].contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tensor.numel()};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _new_head(feature_dim: int, num_classes: int) -> nn.Linear:
@@ -332,7 +343,7 @@ def linear_eval(
     val_set, val_info = resolve_dataset(data if val is None else val, "val")
     num_classes = _check_labels(train_info, val_info, _largest_label(val_set))
     val_set, val_info = align_classes(train_info, val_set, val_info, task="A linear classifier")
-    val_is_train = val is None and same_images(train_set, train_info, val_set, val_info)
+    val_is_train = same_images(train_set, train_info, val_set, val_info)  # also a --val of them
     dtype = autocast_dtype(config.precision)
 
     backbone = freeze_backbone(place_backbone(backbone, env.device))
@@ -354,8 +365,8 @@ def linear_eval(
     torch.manual_seed(config.seed)  # the same initial classifier on every rank
     head = _new_head(model_config.feature_dim, num_classes).to(env.device)
 
-    described = describe_model(model)
-    resumed = resumable_state(out_dir, described, config) if resume else None
+    described, weights = describe_model(model), _weights_sha256(before)
+    resumed = resumable_state(out_dir, described, config, weights) if resume else None
     out = Path(out_dir) if out_dir is not None and env.is_main else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -364,7 +375,8 @@ def linear_eval(
 
     def epoch_done(record: dict[str, Any], state: dict[str, Any]) -> None:
         if out is not None:
-            atomic_save({**state, "model": described, "config": config.to_dict()}, out / STATE_NAME)
+            saved = {"model": described, "weights_sha256": weights, "config": config.to_dict()}
+            atomic_save({**state, **saved}, out / STATE_NAME)
             # Rewritten whole each epoch (at most a few hundred short lines): a run that
             # fails before its first epoch leaves the previous run's file as it was.
             lines = "".join(json.dumps(r) + "\n" for r in state["records"])

@@ -207,12 +207,16 @@ def lr_at(config: LinclsConfig, epoch: int) -> float:
 
 
 def resumable_state(
-    out_dir: str | os.PathLike[str] | None, described: Any, config: LinclsConfig
+    out_dir: str | os.PathLike[str] | None,
+    described: Any,
+    config: LinclsConfig,
+    weights: str | None = None,
 ) -> dict[str, Any] | None:
     """The saved state in ``out_dir`` to continue from, or None to start afresh.
 
     ``described`` is the model as :func:`~mocohub.training.eval_data.describe_model`
-    records it. A state of another model, or with other settings than
+    records it, and ``weights`` a digest of its weights (a run folder that trained
+    on names other weights). A state of another model, or with other settings than
     ``config`` (bar ``workers`` and ``eval_every``), or one that cannot be read,
     raises :class:`InputError`: the user chooses another folder or ``--restart``.
 
@@ -236,8 +240,11 @@ def resumable_state(
 
     saved, wanted = comparable(state.get("config", {})), comparable(config.to_dict())
     differs = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
-    if state.get("model") != described or differs:
+    other_weights = weights is not None and state.get("weights_sha256", weights) != weights
+    if state.get("model") != described or other_weights or differs:
         what = "with other settings (" + ", ".join(differs) + ")"
+        if other_weights:
+            what = f"of other weights ({described} has changed since, e.g. trained on)"
         if state.get("model") != described:
             what = "of another model"
         raise InputError(

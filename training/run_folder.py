@@ -366,6 +366,12 @@ def load_weights(source: str | os.PathLike[str]) -> dict[str, Any]:
         >>> load_encoders(model, load_weights("moco_v2_800ep_pretrain.pth.tar"))
     """
     path = Path(source)
+    if not path.exists():
+        raise InputError(
+            f"No checkpoint at {path}: --weights takes a checkpoint file (a reference MoCo "
+            ".pth.tar or a mocohub checkpoint) or a mocohub run folder, which hold both "
+            "encoders; a registry name or an exported artifact holds a backbone only."
+        )
     if path.is_dir():
         latest = find_latest_checkpoint(path)
         if latest is None:

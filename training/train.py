@@ -33,7 +33,7 @@ from mocohub.errors import ConfigError, InputError, error_summary
 from mocohub.precision import prefers_channels_last
 
 from . import v3_training
-from .config import TrainConfig
+from .config import TrainConfig, check_resume_settings
 from .distributed import init_from_env, wrap_ddp
 from .moco import MoCo
 from .monitor import KnnMonitor
@@ -232,13 +232,18 @@ def train(
             "start the run again with --restart instead of --resume auto."
         )
     checkpoint = ckpt.load_checkpoint(Path(source)) if source is not None else None
+    notes: list[str] = []
     if checkpoint is not None:
         ckpt.check_same_method(checkpoint, config.method)  # v3 into v1/v2, or the other way
+        same_run = not restart and Path(str(source)).parent.resolve() == Path(run_dir).resolve()
+        notes = check_resume_settings(checkpoint.get("config"), config, source, same_run=same_run)
     point = ckpt.checkpoint_point(checkpoint) if checkpoint is not None else None
     discard = claim_run_folder(run_dir, env, resume, source, point, restart)
     if point is not None and point >= (config.epochs, 0):
         return {"epoch": point[0], "already_complete": True}
     initial = load_weights(weights) if weights is not None and checkpoint is None else None
+    if weights is not None and checkpoint is not None:
+        notes.append(f"--weights {weights} is not used: the run continues from {source}.")
 
     torch.manual_seed(config.seed)  # identical initial weights and queue on every rank
     v3 = config.method == "moco_v3"  # MoCo v3's parts: training/v3_training.py
@@ -297,6 +302,8 @@ def train(
                 )
             if checkpoint is not None:  # said, so a rerun that continues is not taken for new
                 logger.warning("mocohub: resuming from %s.", source)
+            for note in notes:
+                logger.warning("mocohub: %s", note)
     # From here on files are written; a failure before the first checkpoint removes them.
     cleanup = FailedStartCleanup(run_dir, enabled=env.is_main)
 
