@@ -192,7 +192,8 @@ def test_random_weights_of_a_name_need_no_download(
 ) -> None:
     monkeypatch.setenv("MOCOHUB_OFFLINE", "1")
     model = mocohub.load("moco_v1_r50_200ep", pretrained=False, head=True)
-    assert model.mocohub_config.meta["imagenet_linear_top1"] == 60.6
+    assert "imagenet_linear_top1" not in model.mocohub_config.meta  # random weights: no figures
+    assert model.mocohub_config.meta["name"] == "moco_v1_r50_200ep (random init)"
     assert isinstance(model.fc, nn.Linear) and model.fc.out_features == 128
     assert not cache.exists()
 

@@ -27,6 +27,7 @@ from mocohub.launch import (
 from mocohub.launch import worker_args as worker_args
 
 from .config import PRESETS, TrainConfig
+from .resume import run_settings
 
 #: mocohub.vit.VIT_ARCHITECTURES, named here so that the CLI does not import timm.
 VIT_ARCHES = ("vit_small", "vit_base", "vit_mini", "vit_nano")
@@ -196,7 +197,7 @@ def train_command(
     if compile_ is not None:
         overrides["compile"] = compile_
     preset_given = ctx.get_parameter_source("preset") == click.core.ParameterSource.COMMANDLINE
-    saved = _run_settings(run_dir) if resume == "auto" and not preset_given else None
+    saved = run_settings(run_dir) if resume == "auto" and not preset_given else None
     if saved is not None:  # the run's own settings, and the flags given now on top
         given = {k: v for k, v in overrides.items() if v is not None}
         config = TrainConfig.from_dict({**saved, **given}).validate()
@@ -230,18 +231,3 @@ def train_command(
         return
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     click.echo(f"done: {summary}; run folder {run_dir}")
-
-
-def _run_settings(run_dir: Path) -> dict[str, Any] | None:
-    """The settings in ``run_dir/config.json`` (None: no such readable file of this mocohub's).
-
-    ``--resume auto`` builds on them, so a resumed run needs no flag again.
-    """
-    import json
-
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())
-        TrainConfig.from_dict(saved)
-    except (OSError, ValueError, TypeError, ConfigError):
-        return None
-    return saved if isinstance(saved, dict) else None

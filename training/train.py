@@ -33,7 +33,7 @@ from mocohub.errors import ConfigError, InputError, error_summary
 from mocohub.precision import prefers_channels_last
 
 from . import v3_training
-from .config import TrainConfig, check_resume_settings
+from .config import TrainConfig
 from .distributed import init_from_env, wrap_ddp
 from .moco import MoCo
 from .monitor import KnnMonitor
@@ -45,6 +45,7 @@ from .progress import (
     TrainingProgress,
     interrupted,
 )
+from .resume import check_resume_settings
 from .run_folder import (
     FailedStartCleanup,
     claim_run_folder,
