@@ -151,4 +151,4 @@ def knn_accuracy(
     )
     ranked = scores.topk(min(5, scores.shape[1]), dim=1).indices.cpu()
     hits = ranked == query_labels.view(-1, 1).cpu()
-    return {"top1": float(hits[:, 0].float().mean()), "top5": float(hits.any(1).float().mean())}
+    return {"top1": float(hits[:, 0].double().mean()), "top5": float(hits.any(1).double().mean())}

@@ -186,7 +186,7 @@ def _validate(head: nn.Module, features: FeatureSource) -> dict[str, float]:
         ranked_all = all_gather_no_grad(ranked_all)[: features.val_size]
         labels_all = all_gather_no_grad(labels_all)[: features.val_size]
     hits = ranked_all == labels_all.view(-1, 1)
-    return {"top1": float(hits[:, 0].float().mean()), "top5": float(hits.any(1).float().mean())}
+    return {"top1": float(hits[:, 0].double().mean()), "top5": float(hits.any(1).double().mean())}
 
 
 def _train_step(
