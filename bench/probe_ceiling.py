@@ -118,7 +118,7 @@ def fit_logistic(
     closure()
     assert weight.grad is not None and bias.grad is not None
     gradient = torch.cat([weight.grad.flatten(), bias.grad]).norm().item()
-    iterations = int(optimizer.state[optimizer._params[0]]["n_iter"])
+    iterations = int(optimizer.state[weight]["n_iter"])  # LBFGS: state of its first param
     return weight.detach(), bias.detach(), iterations, gradient
 
 
