@@ -111,6 +111,50 @@ def test_resume_auto_needs_no_flag_again_and_refuses_other_settings(
     assert json.loads((run / "config.json").read_text())["epochs"] == 3
 
 
+def test_resume_auto_keeps_the_knn_monitor_and_its_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """config.json records --knn-val (a folder as its absolute path), so a bare
+    `--resume auto` from another directory still checks k-NN; `--knn-val none` stops it,
+    and a recorded folder that is gone is named with what to do."""
+    from mocohub.cli import main
+
+    shutil.copytree(SAMPLES, tmp_path / "data")
+    shutil.copytree(SAMPLES, tmp_path / "labelled")
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--preset", "fashion_mnist", "--width", "8", "--dim", "16", "--queue-size", "64",
+            "--batch-size", "32", "--bn-splits", "4", "--workers", "0", "--precision", "fp32",
+            "--quiet"]  # fmt: skip
+    main(["train", "data", "--out", "run", *tiny, "--epochs", "1", "--knn-val", "labelled"])
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["knn_val"], saved["knn_train"]) == (str(tmp_path / "labelled"), None)
+
+    def knn_by_epoch() -> dict[int, bool]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return {r["epoch"]: "knn_top1" in r for r in map(json.loads, lines) if "event" in r}
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    data = str(tmp_path / "data")
+    main(["train", data, "--out", str(run), "--resume", "auto", "--epochs", "2", "--quiet"])
+    assert knn_by_epoch() == {1: True, 2: True}
+    main(["train", data, "--out", str(run), "--resume", "auto", "--epochs", "3", "--quiet",
+          "--knn-val", "none"])  # fmt: skip
+    assert knn_by_epoch() == {1: True, 2: True, 3: False}
+    assert json.loads((run / "config.json").read_text())["knn_val"] is None
+
+    main(["train", data, "--out", str(run), "--resume", "auto", "--epochs", "4", "--quiet",
+          "--knn-val", str(tmp_path / "labelled")])  # fmt: skip
+    shutil.rmtree(tmp_path / "labelled")
+    with pytest.raises(SystemExit) as refused:
+        main(["train", data, "--out", str(run), "--resume", "auto", "--epochs", "5"])
+    assert refused.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "The k-NN monitor's data:" in err and "--knn-val none to train without" in err
+    assert knn_by_epoch() == {1: True, 2: True, 3: False, 4: True}
+
+
 def test_weights_name_what_they_take_and_a_resume_says_it_does_not_use_them(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -11,6 +11,7 @@ launches nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,8 @@ __all__ = ["train_command", "worker_args"]
 @click.option(
     "--knn-val",
     help="Labelled data to classify with k-NN (enables the monitor): its val split, or, "
-    "where it has none, each image by the others (leave-one-out).",
+    "where it has none, each image by the others (leave-one-out). Kept in config.json, so "
+    "--resume auto keeps the monitor; 'none' turns it off.",
 )
 @click.option(
     "--resume",
@@ -154,8 +156,6 @@ def train_command(
     data: str,
     run_dir: Path,
     preset: str,
-    knn_train: str | None,
-    knn_val: str | None,
     resume: str | None,
     restart: bool,
     weights: str | None,
@@ -196,6 +196,9 @@ def train_command(
         resume, restart = "auto", False
     if compile_ is not None:
         overrides["compile"] = compile_
+    monitor_off = (overrides["knn_val"] or "").lower() == "none"
+    for key in ("knn_train", "knn_val"):
+        overrides[key] = None if monitor_off else _recorded_path(overrides[key])
     preset_given = ctx.get_parameter_source("preset") == click.core.ParameterSource.COMMANDLINE
     saved = run_settings(run_dir) if resume == "auto" and not preset_given else None
     if saved is not None:  # the run's own settings, and the flags given now on top
@@ -203,7 +206,9 @@ def train_command(
         config = TrainConfig.from_dict({**saved, **given}).validate()
     else:
         config = make_config(preset, **overrides)
-    knn_data = (knn_train or data, knn_val) if knn_val else None
+    if monitor_off:
+        config = dataclasses.replace(config, knn_train=None, knn_val=None)
+    knn_data = (config.knn_train or data, config.knn_val) if config.knn_val else None
     metrics = train(
         config,
         data,
@@ -231,3 +236,11 @@ def train_command(
         return
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     click.echo(f"done: {summary}; run folder {run_dir}")
+
+
+def _recorded_path(value: str | None) -> str | None:
+    """A --knn-train/--knn-val value as config.json keeps it: an existing path made
+    absolute (a resume may start in another directory), anything else as given."""
+    if value is None or value == "fashion-mnist" or not Path(value).exists():
+        return value
+    return str(Path(value).absolute())

@@ -100,6 +100,11 @@ class TrainConfig:
     knn_every: int = 0  # epochs between k-NN checks (0: only at the end)
     knn_k: int = 200
     knn_t: float = 0.1
+    # The k-NN monitor's labelled data (absolute paths for folders): kept in
+    # config.json so that --resume auto keeps the monitor. knn_train None: the
+    # training data; knn_val None: no monitor.
+    knn_train: str | None = None
+    knn_val: str | None = None
     # Mid-epoch checkpoints: every N optimizer steps (500 or "500") or every N
     # minutes ("30m"); 0 for checkpoints at epoch ends only.
     checkpoint_every: int | str = 0

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from mocohub.errors import InputError
 from mocohub.knn import knn_accuracy
 
 from .config import TrainConfig
@@ -227,8 +228,14 @@ class KnnMonitor:
         size = config.image_size
         mean, std = channel_stats(config, info.channels)
         prep = Preprocessing(size, eval_resize_size(size), mean, std, channels=info.channels)
-        bank, bank_info = resolve_dataset(data[0], "train")
-        queries, queries_info = resolve_dataset(data[1], "val")
+        try:
+            bank, bank_info = resolve_dataset(data[0], "train")
+            queries, queries_info = resolve_dataset(data[1], "val")
+        except InputError as e:  # e.g. a folder a resumed run's config.json names, now gone
+            raise InputError(
+                f"The k-NN monitor's data: {e} (--knn-train and --knn-val are kept in the run's "
+                "config.json: give them again, or --knn-val none to train without the monitor.)"
+            ) from e
         queries, queries_info = align_classes(bank_info, queries, queries_info, task="k-NN")
         # The same images on both sides (a folder without a val split): each is classified
         # by the others, never by itself, which would score about 100% at k=1.

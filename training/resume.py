@@ -33,6 +33,8 @@ RESUME_MAY_CHANGE = frozenset(
         "knn_every",
         "knn_k",
         "knn_t",
+        "knn_train",
+        "knn_val",
     }
 )
 _FLAGS = {"K": "--queue-size", "m": "--moco-m", "T": "--temperature"}
