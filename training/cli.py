@@ -196,9 +196,9 @@ def train_command(
         resume, restart = "auto", False
     if compile_ is not None:
         overrides["compile"] = compile_
-    monitor_off = (overrides["knn_val"] or "").lower() == "none"
+    monitor_off = (overrides["knn_val"] or "").lower() == "none"  # applied once config is built
     for key in ("knn_train", "knn_val"):
-        overrides[key] = None if monitor_off else _recorded_path(overrides[key])
+        overrides[key] = _recorded_path(overrides[key])
     preset_given = ctx.get_parameter_source("preset") == click.core.ParameterSource.COMMANDLINE
     saved = run_settings(run_dir) if resume == "auto" and not preset_given else None
     if saved is not None:  # the run's own settings, and the flags given now on top
