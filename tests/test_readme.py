@@ -118,9 +118,10 @@ COMMANDS: dict[str, Line] = {
         why="run as written from a folder holding the checkout's examples/; the pip part is "
         "checked by test_install_commands_name_this_checkout_and_its_extras",
     ),
-    'pip install -e ".[dev]" && python -m pytest': Line(
+    'pip install -e ".[dev]" && python -m pytest -n auto': Line(
         "test_install_commands_name_this_checkout_and_its_extras",
-        why="`python -m pytest` is the command running this test; .ci/run runs the same",
+        why="`python -m pytest -n auto` is the command running this test; .ci/run runs the "
+        "same line, checked there",
     ),
     # Install
     "pip install mocohub": Line("test_install_commands_name_this_checkout_and_its_extras"),
@@ -555,7 +556,7 @@ def _pip_targets(command: str) -> list[list[str]]:
 def test_install_commands_name_this_checkout_and_its_extras() -> None:
     """pip cannot run offline in a test; what each README ``pip install`` promises is checked
     instead: the package's name, an editable install of this checkout, the extras named, and
-    that the extras this suite needs are installed. ``python -m pytest`` is what runs this."""
+    that the extras this suite needs are installed. ``python -m pytest -n auto`` runs this."""
     from packaging.markers import Marker
     from packaging.requirements import Requirement
 
@@ -582,8 +583,12 @@ def test_install_commands_name_this_checkout_and_its_extras() -> None:
                 if marker.evaluate({"extra": extra}):
                     version = importlib.metadata.version(requirement.name)
                     assert requirement.specifier.contains(version, prereleases=True)
+    # CI runs the README's test command as written (with pytest's exit status kept).
+    (test_command,) = [c.split(" && ")[1] for c in COMMANDS if " && python -m pytest" in c]
     ci = (ROOT / ".ci" / "run").read_text()
-    assert re.search(r"^python -m pytest\b", ci, re.MULTILINE), "CI runs the README's command"
+    assert re.search(rf"^{re.escape(test_command)} \|\| status=\$\?$", ci, re.MULTILINE), (
+        f"CI runs the README's test command, {test_command!r}"
+    )
 
 
 def test_command_line_basics(user: Path) -> None:
