@@ -710,9 +710,18 @@ def test_train_two_nodes(user: Path, capfd: pytest.CaptureFixture[str]) -> None:
     try:
         result = ok(launch_here(first, capfd))
     finally:
-        ok(finish(other_node))
+        other = ok(finish(other_node))
     assert "done: loss" in result.out
-    assert last_state(user / "runs" / "v2")["epoch"] == 1
+    # Node 0 says what it waits for, once; node 1 says nothing. Neither prints torch's
+    # broadcast_buffers deprecation warning (once per rank).
+    waiting = f"waiting for 2 nodes at 127.0.0.1:{port}"
+    assert result.err.count(waiting) == 1 and "waiting" not in other.err
+    assert "broadcast_buffers" not in result.err + other.err
+    # One set of checkpoints (rank 0's): epoch 1 and the "last" link to it.
+    run = user / "runs" / "v2"
+    checkpoints = sorted(p.name for p in run.glob("checkpoint_*.pt"))
+    assert checkpoints == ["checkpoint_0001_00000000.pt", "checkpoint_last.pt"]
+    assert last_state(run)["epoch"] == 1
 
 
 def test_train_fashion_mnist(fm_run: tuple[Path, Result]) -> None:

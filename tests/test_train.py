@@ -340,29 +340,6 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     assert f"resuming from {run / 'checkpoint_'}" in err  # it says that it continues
 
 
-def test_two_nodes_on_one_machine(tmp_path: Path, free_port: int) -> None:
-    run = tmp_path / "run"
-    nodes = [
-        _mocohub("train", str(SAMPLES), "--out", str(run), "--epochs", "1", *TINY_FLAGS,
-                 "--nodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
-                 "--master-addr", "127.0.0.1", "--master-port", str(free_port))
-        for rank in (0, 1)
-    ]  # fmt: skip
-    results = [node.communicate(timeout=300) for node in nodes]
-    for node, (_, err) in zip(nodes, results, strict=True):
-        assert node.returncode == 0, err
-        assert "broadcast_buffers" not in err  # torch's deprecation warning, once per rank
-    # Node 0 says what it waits for, once; node 1 says nothing.
-    waiting = f"waiting for 2 nodes at 127.0.0.1:{free_port}"
-    assert results[0][1].count(waiting) == 1 and "waiting" not in results[1][1]
-    # One set of checkpoints (rank 0's): epoch 1 and the "last" link to it.
-    checkpoints = sorted(p.name for p in run.glob("checkpoint_*.pt"))
-    assert checkpoints == ["checkpoint_0001_00000000.pt", "checkpoint_last.pt"]
-    state = final_state(run)
-    assert state["epoch"] == 1 and state["config"]["batch_size"] == 32
-    assert "done: loss" in results[0][0]
-
-
 def test_a_short_run_learns_features_that_beat_initialisation(tmp_path: Path) -> None:
     """k-NN (k=20) on 100 held-out sample images, features from 200 others.
 
