@@ -50,7 +50,7 @@ _LAZY = {
     "push_to_hub": "mocohub.hf",
     "FeatureExtractor": "mocohub.features",
     "Index": "mocohub.index",
-    "ModelConfig": "mocohub.artifact",
+    "ModelConfig": "mocohub.model_config",
     "Preprocessing": "mocohub.preprocessing",
 }
 
@@ -84,7 +84,6 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from mocohub.artifact import ModelConfig
     from mocohub.backbones import (
         ARCHITECTURES,
         ResNet,
@@ -97,6 +96,7 @@ if TYPE_CHECKING:
     from mocohub.hf import from_pretrained, push_to_hub, save_pretrained
     from mocohub.index import Index
     from mocohub.loading import load
+    from mocohub.model_config import ModelConfig
     from mocohub.preprocessing import Preprocessing
     from mocohub.registry import (
         Weights,

@@ -25,6 +25,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.resnet import ResNet as _TorchvisionResNet
 
 from mocohub.errors import ConfigError
+from mocohub.model_config import feature_dim  # the features' size, known without torch
 
 __all__ = [
     "ARCHITECTURES",
@@ -169,18 +170,6 @@ ARCHITECTURES: dict[str, Callable[..., ResNet]] = {
     "resnet34": resnet34,
     "resnet50": resnet50,
 }
-
-
-def feature_dim(arch: str, width: int = 64) -> int:
-    """Size of the pooled features of ``arch`` at ``width``, without building it.
-
-    Example:
-        >>> feature_dim("resnet50"), feature_dim("resnet18", width=16)
-        (2048, 128)
-    """
-    if arch not in _LAYOUTS:
-        raise ConfigError(f"Unknown architecture {arch!r}; choose one of: {', '.join(_LAYOUTS)}.")
-    return _features(_LAYOUTS[arch][0], width)
 
 
 def build_backbone(arch: str, **kwargs: Any) -> ResNet:

@@ -25,6 +25,7 @@ import hashlib
 import http.client
 import os
 import posixpath
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -75,11 +76,16 @@ def offline() -> str | None:
 def cache_dir() -> Path:
     """Where downloaded weights are kept: ``torch.hub.get_dir()/checkpoints``.
 
-    ``TORCH_HOME`` (or ``torch.hub.set_dir``) moves it, as for torch.hub.
+    ``TORCH_HOME`` (or ``torch.hub.set_dir``) moves it, as for torch.hub. Until
+    ``torch.hub`` is imported (``set_dir`` needs it) the folder is torch's default,
+    found from the environment as ``get_dir`` finds it, so ``mocohub list`` and
+    ``info`` need not import torch.
     """
-    import torch.hub
-
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    hub = sys.modules.get("torch.hub")
+    if hub is not None:
+        return Path(hub.get_dir()) / "checkpoints"
+    home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
+    return Path(os.path.expanduser(home)) / "hub" / "checkpoints"
 
 
 def file_hash(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:

@@ -14,6 +14,7 @@ with torchvision's weights), scaled to [0, 1] and normalised with ``mean`` and
 ``std``.
 
 Example:
+    >>> from PIL import Image
     >>> prep = Preprocessing.imagenet()
     >>> prep.transform()(Image.new("RGB", (320, 240))).shape
     torch.Size([3, 224, 224])
@@ -25,37 +26,48 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
-
-import torch
-from PIL import Image
-from torchvision.transforms import InterpolationMode, v2
-from torchvision.transforms.v2 import functional as TF
+from typing import TYPE_CHECKING, Any
 
 from mocohub.errors import ConfigError, InputError
+
+# torch and torchvision are imported where images are transformed, not here: the
+# registry and the command line read Preprocessing without loading PyTorch.
+if TYPE_CHECKING:
+    import torch
+    from torchvision.transforms import InterpolationMode, v2
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "INTERPOLATIONS",
+    "INTERPOLATION_NAMES",
     "LUMA_WEIGHTS",
     "BatchPreprocess",
     "Preprocessing",
     "ResizeUnlessSize",
     "eval_resize_size",
+    "interpolation_mode",
     "match_channels",
     "per_channel",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-INTERPOLATIONS: dict[str, InterpolationMode] = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-}
+#: the interpolations a :class:`Preprocessing` may name (torchvision's ``InterpolationMode`` values)
+INTERPOLATION_NAMES: tuple[str, ...] = ("nearest", "bilinear", "bicubic")
 #: RGB -> gray weights for 1-channel backbones (torchvision's rgb_to_grayscale)
 LUMA_WEIGHTS: tuple[float, float, float] = (0.2989, 0.587, 0.114)
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    """torchvision's ``InterpolationMode`` for one of :data:`INTERPOLATION_NAMES`.
+
+    Example:
+        >>> interpolation_mode("bicubic")
+        <InterpolationMode.BICUBIC: 'bicubic'>
+    """
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode(name)
 
 
 def eval_resize_size(image_size: int) -> int:
@@ -123,10 +135,10 @@ class Preprocessing:
             )
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"std must be positive, got {self.std}.")
-        if self.interpolation not in INTERPOLATIONS:
+        if self.interpolation not in INTERPOLATION_NAMES:
             raise ConfigError(
                 f"Unknown interpolation {self.interpolation!r}; use one of "
-                f"{', '.join(INTERPOLATIONS)}."
+                f"{', '.join(INTERPOLATION_NAMES)}."
             )
 
     @classmethod
@@ -163,10 +175,14 @@ class Preprocessing:
         """The evaluation transform for one PIL image (or uint8 CHW tensor), float CHW out.
 
         Example:
+            >>> from PIL import Image
             >>> Preprocessing(28, 32, (0.5,), (0.25,), channels=1).transform()(
             ...     Image.new("RGB", (28, 28))).shape
             torch.Size([1, 28, 28])
         """
+        import torch
+        from torchvision.transforms import v2
+
         gray = [v2.Grayscale(1)] if self.channels == 1 else [_ToRGB()]
         return v2.Compose(
             [
@@ -195,15 +211,19 @@ class ResizeUnlessSize:
     """Resize + CenterCrop, skipped for images that are already ``image_size`` square."""
 
     def __init__(self, prep: Preprocessing) -> None:
+        from torchvision.transforms import v2
+
         self.size = prep.image_size
         self.resize = v2.Compose(
             [
-                v2.Resize(prep.resize_size, INTERPOLATIONS[prep.interpolation], antialias=True),
+                v2.Resize(prep.resize_size, interpolation_mode(prep.interpolation), antialias=True),
                 v2.CenterCrop(prep.image_size),
             ]
         )
 
     def __call__(self, image: Any) -> Any:
+        from PIL import Image
+
         if isinstance(image, Image.Image):
             if image.mode not in ("RGB", "L"):
                 image = image.convert("RGB")
@@ -239,6 +259,8 @@ class BatchPreprocess:
     """
 
     def __init__(self, prep: Preprocessing, resize: str = "auto") -> None:
+        import torch
+
         self.prep, self.resize = prep, resize
         self.mean = torch.tensor(prep.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(prep.std).view(1, -1, 1, 1)
@@ -250,12 +272,17 @@ class BatchPreprocess:
         return (x - self.mean) / self.std
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
         size = self.prep.image_size
         x = match_channels(images.float().div(255), self.prep.channels)
         stored = tuple(x.shape[-2:]) == (size, size)
         if self.resize == "reference" or (self.resize == "auto" and not stored):
             x = TF.resize(
-                x, [self.prep.resize_size], INTERPOLATIONS[self.prep.interpolation], antialias=True
+                x,
+                [self.prep.resize_size],
+                interpolation_mode(self.prep.interpolation),
+                antialias=True,
             )
             x = TF.center_crop(x, [size])
         elif not stored:

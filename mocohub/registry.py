@@ -38,8 +38,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mocohub.artifact import HeadConfig, ModelConfig
 from mocohub.errors import ConfigError, InputError, MissingHeadError
+from mocohub.model_config import HeadConfig, ModelConfig
 from mocohub.preprocessing import Preprocessing
 
 __all__ = [

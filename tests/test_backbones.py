@@ -6,6 +6,7 @@ import torchvision
 
 import mocohub
 from mocohub.backbones import (
+    ARCHITECTURES,
     ResNet,
     build_backbone,
     feature_dim,
@@ -69,6 +70,17 @@ def test_feature_dim_without_building(arch: str, width: int, dim: int) -> None:
     assert feature_dim(arch, width) == dim == build_backbone(arch, width=width).feature_dim
     with pytest.raises(mocohub.ConfigError, match="Unknown architecture"):
         feature_dim("vit_b16")
+
+
+def test_the_torch_free_shape_table_matches_the_networks() -> None:
+    """``mocohub.model_config`` knows each ResNet's feature size without importing torch
+    (for the registry and the command line); the networks built agree, at any width."""
+    from mocohub.model_config import RESNET_EXPANSION
+
+    assert set(RESNET_EXPANSION) == set(ARCHITECTURES)
+    for arch in ARCHITECTURES:
+        for width in (8, 24):
+            assert feature_dim(arch, width) == build_backbone(arch, width=width).feature_dim
 
 
 def test_small_image_options() -> None:

@@ -35,6 +35,29 @@ def test_help_and_version_do_not_import_torch(arg: str) -> None:
         assert "Commands:" in run.stdout and "env" in run.stdout
 
 
+def test_every_commands_help_and_the_weights_listing_do_not_import_torch() -> None:
+    """``mocohub CMD --help``, ``list`` and ``info`` answer at once: none imports PyTorch
+    (about 0.2 s a command, where importing torch and torchvision takes seconds)."""
+    code = (
+        "import sys\n"
+        "from mocohub.cli import COMMANDS, main\n"
+        "runs = [[name, '--help'] for name in COMMANDS]\n"
+        "runs += [['list'], ['list', '--json'], ['info', 'moco_r18_fashion_mnist']]\n"
+        "for args in runs:\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit as stop:\n"
+        "        assert not stop.code, (args, stop.code)\n"
+        "    assert 'torch' not in sys.modules, f'mocohub {args} imported torch'\n"
+        "    assert 'torchvision' not in sys.modules, f'mocohub {args} imported torchvision'\n"
+        "print('NO_TORCH_OK', len(runs))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"NO_TORCH_OK {len(cli.COMMANDS) + 3}" in run.stdout
+    assert "moco_r18_fashion_mnist" in run.stdout and "Usage: mocohub train" in run.stdout
+
+
 def test_python_dash_m_and_console_script_agree() -> None:
     module = subprocess.run(
         [sys.executable, "-m", "mocohub", "--version"], capture_output=True, text=True

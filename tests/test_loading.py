@@ -338,3 +338,34 @@ def test_cli_shows_cached_copies_and_offline_errors_in_one_line(
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert err.startswith("Error: MOCOHUB_OFFLINE=1 forbids downloads and moco_v1_200ep_pretrain")
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"TORCH_HOME": "th"},
+        {"XDG_CACHE_HOME": "xdg"},
+        {"TORCH_HOME": "th", "XDG_CACHE_HOME": "x"},
+    ],
+)
+def test_the_weights_cache_is_torch_hubs_with_or_without_torch_hub_imported(
+    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mocohub list`` finds cached weights without importing torch: the folder found from
+    the environment is the one ``torch.hub.get_dir()`` gives once torch.hub is imported."""
+    import sys
+
+    import torch.hub
+
+    from mocohub.download import cache_dir
+
+    for name in ("TORCH_HOME", "XDG_CACHE_HOME", "TORCH_HUB"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(tmp_path / value))
+    expected = Path(torch.hub.get_dir()) / "checkpoints"
+    assert cache_dir() == expected
+    monkeypatch.delitem(sys.modules, "torch.hub")  # as in a process that never imported it
+    assert cache_dir() == expected
+    assert "torch.hub" not in sys.modules

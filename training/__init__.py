@@ -11,10 +11,31 @@ Example:
 
 from __future__ import annotations
 
-from .config import PRESETS, TrainConfig, preset
-from .moco import MoCo
-from .moco_v3 import MoCoV3
-from .split_batchnorm import SplitBatchNorm, convert_split_batchnorm
+from typing import TYPE_CHECKING
+
+from mocohub._lazy import lazy_exports
+
+# Imported on first use, so that the command line's `train --help` (which reads the
+# presets) does not load PyTorch.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "PRESETS": f"{__name__}.config",
+        "TrainConfig": f"{__name__}.config",
+        "preset": f"{__name__}.config",
+        "MoCo": f"{__name__}.moco",
+        "MoCoV3": f"{__name__}.moco_v3",
+        "SplitBatchNorm": f"{__name__}.split_batchnorm",
+        "convert_split_batchnorm": f"{__name__}.split_batchnorm",
+    },
+    globals(),
+)
+
+if TYPE_CHECKING:
+    from .config import PRESETS, TrainConfig, preset
+    from .moco import MoCo
+    from .moco_v3 import MoCoV3
+    from .split_batchnorm import SplitBatchNorm, convert_split_batchnorm
 
 __all__ = [
     "PRESETS",
