@@ -24,6 +24,7 @@ dict, plus ``fc.*`` when the head is kept) and ``config.json``
 (:class:`ArtifactMismatchError`).
 
 Example:
+    >>> from mocohub.preprocessing import Preprocessing
     >>> cfg = ModelConfig("resnet18", small_stem=True, in_channels=1, width=32,
     ...                   preprocessing=Preprocessing(28, 32, (0.286,), (0.353,), channels=1))
     >>> model = build_model(cfg)
@@ -47,7 +48,7 @@ from torch import nn
 
 from mocohub.backbones import ResNet, build_backbone
 from mocohub.errors import InputError, MissingHeadError
-from mocohub.model_config import VIT_SHAPES, HeadConfig, ModelConfig
+from mocohub.model_config import MODEL_TYPE, VIT_SHAPES, HeadConfig, ModelConfig
 from mocohub.publish import file_sha256
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ Backbone: TypeAlias = "ResNet | ViT"
 
 __all__ = [
     "CONFIG_NAME",
+    "MODEL_TYPE",
     "VERIFY_NAME",
     "VIT_SHAPES",
     "WEIGHTS_DIGEST_KEY",

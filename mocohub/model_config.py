@@ -192,6 +192,7 @@ class ModelConfig:
         architecture of, never the trained weights' metrics, epochs or licence.
 
         Example:
+            >>> import mocohub
             >>> mocohub.load("moco_r18_fashion_mnist", pretrained=False).mocohub_config.meta
             {'name': 'moco_r18_fashion_mnist (random init)', 'random_init': True}
         """

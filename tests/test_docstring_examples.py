@@ -16,6 +16,7 @@ RUNNABLE = [
     "mocohub.detection.build",
     "mocohub.detection.norms",
     "mocohub.knn",
+    "mocohub.model_config",
     "mocohub.preprocessing",
     "mocohub.registry",
     "mocohub.training.augment",

@@ -369,3 +369,15 @@ def test_the_weights_cache_is_torch_hubs_with_or_without_torch_hub_imported(
     monkeypatch.delitem(sys.modules, "torch.hub")  # as in a process that never imported it
     assert cache_dir() == expected
     assert "torch.hub" not in sys.modules
+
+
+def test_torch_hub_set_dir_moves_the_weights_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.hub
+
+    from mocohub.download import cache_dir
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", torch.hub._hub_dir)  # set_dir's, undone after
+    torch.hub.set_dir(str(tmp_path / "set"))
+    assert cache_dir() == tmp_path / "set" / "checkpoints"

@@ -721,7 +721,8 @@ def test_train_two_nodes(user: Path, capfd: pytest.CaptureFixture[str]) -> None:
     run = user / "runs" / "v2"
     checkpoints = sorted(p.name for p in run.glob("checkpoint_*.pt"))
     assert checkpoints == ["checkpoint_0001_00000000.pt", "checkpoint_last.pt"]
-    assert last_state(run)["epoch"] == 1
+    state = last_state(run)  # the global batch, as given, over both nodes
+    assert state["epoch"] == 1 and state["config"]["batch_size"] == 8
 
 
 def test_train_fashion_mnist(fm_run: tuple[Path, Result]) -> None:
