@@ -671,7 +671,7 @@ def test_lincls_records_and_prints_the_protocol_it_followed(
         assert code == 0, err
         assert f"linear evaluation {printed}: top-1 " in out and "(60 images)" in out
         epochs = options[options.index("--epochs") + 1]
-        late = f"drop at epoch 60, 80, after the run's {epochs} epoch"  # the reference steps
+        late = f"drop at epochs 60, 80, after the run's {epochs} epoch"  # the reference steps
         assert late in " ".join(err.split())
         assert json.loads((out_dir / "lincls.json").read_text())["protocol"] == protocol
 

@@ -340,3 +340,34 @@ def test_under_srun_only_rank_0_reports(tmp_path: Path, free_port: int) -> None:
     assert f"rank 0: waiting for 2 nodes (2 processes) at 127.0.0.1:{free_port}" in err0
     assert "waiting" not in err1
     assert "broadcast_buffers" not in err0 + err1
+
+
+def test_lr_steps_drop_the_rate_where_asked_and_a_step_past_the_run_is_noted(
+    tmp_path: Path, tree: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--schedule steps`` with the reference's 120,160 over a 2-epoch run would never
+    drop the rate: the run says so. ``--lr-steps 1`` drops it x0.1 from the second epoch."""
+
+    def epoch_lrs(run: Path) -> list[float]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        records = [r for r in map(json.loads, lines) if r.get("event") == "epoch"]
+        return [r["lr"] for r in records]
+
+    steps = ["--epochs", "2", "--schedule", "steps", "--lr", "0.03", "--batch-size", "8"]
+    code, _, err = train_cli(capsys, tree, tmp_path / "late", *steps)
+    assert code == 0, err
+    assert "would drop at epochs 120, 160, after the run's 2 epochs" in caplog.text
+    base, second = epoch_lrs(tmp_path / "late")  # --lr scaled to the batch: 0.03 * 8 / 256
+    assert base == pytest.approx(0.03 * 8 / 256) and second == base
+
+    caplog.clear()
+    code, _, err = train_cli(capsys, tree, tmp_path / "stepped", *steps, "--lr-steps", "1")
+    assert code == 0, err
+    assert "would drop" not in caplog.text
+    assert epoch_lrs(tmp_path / "stepped") == [base, pytest.approx(base * 0.1)]
+    saved = json.loads((tmp_path / "stepped" / "config.json").read_text())
+    assert saved["lr_steps"] == [1]
+
+    code, _, err = train_cli(capsys, tree, tmp_path / "bad", "--lr-steps", "0,x")
+    assert code == 2 and "'--lr-steps'" in err and "positive epochs" in err
+    assert not (tmp_path / "bad").exists()

@@ -33,7 +33,23 @@ from .resume import run_settings
 #: mocohub.vit.VIT_ARCHITECTURES, named here so that the CLI does not import timm.
 VIT_ARCHES = ("vit_small", "vit_base", "vit_mini", "vit_nano")
 
-__all__ = ["train_command", "worker_args"]
+__all__ = ["parse_lr_steps", "train_command", "worker_args"]
+
+
+def parse_lr_steps(text: str | None) -> tuple[int, ...] | None:
+    """``--lr-steps 120,160`` -> ``(120, 160)``: positive epochs (``train`` and ``lincls``)."""
+    if text is None:
+        return None
+    try:
+        steps = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        steps = ()
+    if not steps or min(steps) < 1:
+        raise click.BadParameter(
+            f"{text!r} is not a comma-separated list of positive epochs, e.g. 120,160.",
+            param_hint="'--lr-steps'",
+        )
+    return steps
 
 
 @click.command("train")
@@ -85,23 +101,34 @@ __all__ = ["train_command", "worker_args"]
     type=click.Choice(["auto", "device", "workers"]),
     help="Augment batches on the device, or per image in workers.",
 )
-@click.option("--epochs", type=int)
+@click.option("--epochs", type=int, help="Length of the run (the preset's, e.g. 200).")
 @click.option("--batch-size", type=int, help="Global batch size, over all processes.")
 @click.option(
     "--lr",
     type=float,
     help="Learning rate for the preset's reference batch size (scaled linearly to --batch-size).",
 )
-@click.option("--weight-decay", type=float)
+@click.option("--weight-decay", type=float, help="SGD weight decay (the preset's, e.g. 1e-4).")
 @click.option(
     "--optimizer",
     type=click.Choice(["sgd", "lars", "adamw"]),
     help="sgd (MoCo v1/v2); lars or adamw (MoCo v3).",
 )
 @click.option("--warmup-epochs", type=int, help="MoCo v3: epochs of linear lr warm-up.")
-@click.option("--schedule", type=click.Choice(["cosine", "steps"]))
+@click.option(
+    "--schedule",
+    type=click.Choice(["cosine", "steps"]),
+    help="Learning rate: half a cosine to 0 (v2), or x0.1 at each of --lr-steps (v1).",
+)
+@click.option(
+    "--lr-steps",
+    callback=lambda ctx, param, value: parse_lr_steps(value),
+    help="Epochs at which the lr drops x0.1 with --schedule steps (the reference's: 120,160).",
+)
 @click.option("--workers", type=int, help="DataLoader worker processes per GPU/process.")
-@click.option("--seed", type=int)
+@click.option(
+    "--seed", type=int, help="Seeds the initial weights, data order and augmentations (0)."
+)
 @click.option(
     "--precision",
     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),

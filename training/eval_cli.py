@@ -17,6 +17,9 @@ from pathlib import Path
 
 import click
 
+from .cli import parse_lr_steps
+from .schedule import late_milestones_note
+
 __all__ = ["knn_command", "lincls_command"]
 
 _MODEL_HELP = (
@@ -53,16 +56,6 @@ def _same_data_note(what: str, val_given: bool) -> str:
         f"note: {why}, so {what} is measured on the training images; pass --val for "
         "held-out images."
     )
-
-
-def _epochs_list(text: str) -> tuple[int, ...]:
-    """``"60,80"`` -> ``(60, 80)``."""
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise click.BadParameter(
-            f"{text!r} is not a comma-separated list of epochs.", param_hint="'--lr-steps'"
-        ) from None
 
 
 @click.command("knn")
@@ -237,18 +230,14 @@ def lincls_command(
     config = protocol_config(
         protocol,
         preset=preset,
-        lr_steps=None if lr_steps is None else _epochs_list(lr_steps),
+        lr_steps=parse_lr_steps(lr_steps),
         workers=default_workers() if workers is None else workers,
         image_size=image_size,
         **settings,
     )
-    late = [s for s in config.lr_steps if s >= config.epochs]
-    if config.schedule == "steps" and late and _is_main():
-        steps = ", ".join(map(str, late))
-        _echo_err(
-            f"note: the learning rate would drop at epoch {steps}, after the run's "
-            f"{_count(config.epochs, 'epoch')}: it never does (set --lr-steps for a short run)."
-        )
+    late = late_milestones_note(config.schedule, config.lr_steps, config.epochs)
+    if late and _is_main():
+        _echo_err(f"note: {late}")
     started = time.time()
     with hint_on_interrupt(lambda: _lincls_kept(out, restart, started)):
         result = linear_eval(

@@ -19,7 +19,14 @@ import math
 from collections.abc import Iterable
 from typing import Literal
 
-__all__ = ["Schedule", "cosine_momentum", "epoch_lr", "iteration_lr", "warmup_cosine_lr"]
+__all__ = [
+    "Schedule",
+    "cosine_momentum",
+    "epoch_lr",
+    "iteration_lr",
+    "late_milestones_note",
+    "warmup_cosine_lr",
+]
 
 Schedule = Literal["steps", "cosine"]
 
@@ -39,6 +46,30 @@ def epoch_lr(
     if schedule == "cosine":
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     return base_lr * 0.1 ** sum(epoch >= milestone for milestone in milestones)
+
+
+def late_milestones_note(schedule: str, milestones: Iterable[int], epochs: int) -> str | None:
+    """What to tell a user whose step schedule drops the rate at or after the run's end.
+
+    A milestone is an epoch index (0-based), so one at ``epochs`` or later never
+    takes effect: the reference's (120, 160), sized for 200 epochs, leave a
+    100-epoch run at a constant rate. None when every milestone falls inside the
+    run, or the schedule is cosine.
+
+    Example:
+        >>> print(late_milestones_note("steps", (120, 160), epochs=100))
+        the learning rate would drop at epochs 120, 160, after the run's 100 epochs: it
+        never does (set --lr-steps for a shorter run).
+    """
+    late = [int(m) for m in milestones if m >= epochs]
+    if schedule != "steps" or not late:
+        return None
+    which = "epoch" if len(late) == 1 else "epochs"
+    run = f"{epochs} epoch" + ("" if epochs == 1 else "s")
+    return (
+        f"the learning rate would drop at {which} {', '.join(map(str, late))}, after the "
+        f"run's {run}: it never does (set --lr-steps for a shorter run)."
+    )
 
 
 def iteration_lr(

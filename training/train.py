@@ -56,7 +56,7 @@ from .run_folder import (
     prune_checkpoints,
     tensor_bytes,
 )
-from .schedule import epoch_lr
+from .schedule import epoch_lr, late_milestones_note
 from .views import ViewPipeline, saving_before_bad_data, step_seed
 
 logger = logging.getLogger(__name__)
@@ -245,6 +245,9 @@ def train(
     initial = load_weights(weights) if weights is not None and checkpoint is None else None
     if weights is not None and checkpoint is not None:
         notes.append(f"--weights {weights} is not used: the run continues from {source}.")
+    late = late_milestones_note(config.schedule, config.lr_steps, config.epochs)
+    if late is not None:
+        notes.append(late)
 
     torch.manual_seed(config.seed)  # identical initial weights and queue on every rank
     v3 = config.method == "moco_v3"  # MoCo v3's parts: training/v3_training.py
