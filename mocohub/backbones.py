@@ -45,10 +45,6 @@ _LAYOUTS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
 }
 
 
-def _features(block: type[BasicBlock | Bottleneck], width: int) -> int:
-    return width * 8 * block.expansion  # the last stage's channels
-
-
 class ResNet(_TorchvisionResNet):
     """torchvision's ResNet with options for small images.
 
@@ -110,7 +106,7 @@ class ResNet(_TorchvisionResNet):
         self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
         self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.feature_dim = _features(block, width)
+        self.feature_dim = self.inplanes  # layer4's output channels (_make_layer sets it)
         self.fc = nn.Linear(self.feature_dim, num_classes)
 
         # torchvision's initialisation, so a default ResNet starts the same way.

@@ -36,8 +36,11 @@ VIT_ARCHES = ("vit_small", "vit_base", "vit_mini", "vit_nano")
 __all__ = ["parse_lr_steps", "train_command", "worker_args"]
 
 
-def parse_lr_steps(text: str | None) -> tuple[int, ...] | None:
-    """``--lr-steps 120,160`` -> ``(120, 160)``: positive epochs (``train`` and ``lincls``)."""
+def parse_lr_steps(
+    ctx: click.Context | None, param: click.Parameter | None, text: str | None
+) -> tuple[int, ...] | None:
+    """The ``--lr-steps`` callback of ``train`` and ``lincls``: ``"120,160"`` -> ``(120, 160)``,
+    positive epochs."""
     if text is None:
         return None
     try:
@@ -46,7 +49,7 @@ def parse_lr_steps(text: str | None) -> tuple[int, ...] | None:
         steps = ()
     if not steps or min(steps) < 1:
         raise click.BadParameter(
-            f"{text!r} is not a comma-separated list of positive epochs, e.g. 120,160.",
+            f"{text!r} is not a comma-separated list of positive epochs.",
             param_hint="'--lr-steps'",
         )
     return steps
@@ -122,7 +125,7 @@ def parse_lr_steps(text: str | None) -> tuple[int, ...] | None:
 )
 @click.option(
     "--lr-steps",
-    callback=lambda ctx, param, value: parse_lr_steps(value),
+    callback=parse_lr_steps,
     help="Epochs at which the lr drops x0.1 with --schedule steps (the reference's: 120,160).",
 )
 @click.option("--workers", type=int, help="DataLoader worker processes per GPU/process.")

@@ -173,6 +173,7 @@ def knn_command(
 )
 @click.option(
     "--lr-steps",
+    callback=parse_lr_steps,
     help="Epochs at which the lr drops x0.1 (--schedule steps). [protocol: 60,80]",
 )
 @click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers (image folders).")
@@ -206,7 +207,7 @@ def lincls_command(
     val_data: str | None,
     preset: str,
     protocol: str,
-    lr_steps: str | None,
+    lr_steps: tuple[int, ...] | None,
     workers: int | None,
     image_size: int | None,
     restart: bool,
@@ -230,7 +231,7 @@ def lincls_command(
     config = protocol_config(
         protocol,
         preset=preset,
-        lr_steps=parse_lr_steps(lr_steps),
+        lr_steps=lr_steps,
         workers=default_workers() if workers is None else workers,
         image_size=image_size,
         **settings,
