@@ -142,10 +142,8 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 def bench_momentum(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
-    for name, builder in (
-        ("resnet50", torchvision.models.resnet50),
-        ("resnet18", torchvision.models.resnet18),
-    ):
+    for name in args.momentum_models:
+        builder = getattr(torchvision.models, name)
         torch.manual_seed(0)
         model = MoCo(builder, dim=128, K=256, m=0.999, T=0.2, mlp=True)
         with torch.no_grad():  # a key encoder unlike the query encoder, as after training
@@ -446,6 +444,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     p.add_argument("--momentum-repeats", type=int, default=20, help="timed updates (default 20)")
+    p.add_argument(
+        "--momentum-models",
+        nargs="+",
+        choices=["resnet50", "resnet18"],
+        default=["resnet50", "resnet18"],
+        help="networks whose momentum update is timed (default: both)",
+    )
     p.add_argument(
         "--shuffle-shapes",
         type=parse_shape,

@@ -318,11 +318,12 @@ COMMANDS: dict[str, Line] = {
     "python bench/bench_moco_step.py": Line(
         "test_benchmarks_run",
         add=flags(
-            "--warmup 1 --momentum-repeats 1 --shuffle-shapes 2x3x8x8 --shuffle-repeats 1 "
-            "--dim 16 --step-batch 8 --step-size 16 --step-width 4 --queue 16 --step-warmup 1 "
-            "--step-repeats 1 --json bench.json"
+            "--warmup 1 --momentum-repeats 1 --momentum-models resnet18 --shuffle-shapes 2x3x8x8 "
+            "--shuffle-repeats 1 --dim 16 --step-batch 8 --step-size 16 --step-width 4 --queue 16 "
+            "--step-warmup 1 --step-repeats 1 --json bench.json"
         ),
-        why="sizes only (one repeat of each part, 8x8 images to shuffle, a width-4 ResNet-18 on "
+        why="sizes only (one repeat of each part, the momentum update of ResNet-18 alone, 8x8 "
+        "images to shuffle, a width-4 ResNet-18 on "
         "16 px for the step); --json: write the figures in the test's folder",
     ),
     "python bench/train_step.py": Line(
