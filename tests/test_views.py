@@ -82,3 +82,32 @@ def test_crop_min_sets_the_smallest_crop_scale_on_both_paths() -> None:
     assert batch_augment(preset("fashion_mnist"), 1, torch.Generator()).scale == (0.2, 1.0)
     with pytest.raises(ConfigError, match=r"--crop-min must be in \(0, 1\], got 1.5"):
         preset("fashion_mnist", crop_min=1.5)
+
+
+def test_solarize_sets_each_views_probability_on_both_paths() -> None:
+    config = preset("fashion_mnist", solarize=0.3)
+    batched = batch_augment(config, 1, torch.Generator())
+    per_image = per_sample_transform(config, 1)
+    assert batched.solarize_p == 0.3
+    assert [type(t).__name__ for t in per_image.transforms[-5:-4]] == ["RandomSolarize"]
+    assert per_image.transforms[-5].p == 0.3  # after crop, flip, jitter and grayscale
+    assert batch_augment(preset("fashion_mnist"), 1, torch.Generator()).solarize_p == 0.0
+    # MoCo v3's views differ: both get the probability, view 2's step stays in its place.
+    v3 = preset("fashion_mnist_v3", augmentation="v3", solarize=0.5)
+    pair = batch_augment(v3, 3, torch.Generator())
+    assert (pair.first.solarize_p, pair.second.solarize_p) == (0.5, 0.5)
+    off = batch_augment(preset("fashion_mnist_v3", solarize=0.0), 1, torch.Generator())
+    assert (off.first.solarize_p, off.second.solarize_p) == (0.0, 0.0)
+    with pytest.raises(ConfigError, match=r"--solarize is a probability in \[0, 1\], got 1.5"):
+        preset("fashion_mnist", solarize=1.5)
+
+
+def test_with_solarize_keeps_the_steps_in_agreement() -> None:
+    from mocohub.training.recipes import RECIPES, view_recipes
+
+    small = RECIPES["small"].with_solarize(0.2)
+    assert small.steps[-1] == "solarize" and small.solarize_p == 0.2
+    assert small.with_solarize(0.0) == RECIPES["small"]
+    second = view_recipes("v3")[1]
+    assert second.with_solarize(0.7).steps == second.steps  # already there: kept in place
+    assert "solarize" not in second.with_solarize(0.0).steps

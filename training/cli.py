@@ -100,6 +100,12 @@ def parse_lr_steps(
     help="Smallest random-crop scale, a fraction of the image area (recipe default 0.2).",
 )
 @click.option(
+    "--solarize",
+    type=float,
+    help="Probability of solarizing each view (both views; the recipe's by default: 0, and "
+    "0.2 for MoCo v3's second view).",
+)
+@click.option(
     "--augment-on",
     type=click.Choice(["auto", "device", "workers"]),
     help="Augment batches on the device, or per image in workers.",

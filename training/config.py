@@ -76,6 +76,7 @@ class TrainConfig:
     # data and augmentation
     augmentation: Literal["v1", "v2", "small", "v3", "small_v3"] = "v2"
     crop_min: float | None = None  # smallest crop scale; None: the recipe's (0.2)
+    solarize: float | None = None  # each view's solarize probability; None: the recipe's
     image_size: int = 224
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -143,6 +144,8 @@ class TrainConfig:
             raise ConfigError("--lr must be positive and --weight-decay not negative.")
         if self.crop_min is not None and not 0.0 < self.crop_min <= 1.0:
             raise ConfigError(f"--crop-min must be in (0, 1], got {self.crop_min}.")
+        if self.solarize is not None and not 0.0 <= self.solarize <= 1.0:
+            raise ConfigError(f"--solarize is a probability in [0, 1], got {self.solarize}.")
         if len(self.mean) != len(self.std):
             raise ConfigError("mean and std must have one value per image channel.")
         self.checkpoint_interval()

@@ -89,6 +89,20 @@ class AugmentRecipe:
                     f"{step!r} but its probability or strength says the opposite; make them agree."
                 )
 
+    def with_solarize(self, p: float) -> AugmentRecipe:
+        """This recipe solarizing with probability ``p``: a step appended if it had none,
+        dropped for ``p == 0``, kept in its place otherwise.
+
+        Example:
+            >>> RECIPES["small"].with_solarize(0.2).steps
+            ('crop', 'flip', 'jitter', 'grayscale', 'solarize')
+        """
+        p = check_probability("the solarize probability", p)
+        steps = tuple(s for s in self.steps if s != "solarize" or p > 0)
+        if p > 0 and "solarize" not in steps:
+            steps = (*steps, "solarize")
+        return dataclasses.replace(self, steps=steps, solarize_p=p)
+
     @property
     def grayscale_first(self) -> bool:
         """Whether grayscale comes before colour jitter (MoCo v1's order)."""

@@ -94,16 +94,24 @@ def channel_stats(
 
 def train_recipes(config: TrainConfig) -> tuple[AugmentRecipe, AugmentRecipe]:
     """``config.augmentation``'s recipes of view 1 and view 2 (one recipe twice unless the
-    views differ, as MoCo v3's do), with ``config.crop_min`` as the crop's smallest scale.
+    views differ, as MoCo v3's do), with ``config.crop_min`` as the crop's smallest scale
+    and ``config.solarize`` as each view's solarize probability, where they are set.
 
     Example:
         >>> train_recipes(TrainConfig(augmentation="small", crop_min=0.5))[1].scale
         (0.5, 1.0)
     """
     pair = view_recipes(config.augmentation)
-    if config.crop_min is None:
+    if config.crop_min is None and config.solarize is None:
         return pair
-    first, second = (dataclasses.replace(r, scale=(config.crop_min, 1.0)) for r in pair)
+    changed = []
+    for r in pair:
+        if config.crop_min is not None:
+            r = dataclasses.replace(r, scale=(config.crop_min, 1.0))
+        if config.solarize is not None:
+            r = r.with_solarize(config.solarize)
+        changed.append(r)
+    first, second = changed
     return (first, first) if pair[0] is pair[1] else (first, second)
 
 
