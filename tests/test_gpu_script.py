@@ -160,18 +160,18 @@ def test_the_fmnist_sweep_trains_probes_and_bundles_a_recipe(tmp_path: Path) -> 
 
     data = idx_folder(tmp_path / "fm", train=64, val=20)
     out = tmp_path / "out"
-    env = {**os.environ, "ONLY": "w48_c085_sol02_e20", "HARDWARE": "a test's CPU",
+    env = {**os.environ, "ONLY": "w48_c085_sol04_e20", "HARDWARE": "a test's CPU",
            "EXTRA": "--epochs 1 --width 8 --batch-size 32 --queue-size 64"}  # fmt: skip
     command = ["bash", "bench/fmnist_sweep.sh", str(out), "200", str(data)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
         "sweep.tar.gz",
-        "w48_c085_sol02_e20.safetensors",
+        "w48_c085_sol04_e20.safetensors",
     ]
     with tarfile.open(out / "sweep.tar.gz") as tar:
         tar.extractall(tmp_path / "runs", filter="data")
-    run = tmp_path / "runs" / "w48_c085_sol02_e20"
+    run = tmp_path / "runs" / "w48_c085_sol04_e20"
     assert "exit 0" in (run / "log.txt").read_text()
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs if r.get("event") == "epoch"] == [1]
@@ -180,7 +180,7 @@ def test_the_fmnist_sweep_trains_probes_and_bundles_a_recipe(tmp_path: Path) -> 
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     shutil.copy(run / "config.json", bundle / "config.json")
-    shutil.copy(out / "w48_c085_sol02_e20.safetensors", bundle / "model.safetensors")
+    shutil.copy(out / "w48_c085_sol04_e20.safetensors", bundle / "model.safetensors")
     model = mocohub.load(bundle)
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 64)  # width 8: 8 * 8 features
 
