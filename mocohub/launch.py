@@ -20,10 +20,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -243,6 +245,7 @@ def launch_workers(
             f"(run the same command with {others} on the other machines)",
             err=True,
         )
+    handshake = _ExitHandshake(nodes, node_rank, addr, port)
     try:
         torchrun(
             [
@@ -272,3 +275,66 @@ def launch_workers(
         )
         error.exit_code = failure.exitcode if failure.exitcode > 0 else 1
         raise error from None
+    handshake.finish()
+
+
+class _ExitHandshake:
+    """Keeps node 0's store up until every other node's torchrun has returned.
+
+    torchrun's agents meet at an exit barrier on the store that node 0's agent
+    serves; node 0's agent can return (and its store go down) before the
+    others have read the barrier's answer, and they then log a traceback
+    ("Error waiting on exit barrier") at the end of a run that succeeded
+    (pytorch/pytorch#69520). Node 0 therefore opens that store itself first
+    (torchrun's static rendezvous shares it: ``multi_tenant``), and after its
+    agent returns waits until each other node has checked in on it, or for
+    :attr:`WAIT` seconds at most. Only after a run that succeeded, and best
+    effort: a node that cannot check in changes nothing but node 0's wait.
+
+    Example:
+        >>> _ExitHandshake(nodes=1, node_rank=0, addr="127.0.0.1", port=29500).finish()
+    """
+
+    KEY = "mocohub/exited"
+    WAIT = 30.0  # node 0: seconds to wait for the others
+    CHECK_IN = 5.0  # another node: seconds to try to reach node 0's store
+
+    def __init__(self, nodes: int, node_rank: int, addr: str, port: int) -> None:
+        self.nodes, self.node_rank, self.addr, self.port = nodes, node_rank, addr, port
+        self.store: Any = None
+        if nodes > 1 and node_rank == 0:
+            self.store = self._open(is_master=True, seconds=self.WAIT)
+
+    def _open(self, is_master: bool, seconds: float) -> Any:
+        from torch.distributed import TCPStore
+
+        try:
+            return TCPStore(
+                # Node 0 serves on every interface: its own client goes through loopback.
+                "localhost" if is_master else self.addr,
+                self.port,
+                is_master=is_master,
+                timeout=datetime.timedelta(seconds=seconds),
+                wait_for_workers=False,
+                multi_tenant=True,
+            )
+        except (RuntimeError, ValueError):  # DistNetworkError and DistStoreError included
+            return None
+
+    def finish(self) -> None:
+        """Node 0: wait for the others to check in. Any other node: check in."""
+        if self.nodes <= 1:
+            return
+        if self.node_rank != 0:
+            client = self._open(is_master=False, seconds=self.CHECK_IN)
+            if client is not None:
+                with contextlib.suppress(RuntimeError, ValueError):  # a store's errors
+                    client.add(self.KEY, 1)
+            return
+        if self.store is None:
+            return
+        deadline = time.monotonic() + self.WAIT
+        with contextlib.suppress(RuntimeError, ValueError):  # a store's errors
+            while self.store.add(self.KEY, 0) < self.nodes - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.store = None

@@ -16,6 +16,7 @@ from cli_helpers import run_cli
 from hub_helpers import reference_checkpoint, reference_encoder
 from PIL import Image
 
+from mocohub.launch import _ExitHandshake
 from mocohub.training import checkpoint as ckpt
 
 # Every preset, shrunk: a tiny ResNet-18, 16-pixel crops, one step of 8 images.
@@ -282,6 +283,8 @@ def test_the_launcher_passes_the_parsed_options_to_its_workers(
 
     launched: list[list[str]] = []
     monkeypatch.setattr(torch.distributed.run, "main", launched.append)
+    # No other node is there to check in at the end (mocohub.launch._ExitHandshake).
+    monkeypatch.setattr(_ExitHandshake, "WAIT", 0.1)
     for name in ("LOCAL_RANK", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
     given = [
