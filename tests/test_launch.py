@@ -121,9 +121,7 @@ def test_another_node_whose_node_0_is_gone_returns_without_an_error(
 
 def test_a_port_node_0_cannot_serve_leaves_the_error_to_torchrun() -> None:
     (port,) = free_ports(1)
-    taken = agent_store(port, is_master=True)
-    # Another process serving the port: modelled by a server that is not multi-tenant.
-    del taken
+    # Another program serving the port: here a server that does not share it (not multi-tenant).
     blocker = TCPStore(HOST, port, is_master=True, wait_for_workers=False)
     try:
         node_0 = _ExitHandshake(nodes=2, node_rank=0, addr=HOST, port=port)
