@@ -103,6 +103,24 @@ def linear_result(path: Path) -> tuple[float, str]:
     )
 
 
+def recipe(run_config: dict) -> str:
+    """The run's recipe in words, from its ``config.json``."""
+    augment = [
+        f"{label} {run_config[key]}"
+        for key, label in (("crop_min", "smallest crop"), ("solarize", "solarize p"))
+        if run_config.get(key) is not None
+    ]
+    augmentation = "batched small-image augmentation" + (
+        f" ({', '.join(augment)})" if augment else ""
+    )
+    splits = run_config.get("bn_splits", 1)
+    return (
+        f"preset {run_config['preset']}: K={run_config['K']}, m={run_config['m']}, "
+        f"T={run_config['T']}, batch {run_config['batch_size']}, {run_config['schedule']} lr, "
+        f"{augmentation}" + (f", split BN x{splits}" if splits > 1 else "")
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="the mocohub run folder")
@@ -142,11 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         "format": "mocohub",
         "epochs": last["epoch"],
         "dataset": "Fashion-MNIST train split (60,000 28x28 gray images; labels unused)",
-        "recipe": (
-            f"preset fashion_mnist: K={run_config['K']}, m={run_config['m']}, "
-            f"T={run_config['T']}, batch {run_config['batch_size']}, cosine lr, "
-            "batched small-image augmentation, split BN x8"
-        ),
+        "recipe": recipe(run_config),
         "command": portable_command(args.command),
         "knn_top1": round(100 * last["knn_top1"], 2),
         "metrics_protocol": (

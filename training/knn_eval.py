@@ -13,7 +13,7 @@ accepts. Under torchrun/srun each rank embeds a share.
 Example:
     >>> result = knn_evaluate("moco_r18_fashion_mnist", "fashion-mnist")
     >>> result["top1"], result["k"]
-    (0.858, 200)
+    (0.8839, 200)
 """
 
 from __future__ import annotations
