@@ -83,7 +83,7 @@ def list_command(as_json: bool) -> None:
             r["arch"],
             str(r["feature_dim"]),
             str(r["meta"].get("epochs", "")),
-            str(r["meta"].get("imagenet_linear_top1", "-")),
+            str(r["meta"].get("imagenet_linear_top1", r["meta"].get("linear_top1", "-"))),
             str(r["meta"].get("knn_top1", "-")),
             f"{r['meta']['num_params'] / 1e6:.1f}M" if r["meta"].get("num_params") else "-",
             str(r["meta"].get("license", "-")),
@@ -95,8 +95,9 @@ def list_command(as_json: bool) -> None:
     for row in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     click.echo(
-        "\nTOP-1: published ImageNet linear-classification top-1 (%). K-NN: k-NN top-1 (%) "
-        "on the test split of the data the weights were trained on. LICENCE: cc-by-nc-* "
+        "\nTOP-1: linear-classification top-1 (%), published for ImageNet weights, else "
+        "measured by mocohub. TOP-1 and K-NN (k-NN top-1, %) are on the val/test split of "
+        "the data the weights were trained on. LICENCE: cc-by-nc-* "
         "weights are for non-commercial use only.\n`mocohub info NAME` shows one weight set."
     )
 
