@@ -75,7 +75,8 @@ def test_a_run_and_its_lincls_result_bundle_into_a_loadable_model(
     data = idx_folder(tmp_path / "fashion-mnist", train=32, val=16)
     run = tmp_path / "run"
     config = preset("fashion_mnist", width=8, dim=16, K=16, batch_size=8, bn_splits=2, epochs=1,
-                    workers=0, knn_every=1, knn_k=3, precision="fp32")  # fmt: skip
+                    workers=0, knn_every=1, knn_k=3, precision="fp32", crop_min=0.6,
+                    solarize=0.3)  # fmt: skip
     train(config, data, run, knn_data=(data, data), progress=False)
     probe = LinclsConfig(preset="small", cached_features=True, epochs=2, batch_size=16, workers=0)
     linear = linear_eval(run, data, run / "lincls", probe)
@@ -96,6 +97,11 @@ def test_a_run_and_its_lincls_result_bundle_into_a_loadable_model(
         "1 epochs on one NVIDIA H200 GPU. Small enough to ship inside the package; loads offline."
     )
     assert meta["metrics_protocol"].endswith("on the frozen features (cached features)")
+    # The recipe line is the run's own, not a fixed text.
+    assert meta["recipe"] == (
+        "preset fashion_mnist: K=16, m=0.99, T=0.1, batch 8, cosine lr, batched small-image "
+        "augmentation (smallest crop 0.6, solarize p 0.3), split BN x2"
+    )
     model = mocohub.load(out)
     assert model.width == 8 and next(model.parameters()).dtype == torch.float32
     card = (out / "README.md").read_text()
