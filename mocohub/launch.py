@@ -318,7 +318,7 @@ class _ExitHandshake:
                 wait_for_workers=False,
                 multi_tenant=True,
             )
-        except (RuntimeError, ValueError):  # DistNetworkError and DistStoreError included
+        except RuntimeError:  # torch.distributed.DistError: DistNetworkError, DistStoreError
             return None
 
     def finish(self) -> None:
@@ -328,13 +328,13 @@ class _ExitHandshake:
         if self.node_rank != 0:
             client = self._open(is_master=False, seconds=self.CHECK_IN)
             if client is not None:
-                with contextlib.suppress(RuntimeError, ValueError):  # a store's errors
+                with contextlib.suppress(RuntimeError):  # a store's DistError
                     client.add(self.KEY, 1)
             return
         if self.store is None:
             return
         deadline = time.monotonic() + self.WAIT
-        with contextlib.suppress(RuntimeError, ValueError):  # a store's errors
+        with contextlib.suppress(RuntimeError):  # a store's DistError
             while self.store.add(self.KEY, 0) < self.nodes - 1 and time.monotonic() < deadline:
                 time.sleep(0.05)
         self.store = None

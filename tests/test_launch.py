@@ -13,7 +13,6 @@ import datetime
 import socket
 import threading
 import time
-from typing import Any
 
 import pytest
 from readme_helpers import free_ports
@@ -84,7 +83,7 @@ def test_with_it_node_0_s_store_stays_up_until_the_other_node_checks_in(
 def test_node_0_waits_for_a_late_node_then_returns() -> None:
     (port,) = free_ports(1)
     node_0 = _ExitHandshake(nodes=3, node_rank=0, addr=HOST, port=port)
-    checked_in: list[Any] = []
+    checked_in: list[int] = []
 
     def late(rank: int) -> None:
         _ExitHandshake(nodes=3, node_rank=rank, addr=HOST, port=port).finish()

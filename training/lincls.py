@@ -27,7 +27,7 @@ Also:
 
 Example:
     >>> result = linear_eval("runs/fmnist", "fashion-mnist", "runs/fmnist/lincls",
-    ...                      LinclsConfig(preset="small"))
+    ...                      LinclsConfig(preset="small", cached_features=True, lr=1.0))
     >>> round(result["top1"], 3)
     0.895
 """
